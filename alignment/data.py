@@ -1,0 +1,89 @@
+"""Tokenisation and batching of prompts, answers and preference pairs into padded tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class PairExample:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # answer tokens of the preferred answer y_w, ending in EOS
+    rejected_ids: list[int]  # answer tokens of the other answer y_l, ending in EOS
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """Answer tokens followed by EOS, so the model learns to stop."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def fit_to_length(
+    prompt_ids: list[int], answers: Sequence[list[int]], max_length: int
+) -> tuple[list[int], list[list[int]]]:
+    """Truncate so that prompt ++ each answer fits in max_length tokens.
+
+    If the longest answer does not fit, the prompt keeps its last max_length // 2 tokens; answers then
+    keep their first tokens. Returns (prompt_ids, answers).
+    """
+    if len(prompt_ids) + max(len(a) for a in answers) > max_length:
+        prompt_ids = prompt_ids[-max(1, max_length // 2) :]
+    room = max_length - len(prompt_ids)
+    return prompt_ids, [list(a[:room]) for a in answers]
+
+
+def tokenize_pairs(
+    tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], max_length: int
+) -> list[PairExample]:
+    out = []
+    for p, c, r in zip(prompts, chosen, rejected, strict=True):
+        prompt_ids, (c_ids, r_ids) = fit_to_length(
+            encode_prompt(tokenizer, p), [encode_answer(tokenizer, c), encode_answer(tokenizer, r)], max_length
+        )
+        out.append(PairExample(prompt_ids, c_ids, r_ids))
+    return out
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
+    """Pad to the longest sequence. Returns (ids [B, T], mask [B, T])."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        else:
+            ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s) :] = 1
+    return ids, mask
+
+
+def collate_answers(
+    prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded prompt ++ answer rows. Returns (input_ids, attention_mask, answer_mask), each [B, T]."""
+    ids, attention_mask = pad([list(p) + list(a) for p, a in zip(prompt_ids, answer_ids)], pad_id)
+    answer_mask = torch.zeros_like(attention_mask)
+    for i, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+        answer_mask[i, len(p) : len(p) + len(a)] = 1
+    return ids, attention_mask, answer_mask
+
+
+def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Chosen rows then rejected rows in one batch, for one concatenated forward pass.
+
+    Returns (input_ids, attention_mask, answer_mask), each [2B, T]: rows 0..B-1 are prompt ++ chosen,
+    rows B..2B-1 prompt ++ rejected.
+    """
+    prompts = [e.prompt_ids for e in examples] * 2
+    answers = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    return collate_answers(prompts, answers, pad_id)

@@ -1,0 +1,180 @@
+"""Models of RLHF on top of Hugging Face transformers: reward model, policy with value head, reference.
+
+Everything loads from any Hugging Face model id or local directory and saves back to a normal Hugging
+Face directory (config.json + model.safetensors), so other tools can load what alignflow trains.
+Remote code is never trusted unless the caller passes trust_remote_code=True.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+Tensor = torch.Tensor
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that count only real tokens, so left padding does not shift positions.
+
+    attention_mask: [B, T] of 0/1. Returns [B, T] int64: cumsum(mask) - 1, clamped at 0 on padding.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last non-pad token of each row; correct for left and right padding.
+
+    attention_mask: [B, T]. Returns [B] int64.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [T]
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    """A tokenizer with a pad token (the EOS token when the model has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Any causal LM by Hugging Face id or local path."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen reference model: a deep copy in eval mode with no gradients."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+class RewardModel(nn.Module):
+    """r_phi(x, y) = w^T h(x ++ y) + b, h = backbone's last hidden state at the last non-pad token.
+
+    Wraps a Hugging Face `...ForSequenceClassification` model with one label, so a saved reward model
+    is a standard directory that TRL and transformers load as a sequence classifier. Pooling is done
+    here, from the attention mask (not from pad_token_id, which breaks when pad == eos), and positions
+    are computed from the mask, so left and right padding give the same reward.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        if not hasattr(model, "score"):
+            raise ValueError(f"{type(model).__name__} has no `score` head; use a decoder LM family (Llama, Qwen2, GPT-2, ...)")
+        self.model = model
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+    ) -> "RewardModel":
+        """Load a trained reward model, or a pretrained LM with a freshly initialised scalar head."""
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(name_or_path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        return cls(model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: [B, T]. Returns rewards [B] (float32)."""
+        hidden = self.model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).last_hidden_state  # [B, T, H]
+        last = last_token_index(attention_mask)  # [B]
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+        return self.model.score(pooled).squeeze(-1).float()  # [B]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(str(path))
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal-LM policy pi_theta and a value function V(s_t) for PPO.
+
+    shared trunk (value_model=None): V = Linear(last hidden state of the policy);
+    separate: V = Linear(last hidden state of `value_model`, a second backbone).
+    Values are aligned with the labels like `sequence_logprobs`: values[:, t] = V(s before token t).
+    """
+
+    VALUE_HEAD_FILE = "value_head.safetensors"
+    VALUE_MODEL_DIR = "value_model"
+
+    def __init__(self, policy: PreTrainedModel, value_model: PreTrainedModel | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        hidden = (value_model or policy).config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        separate_value_model: bool = False,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+    ) -> "PolicyWithValueHead":
+        path = Path(name_or_path)
+        policy = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        value_model = None
+        if (path / cls.VALUE_MODEL_DIR).is_dir():
+            value_model = AutoModel.from_pretrained(str(path / cls.VALUE_MODEL_DIR), dtype=dtype)
+        elif separate_value_model:
+            value_model = AutoModel.from_pretrained(
+                str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        model = cls(policy, value_model)
+        if (path / cls.VALUE_HEAD_FILE).is_file():
+            model.value_head.load_state_dict(load_file(str(path / cls.VALUE_HEAD_FILE)))
+        return model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """input_ids, attention_mask: [B, T]. Returns (logits [B, T, V], values [B, T])."""
+        position_ids = position_ids_from_mask(attention_mask)
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=self.value_model is None,
+        )
+        if self.value_model is None:
+            hidden = out.hidden_states[-1]  # [B, T, H]
+        else:
+            hidden = self.value_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state  # [B, T, H]
+        state_values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, T]
+        values = torch.zeros_like(state_values)
+        values[:, 1:] = state_values[:, :-1]  # value of the state that predicts token t
+        return out.logits, values
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.policy.save_pretrained(str(path))
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(path / self.VALUE_HEAD_FILE))
+        if self.value_model is not None:
+            self.value_model.save_pretrained(str(path / self.VALUE_MODEL_DIR))

@@ -1,0 +1,110 @@
+"""Batched sampling from a causal LM with a KV cache: temperature, top-k, top-p, stop tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from alignment.models import position_ids_from_mask
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 48  # answer length limit, in tokens
+    temperature: float = 1.0  # tau: logits / tau before softmax; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with probability >= top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after one of these (it is kept)
+
+
+@dataclass
+class SampleOutput:
+    sequences: Tensor  # [B, P + N] left-padded prompts followed by right-padded answers
+    attention_mask: Tensor  # [B, P + N] 1 on real prompt and answer tokens
+    answer_ids: Tensor  # [B, N] sampled tokens, pad after the stop token
+    answer_mask: Tensor  # [B, N] 1 on answer tokens up to and including the stop token
+    answer_logps: Tensor  # [B, N] log pi(token) under the temperature-scaled policy, 0 where masked
+    prompt_length: int  # P
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. logits: [B, V]. Returns [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)  # [B, V]
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p  # keeps the token crossing p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    params: SamplingParams,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """Sample one answer per row. Prompts must be LEFT-padded (input_ids, attention_mask: [B, P]).
+
+    One forward over the prompts fills the KV cache, then one token per step for all rows at once.
+    Rows that hit a stop token keep running on padding (masked) until all rows stop or N tokens exist.
+    """
+    B, P = input_ids.shape
+    device = input_ids.device
+    cache = DynamicCache()
+    mask = attention_mask.long()
+    position_ids = position_ids_from_mask(mask)
+    step_ids = input_ids
+    step_positions = position_ids
+    stop = torch.tensor(params.stop_token_ids, device=device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps, alive = [], [], []
+    for _ in range(params.max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1].float()  # [B, V]
+        if params.temperature > 0:
+            logits = logits / params.temperature
+        log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        if params.temperature == 0:
+            next_token = logits.argmax(-1)  # [B]
+        else:
+            probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+        next_token = next_token.masked_fill(done, pad_token_id)
+        tokens.append(next_token)
+        logps.append(log_probs.gather(-1, next_token.unsqueeze(-1)).squeeze(-1).masked_fill(done, 0.0))
+        alive.append(~done)
+        if len(stop):
+            done = done | torch.isin(next_token, stop)
+        if bool(done.all()):
+            break
+        step_ids = next_token.unsqueeze(-1)  # [B, 1]
+        step_positions = step_positions[:, -1:] + 1  # [B, 1]
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=-1)
+    answer_ids = torch.stack(tokens, dim=1)  # [B, N]
+    answer_mask = torch.stack(alive, dim=1).long()  # [B, N]
+    return SampleOutput(
+        sequences=torch.cat([input_ids, answer_ids], dim=1),  # [B, P + N]
+        attention_mask=torch.cat([attention_mask.long(), answer_mask], dim=1),
+        answer_ids=answer_ids,
+        answer_mask=answer_mask,
+        answer_logps=torch.stack(logps, dim=1),
+        prompt_length=P,
+    )

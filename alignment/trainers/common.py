@@ -1,0 +1,248 @@
+"""What every trainer shares: optimisation (accelerate, accumulation, clipping, LR schedule, a NaN/inf
+guard), checkpoints with exact resume, a deterministic sampler, and the metrics callback.
+
+Trainers compose these pieces; none of them holds loss math.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+Tensor = torch.Tensor
+MetricsCallback = Callable[[int, dict[str, float]], None]
+"""Called as callback(step, metrics) after every optimizer step; the library itself logs nowhere."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the SFT, reward-model, DPO and PPO trainers."""
+
+    max_steps: int  # number of optimizer steps (PPO: per whole run, over all iterations)
+    batch_size: int = 8  # examples per optimizer step (split into grad_accum_steps micro-batches)
+    grad_accum_steps: int = 1  # micro-batches accumulated before each optimizer step
+    lr: float = 1e-4  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
+    lr_schedule: str = "cosine"  # after warm-up: "constant", "linear" or "cosine" decay to 0
+    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 = off
+    seed: int = 0  # seed of the data order, initialisation noise and sampling
+    checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps; 0 = never
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; used on GPU)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept as it was."""
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak LR at a given step: linear warm-up, then constant/linear/cosine decay."""
+
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(progress, 1.0)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: use constant, linear or cosine")
+
+    return fn
+
+
+class StepSampler:
+    """Deterministic example order: epoch e is a permutation seeded by (seed, e).
+
+    batch(step) depends only on (seed, step), so a resumed run sees exactly the batches it would
+    have seen. Under several processes each takes its own slice of the global batch.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if n_examples <= 0:
+            raise ValueError("the training set is empty")
+        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        """Example indices of global batch `step` that belong to this process."""
+        start = step * self.batch_size
+        idx = [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+        return idx[self.rank :: self.world_size]
+
+
+class Optimization:
+    """AdamW + LR schedule + accelerate (devices, DDP, mixed precision) + clipping + NaN/inf guard."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        self.cfg = cfg
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.step = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def split(self, indices: list[int]) -> list[list[int]]:
+        """Split a batch into grad_accum_steps micro-batches."""
+        k = self.cfg.grad_accum_steps
+        size = math.ceil(len(indices) / k)
+        return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+    def update(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int]) -> dict[str, float]:
+        """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics."""
+        micro = self.split(indices)
+        totals: dict[str, float] = {}
+        for part in micro:
+            with self.accelerator.autocast():
+                loss, metrics = micro_losses(part)
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}; stopped before the update")
+            self.accelerator.backward(loss * len(part) / len(indices))
+            metrics = {"loss": loss.detach(), **metrics}
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * len(part) / len(indices)
+        grad_norm = self.accelerator.clip_grad_norm_(
+            self.model.parameters(), self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        )
+        if not torch.isfinite(torch.as_tensor(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"gradient norm is {float(grad_norm)} at step {self.step}; stopped before the update")
+        totals["grad_norm"] = float(grad_norm)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return totals
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch RNG states (CPU and CUDA); the trainers draw all their randomness from torch."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Resumable checkpoints under `directory/checkpoint-<step>/state.pt`.
+
+    Written to a temporary folder and renamed, so a crash never leaves a half checkpoint; older
+    checkpoints are removed only after a newer one is complete. Loaded with weights_only=True.
+    """
+
+    def __init__(self, directory: str | Path | None):
+        self.directory = Path(directory) if directory else None
+
+    def latest(self) -> Path | None:
+        if self.directory is None or not self.directory.is_dir():
+            return None
+        done = [p for p in self.directory.glob("checkpoint-*") if (p / "state.pt").is_file()]
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    def save(self, step: int, state: dict[str, Any]) -> Path | None:
+        if self.directory is None:
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"checkpoint-{step}"
+        tmp = self.directory / f".tmp-checkpoint-{step}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.directory.glob("checkpoint-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = torch.load(path / "state.pt", weights_only=True)
+        set_rng_state(state["rng"])
+        return state
+
+
+def train_steps(
+    opt: Optimization,
+    sampler: StepSampler,
+    micro_losses: Callable[[list[int]], tuple[Tensor, dict]],
+    checkpointer: Checkpointer,
+    callback: MetricsCallback | None = None,
+    stop_at: int | None = None,
+    desc: str = "train",
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+) -> list[dict[str, float]]:
+    """The supervised loop of SFT, reward-model and DPO training, resumable from the latest checkpoint.
+
+    Runs optimizer steps opt.step .. cfg.max_steps - 1 (or until stop_at), calling callback(step, metrics)
+    after each and saving a checkpoint every cfg.checkpoint_every steps and at the end.
+    Returns the metrics of the steps run in this call.
+    """
+    cfg = opt.cfg
+    latest = checkpointer.latest()
+    if latest is not None:
+        opt.load_state_dict(checkpointer.load(latest))
+    end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
+    history = []
+    for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False):
+        metrics = opt.update(micro_losses, sampler.batch(opt.step))
+        history.append(metrics)
+        if callback is not None:
+            callback(opt.step, metrics)
+        if cfg.checkpoint_every and opt.step % cfg.checkpoint_every == 0 and opt.step < end:
+            checkpointer.save(opt.step, {**opt.state_dict(), **(extra_state() if extra_state else {})})
+    if checkpointer.directory is not None and history:
+        checkpointer.save(opt.step, {**opt.state_dict(), **(extra_state() if extra_state else {})})
+    return history

@@ -1,0 +1,65 @@
+"""Supervised fine-tuning: maximise log pi(y|x) of demonstration answers (answer tokens only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from alignment.data import collate_answers
+from alignment.logprobs import sequence_logprobs
+from alignment.trainers.common import (
+    Checkpointer,
+    MetricsCallback,
+    Optimization,
+    StepSampler,
+    TrainConfig,
+    train_steps,
+)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    train: TrainConfig  # optimisation settings
+    max_length: int = 128  # prompt + answer tokens per example (longer ones are truncated)
+
+
+class SFTTrainer:
+    """Data: (prompt_ids, answer_ids) pairs. Loss: mean negative log-likelihood per answer token."""
+
+    def __init__(
+        self,
+        model,
+        examples: Sequence[tuple[list[int], list[int]]],
+        pad_token_id: int,
+        cfg: SFTConfig,
+        output_dir: str | Path | None = None,
+        callback: MetricsCallback | None = None,
+    ):
+        self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
+        self.opt = Optimization(model, cfg.train)
+        self.sampler = StepSampler(
+            len(self.examples), cfg.train.batch_size, cfg.train.seed,
+            self.opt.accelerator.process_index, self.opt.accelerator.num_processes,
+        )
+        self.checkpointer = Checkpointer(Path(output_dir) / "checkpoints" if output_dir else None)
+
+    def micro_loss(self, indices: list[int]):
+        prompts = [self.examples[i][0] for i in indices]
+        answers = [self.examples[i][1] for i in indices]
+        input_ids, attention_mask, answer_mask = (
+            t.to(self.opt.device) for t in collate_answers(prompts, answers, self.pad_token_id)
+        )
+        logits = self.opt.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+        token_logps, _ = sequence_logprobs(logits, input_ids, answer_mask)
+        n_tokens = answer_mask[:, 1:].sum().clamp(min=1)
+        loss = -token_logps.sum() / n_tokens
+        return loss, {"tokens": n_tokens.float()}
+
+    def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
+        self.opt.model.train()
+        return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "sft")
+
+    @property
+    def model(self):
+        return self.opt.accelerator.unwrap_model(self.opt.model)

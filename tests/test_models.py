@@ -1,0 +1,102 @@
+import torch
+from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+from alignment.models import PolicyWithValueHead, RewardModel, last_token_index
+from alignment.sampling import SamplingParams, filter_logits, sample
+from conftest import tiny_llama_config
+
+
+def test_last_token_index_left_and_right():
+    assert last_token_index(torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [1, 3, 3]
+
+
+def make_reward_model():
+    torch.manual_seed(0)
+    return RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1))).eval()
+
+
+def test_reward_model_left_and_right_padding_give_same_reward():
+    rm = make_reward_model()
+    seqs = [[1, 5, 6, 7, 8], [1, 9, 10]]
+    right = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
+    left = torch.tensor([[1, 5, 6, 7, 8], [0, 0, 1, 9, 10]])
+    with torch.no_grad():
+        r_right = rm(right, (torch.arange(5) < torch.tensor([[5], [3]])).long())
+        r_left = rm(left, (torch.arange(5) >= torch.tensor([[0], [2]])).long())
+        r_alone = torch.stack([rm(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+    assert torch.allclose(r_right, r_alone, atol=1e-5)
+    assert torch.allclose(r_left, r_alone, atol=1e-5)
+    # and the reward really depends on the content: not a constant head
+    assert abs(r_alone[0] - r_alone[1]) > 1e-4
+
+
+def test_reward_model_saves_as_standard_hf_sequence_classifier(tmp_path):
+    rm = make_reward_model()
+    rm.save_pretrained(tmp_path / "rm")
+    assert (tmp_path / "rm" / "model.safetensors").is_file()
+    loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.allclose(rm(ids, mask), loaded(ids, mask))
+        # plain transformers reads the same directory; on an unpadded row its score is ours
+        hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+        assert torch.allclose(hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1), rm(ids, mask), atol=1e-5)
+
+
+def test_policy_with_value_head_round_trip_and_alignment(tmp_path, tiny_lm):
+    for value_model in (None, "separate"):
+        torch.manual_seed(1)
+        vm = None
+        if value_model:
+            from transformers import LlamaModel
+
+            vm = LlamaModel(tiny_llama_config())
+        model = PolicyWithValueHead(tiny_lm, vm)
+        torch.nn.init.normal_(model.value_head.weight)
+        ids = torch.tensor([[1, 5, 6, 7]])
+        logits, values = model(ids, torch.ones_like(ids))
+        assert logits.shape == (1, 4, 40) and values.shape == (1, 4)
+        assert values[0, 0] == 0  # no state precedes the first token
+        model.save_pretrained(tmp_path / f"p-{value_model}")
+        loaded = PolicyWithValueHead.from_pretrained(tmp_path / f"p-{value_model}")
+        assert (loaded.value_model is None) == (value_model is None)
+        with torch.no_grad():
+            _, values2 = loaded(ids, torch.ones_like(ids))
+        assert torch.allclose(values, values2, atol=1e-6)
+
+
+def test_greedy_sampling_matches_hf_generate_and_respects_padding(tiny_lm):
+    tiny_lm.eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = (ids != 0).long()
+    out = sample(tiny_lm, ids, mask, SamplingParams(max_new_tokens=6, temperature=0), pad_token_id=0)
+    hf = tiny_lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.answer_ids, hf[:, 5:])
+    alone = sample(tiny_lm, ids[:1, 2:], mask[:1, 2:], SamplingParams(max_new_tokens=6, temperature=0), pad_token_id=0)
+    assert torch.equal(alone.answer_ids[0], out.answer_ids[0])
+
+
+def test_sampling_stops_masks_and_logps(tiny_lm):
+    tiny_lm.eval()
+    ids = torch.tensor([[1, 5, 6]] * 8)
+    g = torch.Generator().manual_seed(0)
+    out = sample(tiny_lm, ids, torch.ones_like(ids), SamplingParams(max_new_tokens=30, temperature=1.0, stop_token_ids=tuple(range(2, 20))), 0, g)
+    for row_ids, row_mask in zip(out.answer_ids, out.answer_mask):
+        n = int(row_mask.sum())
+        stops = [i for i, t in enumerate(row_ids.tolist()[:n]) if 2 <= t < 20]
+        assert stops == [] or stops == [n - 1]  # generation ends right after the first stop token
+        assert torch.all(row_ids[n:] == 0)
+    # the recorded logps are those of a fresh forward pass at temperature 1
+    full = tiny_lm(input_ids=out.sequences, attention_mask=out.attention_mask).logits
+    P = out.prompt_length
+    lp = torch.log_softmax(full[:, P - 1 : -1], -1).gather(-1, out.answer_ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(lp * out.answer_mask, out.answer_logps, atol=1e-4)
+
+
+def test_top_k_and_top_p_filtering_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist()[0] == [False, False, True, True]
+    # nucleus 0.7: 0.5 alone < 0.7, 0.5 + 0.3 >= 0.7 -> keep the first two
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist()[0] == [False, False, True, True]
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist()[0] == [False, False, False, True]
