@@ -195,6 +195,9 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any]) -> Path | None:
         if self.directory is None:
             return None
+        bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(f"parameters {bad[:3]} are NaN/inf at step {step}; the last good checkpoint is kept")
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"checkpoint-{step}"
         tmp = self.directory / f".tmp-checkpoint-{step}-{os.getpid()}"

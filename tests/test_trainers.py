@@ -1,0 +1,149 @@
+"""Per trainer: a tiny learning test (the loss falls / the preferred answer gains), exact resume,
+and the NaN guard. Tiny random Llama models, a few steps, in-process."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+from alignment.data import PairExample, collate_pairs
+from alignment.models import PolicyWithValueHead, RewardModel
+from alignment.sampling import SamplingParams
+from alignment.trainers.common import NonFiniteLossError, TrainConfig
+from alignment.trainers.dpo import DPOConfig, DPOTrainer, pair_logps
+from alignment.trainers.ppo import PPOConfig, PPOTrainer
+from alignment.trainers.reward import RewardConfig, RewardTrainer
+from alignment.trainers.sft import SFTConfig, SFTTrainer
+from conftest import tiny_llama_config
+
+PAIRS = [PairExample([1, 5 + i % 3], [10, 12, 2], [11, 12, 2]) for i in range(12)]
+
+
+def lm(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+def test_sft_loss_falls():
+    examples = [([1, 5 + i % 3], [7 + i % 3, 8, 2]) for i in range(12)]
+    trainer = SFTTrainer(lm(), examples, 0, SFTConfig(TrainConfig(max_steps=40, batch_size=6, lr=1e-2)))
+    history = trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert history[-1]["loss"] < 0.3 * history[0]["loss"]
+    assert {"loss", "lr", "grad_norm"} <= history[0].keys()
+
+
+def test_reward_model_learns_preference():
+    torch.manual_seed(0)
+    rm = RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1)))
+    cfg = RewardConfig(TrainConfig(max_steps=25, batch_size=6, lr=3e-3))
+    trainer = RewardTrainer(rm, PAIRS, 0, cfg)
+    before = trainer.evaluate(PAIRS)
+    history = trainer.train()
+    after = trainer.evaluate(PAIRS)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert after["accuracy"] == 1.0 and after["margin"] > before["margin"] + 1.0
+    assert {"accuracy", "margin", "chosen_reward", "rejected_reward"} <= history[0].keys()
+
+
+def test_dpo_raises_preferred_answer_probability():
+    policy = lm()
+    trainer = DPOTrainer(policy, PAIRS, 0, DPOConfig(TrainConfig(max_steps=20, batch_size=6, lr=3e-3), beta=0.5))
+    ref_chosen, ref_rejected = trainer.reference_logps[:, 0], trainer.reference_logps[:, 1]
+    history = trainer.train()
+    assert history[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-4)  # policy == reference at step 0
+    assert history[-1]["loss"] < 0.2
+    with torch.no_grad():
+        chosen, rejected = pair_logps(trainer.model, PAIRS, 0, "cpu")
+    assert torch.all(chosen - ref_chosen > 0.5)  # the preferred answer's log-prob rose
+    assert torch.all(rejected < ref_rejected)
+    assert history[-1]["rewards/accuracy"] == 1.0
+
+
+def test_dpo_reference_on_the_fly_equals_precomputed():
+    on_the_fly = DPOTrainer(lm(), PAIRS, 0, DPOConfig(TrainConfig(max_steps=3, batch_size=6), precompute_ref_logps=False))
+    pre = DPOTrainer(lm(), PAIRS, 0, DPOConfig(TrainConfig(max_steps=3, batch_size=6)))
+    a, b = on_the_fly.train(), pre.train()
+    assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], abs=1e-5)
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+def test_resume_gives_the_same_parameters(tmp_path):
+    cfg = DPOConfig(TrainConfig(max_steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, warmup_steps=2))
+    straight = DPOTrainer(lm(), PAIRS, 0, cfg, output_dir=tmp_path / "a")
+    straight.train()
+    first = DPOTrainer(lm(), PAIRS, 0, cfg, output_dir=tmp_path / "b")
+    first.train(stop_at=3)
+    torch.manual_seed(1234)  # a fresh process would have other RNG state
+    resumed = DPOTrainer(lm(), PAIRS, 0, cfg, output_dir=tmp_path / "b")  # same start model, so the same reference
+    torch.manual_seed(4321)
+    history = resumed.train()
+    assert len(history) == 3
+    assert torch.allclose(params(straight.model), params(resumed.model), atol=1e-6)
+    assert not torch.allclose(params(first.model), params(resumed.model), atol=1e-6)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = SFTConfig(TrainConfig(max_steps=6, batch_size=4, checkpoint_every=2))
+    examples = [([1, 5], [7, 8, 2])] * 8
+
+    def diverge(step, metrics):  # simulate a blow-up after the update of step 3
+        if step == 3:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    trainer = SFTTrainer(lm(), examples, 0, cfg, output_dir=tmp_path, callback=diverge)
+    trainer.train(stop_at=2)
+    good = (tmp_path / "checkpoints" / "checkpoint-2" / "state.pt").read_bytes()
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        trainer.train()
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "state.pt").read_bytes() == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
+
+
+@pytest.fixture(scope="module")
+def sandbox_tokenizer():
+    from alignment.sandbox.assets import build_tokenizer, world_texts
+    from alignment.sandbox.world import World
+
+    return build_tokenizer(world_texts(World()))
+
+
+def ppo_setup(tokenizer, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = PolicyWithValueHead(LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2)))
+    prompts = ["user : how do i cook rice ? assistant :", "user : how can i sleep better ? assistant :"] * 8
+    shorter_is_better = lambda ps, answers: torch.tensor([-0.2 * len(a.split()) for a in answers])  # noqa: E731
+    cfg = PPOConfig(**{**dict(iterations=14, rollout_batch_size=16, minibatch_size=8, ppo_epochs=2, lr=1e-2,
+                              beta=0.01, sampling=SamplingParams(max_new_tokens=12)), **kw})
+    return model, prompts, shorter_is_better, cfg
+
+
+def test_ppo_learns_to_raise_reward(sandbox_tokenizer):
+    model, prompts, reward_fn, cfg = ppo_setup(sandbox_tokenizer)
+    history = PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg).train()
+    keys = {"reward", "kl", "beta", "clip_frac", "approx_kl", "entropy", "value_explained_variance", "policy_loss", "value_loss"}
+    assert keys <= history[0].keys()
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    first = sum(h["reward"] for h in history[:3]) / 3
+    last = sum(h["reward"] for h in history[-3:]) / 3
+    assert last > first + 0.5, (first, last)
+
+
+def test_ppo_resume_gives_the_same_parameters(sandbox_tokenizer, tmp_path):
+    def trainer(out, seed=0):
+        model, prompts, reward_fn, cfg = ppo_setup(sandbox_tokenizer, seed=seed, iterations=2, target_kl=1.0)
+        return PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg, output_dir=out)
+
+    straight = trainer(tmp_path / "a")
+    straight.train()
+    trainer(tmp_path / "b").train(stop_at=1)
+    resumed = trainer(tmp_path / "b")
+    torch.manual_seed(4321)  # the resumed run must not depend on the global RNG
+    resumed.train()
+    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value)
+    assert torch.allclose(params(straight.model), params(resumed.model), atol=1e-6)
