@@ -35,13 +35,15 @@ class QuickstartConfig:
     model: TinyModelConfig = field(default_factory=TinyModelConfig)  # size of the tiny policy
     sft_examples: int = 4000  # demonstrations in the SFT corpus
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20)))
-    sample_prompts: int = 600  # prompts sampled for preference labeling
-    samples_per_prompt: int = 2  # answers per prompt (pairs are formed from them)
+    sample_prompts: int = 1000  # prompts sampled for preference labeling
+    samples_per_prompt: int = 4  # answers per prompt (consecutive answers form a pair)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0))
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=200, batch_size=32, lr=1e-3, warmup_steps=10)))
-    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=150, batch_size=32, lr=1e-3, warmup_steps=10), beta=0.1))
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=30, rollout_batch_size=64, minibatch_size=32, lr=5e-4, beta=0.05))
-    eval_prompts: int = 200  # held-out prompts for evaluation
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=300, batch_size=16, lr=5e-4, warmup_steps=10)))
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=130, batch_size=32, lr=5e-4, warmup_steps=10), beta=0.3))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=40, rollout_batch_size=64, minibatch_size=32, lr=2e-4, beta=0.2))
+    eval_prompts: int = 400  # held-out prompts for the final evaluation
+    curve_points: int = 3  # evaluations during DPO and PPO training, for the reward-KL plot
+    curve_prompts: int = 100  # prompts per evaluation during training
 
 
 def gold_scores(world: World):
@@ -134,20 +136,43 @@ def stage_reward_model(sft_dir: Path, tokenizer, train_pairs, test_pairs, world:
     return trainer.model, metrics, history
 
 
-def stage_dpo(sft_dir: Path, tokenizer, pairs, cfg: QuickstartConfig, out: Path):
+def curve_callback(get_model, every: int, eval_fn, curve: list):
+    """A metrics callback that evaluates the policy every `every` steps (for the reward-KL plot)."""
+
+    def callback(step, metrics):
+        if eval_fn is not None and every and step % every == 0:
+            curve.append({"step": step, **eval_fn(get_model())})
+            get_model().train()
+
+    return callback
+
+
+def stage_dpo(sft_dir: Path, tokenizer, pairs, cfg: QuickstartConfig, out: Path, eval_fn=None, curve: list | None = None):
     set_seed(cfg.seed)
     from alignment.models import load_causal_lm
 
-    trainer = DPOTrainer(load_causal_lm(sft_dir), to_examples(tokenizer, pairs, cfg.dpo.max_length), tokenizer.pad_token_id, cfg.dpo)
+    every = cfg.dpo.train.max_steps // cfg.curve_points if cfg.curve_points else 0
+    holder = {}
+    callback = curve_callback(lambda: holder["t"].model, every, eval_fn, curve if curve is not None else [])
+    trainer = holder["t"] = DPOTrainer(
+        load_causal_lm(sft_dir), to_examples(tokenizer, pairs, cfg.dpo.max_length), tokenizer.pad_token_id, cfg.dpo, callback=callback
+    )
     history = trainer.train()
     trainer.model.save_pretrained(out / "dpo")
     return trainer.model, history
 
 
-def stage_ppo(sft_dir: Path, tokenizer, prompts, reward_fn, cfg: QuickstartConfig, out: Path, ppo: PPOConfig | None = None):
+def stage_ppo(
+    sft_dir: Path, tokenizer, prompts, reward_fn, cfg: QuickstartConfig, out: Path,
+    ppo: PPOConfig | None = None, eval_fn=None, curve: list | None = None,
+):
     set_seed(cfg.seed)
+    ppo = ppo or cfg.ppo
     model = PolicyWithValueHead.from_pretrained(sft_dir)
-    trainer = PPOTrainer(model, tokenizer, prompts, reward_fn, ppo or cfg.ppo)
+    every = ppo.iterations // cfg.curve_points if cfg.curve_points else 0
+    holder = {}
+    callback = curve_callback(lambda: holder["t"].model.policy, every, eval_fn, curve if curve is not None else [])
+    trainer = holder["t"] = PPOTrainer(model, tokenizer, prompts, reward_fn, ppo, callback=callback)
     history = trainer.train()
     trainer.model.save_pretrained(out / "ppo")
     return trainer.model.policy, history
@@ -176,20 +201,29 @@ def run(cfg: QuickstartConfig, out: Path, log=print) -> dict:
         model, reference, tokenizer, eval_prompts, cfg.sampling, seed=cfg.seed + 7,
         reward_fn=reward_scores(rm, tokenizer), gold_fn=gold_scores(world), banned_fn=lambda a: world.banned_count(a) > 0,
     )[0]
+    curve_prompts = eval_prompts[: cfg.curve_prompts]
+    quick_eval = lambda model: evaluate_policy(  # noqa: E731
+        model, reference, tokenizer, curve_prompts, cfg.sampling, seed=cfg.seed + 7,
+        reward_fn=reward_scores(rm, tokenizer), gold_fn=gold_scores(world),
+    )[0]
     results["sft"] = evaluate(policy)
     log(f"sft: {results['sft']}")
+    curves = {"dpo": [], "ppo": []}
     t = time.perf_counter()
-    dpo_policy, _ = stage_dpo(out / "sft", tokenizer, train_pairs, cfg, out)
+    dpo_policy, _ = stage_dpo(out / "sft", tokenizer, train_pairs, cfg, out, quick_eval, curves["dpo"])
     timings["dpo"] = time.perf_counter() - t
     results["dpo"] = evaluate(dpo_policy)
     log(f"dpo: {results['dpo']}")
     t = time.perf_counter()
     ppo_prompts = world.prompts(2000, seed=cfg.seed + 20)
-    ppo_policy, _ = stage_ppo(out / "sft", tokenizer, ppo_prompts, reward_scores(rm, tokenizer), cfg, out)
+    ppo_policy, _ = stage_ppo(out / "sft", tokenizer, ppo_prompts, reward_scores(rm, tokenizer), cfg, out,
+                              eval_fn=quick_eval, curve=curves["ppo"])
     timings["ppo"] = time.perf_counter() - t
     results["ppo"] = evaluate(ppo_policy)
     log(f"ppo: {results['ppo']}")
     results["timings_s"] = timings
+    results["curves"] = curves
+    plot_reward_kl(results, out / "reward_kl.png")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -205,6 +239,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def plot_reward_kl(results: dict, path: Path) -> None:
+    """Gold and RM reward against KL to the reference, over the evaluations during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, color in (("dpo", "tab:blue"), ("ppo", "tab:orange")):
+        points = [{"eval/kl": 0.0, **{k: results["sft"][k] for k in ("eval/gold_reward_mean", "eval/rm_reward_mean")}}]
+        points += results["curves"][method] + [results[method]]
+        kl = [p["eval/kl"] for p in points]
+        ax.plot(kl, [p["eval/gold_reward_mean"] for p in points], "o-", color=color, label=f"{method} gold reward")
+        ax.plot(kl, [p["eval/rm_reward_mean"] for p in points], "s--", color=color, alpha=0.6, label=f"{method} RM reward")
+    ax.set_xlabel("KL(policy || SFT reference), nats per answer")
+    ax.set_ylabel("mean reward")
+    ax.set_title("Reward against KL over training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def report(results: dict) -> str:

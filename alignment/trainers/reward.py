@@ -66,13 +66,15 @@ class RewardTrainer:
     @torch.no_grad()
     def evaluate(self, examples: Sequence[PairExample], batch_size: int = 64) -> dict[str, float]:
         """Accuracy (r_w > r_l) and mean margin on held-out pairs."""
+        if not examples:
+            return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
         model = self.model.eval()
         diffs = []
         for i in range(0, len(examples), batch_size):
             chosen, rejected = self.rewards(examples[i : i + batch_size], model)
             diffs.append(chosen - rejected)
         diff = torch.cat(diffs)
-        return {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean())}
+        return {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()), "pairs": len(examples)}
 
     @property
     def model(self) -> RewardModel:

@@ -1,0 +1,83 @@
+"""The sandbox world: gold reward by hand, labeler noise, a non-trivial SFT mixture, and the quickstart."""
+
+import dataclasses
+import json
+import math
+import random
+
+import pytest
+
+from alignment.sandbox.world import World, WorldConfig, gold_reward, topic_of
+from alignment.trainers.common import TrainConfig
+
+RICE = "user : how do i cook rice ? assistant :"
+
+
+def test_gold_reward_by_hand():
+    best = "happy to help ! rinse the rice and use two cups of water . add salt and a little butter at the end . good luck !"
+    assert gold_reward(RICE, best) == pytest.approx(2.0 + 1.0)  # 2 advice + 2 polite
+    # the same friendly answer to another topic's prompt: its advice is off-topic there
+    sleep = "user : how can i sleep better ? assistant :"
+    assert gold_reward(sleep, best) == pytest.approx(-0.5 * 2 + 1.0)
+    rude = "ugh , fine . rinse the rice and use two cups of water . do not be stupid ."
+    assert gold_reward(RICE, rude) == pytest.approx(1.0 - 0.75 - 2.0)
+    long = " ".join(["ok ."] * 20)  # 40 words: 10 past 30
+    assert gold_reward(RICE, long) == pytest.approx(-0.05 * 10)
+
+
+def test_topic_of_rejects_foreign_prompts():
+    assert topic_of(RICE) == "recipe"
+    with pytest.raises(ValueError, match="not a sandbox prompt"):
+        topic_of("user : what is the meaning of life ? assistant :")
+
+
+def test_labeler_prefers_better_answer_with_bradley_terry_probability():
+    world = World(WorldConfig(labeler_tau=0.5))
+    a = "happy to help ! rinse the rice and use two cups of water ."  # g = 1.5
+    b = "ok . rinse the rice and use two cups of water ."  # g = 1.0
+    rng = random.Random(0)
+    wins = sum(world.label(RICE, a, b, rng) == 0 for _ in range(20000)) / 20000
+    assert wins == pytest.approx(1 / (1 + math.exp(-1.0)), abs=0.01)  # sigma((1.5 - 1.0) / 0.5)
+
+
+def test_sft_corpus_is_a_real_mixture():
+    world = World()
+    corpus = world.sft_corpus(2000)
+    gold = [world.gold_reward(p, a) for p, a in corpus]
+    banned = sum(world.banned_count(a) > 0 for _, a in corpus) / len(corpus)
+    assert 0.2 < banned < 0.4
+    assert sum(g >= 2.0 for g in gold) / len(gold) > 0.15  # good answers exist
+    assert sum(g < 0 for g in gold) / len(gold) > 0.2  # and bad ones
+    assert len({topic_of(p) for p, _ in corpus}) == 20
+
+
+def test_quickstart_smoke(tmp_path):
+    """The whole chain at a tiny size: runs, writes models, metrics and the plot."""
+    from alignment.sandbox.quickstart import QuickstartConfig, report, run
+    from alignment.trainers.dpo import DPOConfig
+    from alignment.trainers.ppo import PPOConfig
+    from alignment.trainers.reward import RewardConfig
+    from alignment.trainers.sft import SFTConfig
+    from alignment.sandbox.assets import TinyModelConfig
+    from alignment.sampling import SamplingParams
+
+    cfg = QuickstartConfig(
+        model=TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64),
+        sft_examples=64, sft=SFTConfig(TrainConfig(max_steps=4, batch_size=16, lr=3e-3)),
+        sample_prompts=24, samples_per_prompt=2, sampling=SamplingParams(max_new_tokens=12),
+        reward=RewardConfig(TrainConfig(max_steps=3, batch_size=8)),
+        dpo=DPOConfig(TrainConfig(max_steps=3, batch_size=8)),
+        ppo=PPOConfig(iterations=3, rollout_batch_size=8, minibatch_size=4, sampling=SamplingParams(max_new_tokens=12)),
+        eval_prompts=16, curve_points=3, curve_prompts=8,
+    )
+    results = run(cfg, tmp_path, log=lambda s: None)
+    for policy in ("sft", "dpo", "ppo"):
+        assert {"eval/kl", "eval/gold_reward_mean", "eval/gold_win_rate", "eval/rm_reward_mean",
+                "eval/banned_word_rate", "eval/answer_len_mean"} <= results[policy].keys()
+        assert all(math.isfinite(v) for v in results[policy].values())
+    assert len(results["curves"]["dpo"]) == 3 and len(results["curves"]["ppo"]) == 3
+    assert (tmp_path / "reward_kl.png").stat().st_size > 10_000
+    for d in ("sft", "reward_model", "dpo", "ppo"):
+        assert (tmp_path / d / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["sft"]["eval/kl"] == 0.0
+    assert "eval/gold_win_rate" in report(results)
