@@ -81,3 +81,16 @@ def test_quickstart_smoke(tmp_path):
         assert (tmp_path / d / "model.safetensors").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["sft"]["eval/kl"] == 0.0
     assert "eval/gold_win_rate" in report(results)
+
+
+def test_cli_help_and_unknown_pipeline():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--help"])
+    assert result.exit_code == 0 and "quickstart" in result.output
+    result = runner.invoke(app, ["run", "no-such-pipeline"])
+    assert result.exit_code == 2
+    assert "unknown pipeline 'no-such-pipeline'" in result.output

@@ -7,6 +7,7 @@ PPO -> evaluate. Each stage is one function, so the Prefect tasks can wrap them 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import time
@@ -36,11 +37,11 @@ class QuickstartConfig:
     sft_examples: int = 4000  # demonstrations in the SFT corpus
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20)))
     sample_prompts: int = 1000  # prompts sampled for preference labeling
-    samples_per_prompt: int = 4  # answers per prompt (consecutive answers form a pair)
+    samples_per_prompt: int = 4  # answers per prompt (every two of them form a pair)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0))
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=300, batch_size=16, lr=5e-4, warmup_steps=10)))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=130, batch_size=32, lr=5e-4, warmup_steps=10), beta=0.3))
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=40, rollout_batch_size=64, minibatch_size=32, lr=2e-4, beta=0.2))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=50, rollout_batch_size=64, minibatch_size=32, lr=3e-4, beta=0.2))
     eval_prompts: int = 400  # held-out prompts for the final evaluation
     curve_points: int = 3  # evaluations during DPO and PPO training, for the reward-KL plot
     curve_prompts: int = 100  # prompts per evaluation during training
@@ -88,7 +89,7 @@ def stage_sample(model, tokenizer, world: World, cfg: QuickstartConfig) -> list[
 
 
 def stage_label(samples: list[dict], world: World, seed: int) -> list[dict]:
-    """Pairs the answers of each prompt and asks the simulated labeler; identical answers are skipped."""
+    """Pairs every two answers of a prompt and asks the simulated labeler; identical answers are skipped."""
     by_prompt: dict[tuple[int, str], list[str]] = {}
     n_prompts = len(samples) // max(1, max(s["sample"] for s in samples) + 1)
     for i, s in enumerate(samples):
@@ -96,7 +97,7 @@ def stage_label(samples: list[dict], world: World, seed: int) -> list[dict]:
     rng = random.Random(seed)
     pairs = []
     for (_, prompt), answers in by_prompt.items():
-        for a, b in zip(answers[::2], answers[1::2]):
+        for a, b in itertools.combinations(answers, 2):
             if a == b:
                 continue
             choice = world.label(prompt, a, b, rng)
@@ -237,9 +238,6 @@ def main() -> None:
     print(f"total {time.perf_counter() - t:.1f}s")
 
 
-if __name__ == "__main__":
-    main()
-
 
 def plot_reward_kl(results: dict, path: Path) -> None:
     """Gold and RM reward against KL to the reference, over the evaluations during training."""
@@ -276,3 +274,7 @@ def report(results: dict) -> str:
     if "reward_model" in results:
         lines.append("reward model: " + ", ".join(f"{k}={v:.3f}" for k, v in results["reward_model"].items()))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
