@@ -1,36 +1,186 @@
-"""The `alignflow` command line."""
+"""The `alignflow` command line. Each command loads pipelines.yaml, picks a pipeline and calls one flow."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(
-    help="alignflow: declarative, reproducible RLHF pipelines (SFT, preferences, reward model, PPO / DPO, evaluation).",
+    help="alignflow: declarative, reproducible RLHF pipelines (SFT, preferences, reward model, PPO / DPO, evaluation).\n\n"
+    "Quick start:  alignflow run quickstart",
     no_args_is_help=True,
     add_completion=False,
 )
+runs_app = typer.Typer(help="List and compare pipeline runs in the MLflow store.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
-PIPELINES = ("quickstart",)
+SHIPPED = Path(__file__).parent / "pipelines.yaml"
+ConfigOpt = typer.Option(None, "--config", "-c", help="pipelines.yaml to use (default: ./pipelines.yaml, else the shipped one).")
+
+
+def config_path(config: Path | None) -> Path:
+    if config is not None:
+        return config
+    return Path("pipelines.yaml") if Path("pipelines.yaml").is_file() else SHIPPED
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(message, err=True, fg="red")
+    raise typer.Exit(code=code)
+
+
+def load_or_exit(config: Path | None, pipeline: str | None = None, overrides: list[str] | None = None):
+    from flows.config import ConfigError, load
+
+    try:
+        return load(config_path(config), pipeline, overrides)
+    except ConfigError as err:
+        fail(f"invalid pipeline config: {err}")
 
 
 @app.command()
 def run(
-    pipeline: str = typer.Argument(..., help="Pipeline to run. Shipped: quickstart (the sandbox world, CPU, minutes)."),
-    out: Path = typer.Option(Path("runs/quickstart"), help="Directory for models, data and results."),
+    pipeline: str = typer.Argument(..., help="Pipeline name in pipelines.yaml, e.g. quickstart."),
+    set_: list[str] = typer.Option([], "--set", help="Override a param: STAGE.PARAM=VALUE (dots reach nested params) or settings.KEY=VALUE. Repeatable."),
+    only: str = typer.Option(None, "--only", help="Re-run just this stage ..."),
+    from_run: str = typer.Option(None, "--from-run", help="... on the upstream outputs of this earlier pipeline run id."),
+    config: Path = ConfigOpt,
 ) -> None:
-    """Run a pipeline end to end.
+    """Run a pipeline end to end (finished, unchanged stages are reused from the cache).
 
-    Example: alignflow run quickstart --out runs/qs
+    Examples:
+
+      alignflow run quickstart
+
+      alignflow run quickstart --set dpo.dpo.beta=0.3 --set settings.seed=1
+
+      alignflow run quickstart --only dpo --from-run 3f2a...
     """
-    if pipeline not in PIPELINES:
-        typer.secho(f"unknown pipeline {pipeline!r}; shipped pipelines: {', '.join(PIPELINES)}", err=True, fg="red")
-        raise typer.Exit(code=2)
-    from alignment.sandbox.quickstart import QuickstartConfig, report, run as run_quickstart
+    from flows.pipeline import pipeline_flow, resolved_yaml
 
-    results = run_quickstart(QuickstartConfig(), out)
-    typer.echo(report(results))
+    cfg, raw = load_or_exit(config, pipeline, set_)
+    if only and not from_run:
+        fail("--only needs --from-run RUN_ID (see `alignflow runs list`)")
+    try:
+        result = pipeline_flow(cfg.model_dump(), pipeline, resolved_yaml(raw), only=only, from_run=from_run)
+    except KeyboardInterrupt:
+        fail("interrupted: the running stage was marked KILLED; run the same command again to resume", 130)
+    except Exception as err:  # noqa: BLE001 - the message, not a traceback, is what a user needs
+        fail(f"pipeline {pipeline!r} failed: {type(err).__name__}: {err}", 1)
+    typer.echo(f"pipeline run {result['parent_run_id']}")
+    failed_gates = []
+    for name, out in result["stages"].items():
+        metrics_file = Path(out["path"]) / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
+        typer.echo(f"  {name:14s} {'cached ' if out['cached'] else ''}{out['path']}  {shown}")
+        gates_file = Path(out["path"]) / "gates.json"
+        if gates_file.is_file() and not json.loads(gates_file.read_text())["passed"]:
+            failed_gates.append(f"{name}: " + "; ".join(json.loads(gates_file.read_text())["failed"]))
+    if failed_gates:
+        fail("EVALUATION GATES FAILED (the policy was not registered):\n  " + "\n  ".join(failed_gates), 3)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(SHIPPED, help="The pipelines.yaml to check.")) -> None:
+    """Check a pipelines.yaml without running anything; prints its pipelines or every problem found.
+
+    Example: alignflow validate pipelines.yaml
+    """
+    cfg, _ = load_or_exit(config)
+    for name, spec in cfg.pipelines.items():
+        typer.echo(f"{name}: {' -> '.join(s.name for s in spec.stages)}")
+        if spec.description:
+            typer.echo(f"  {spec.description}")
+
+
+def tracker_for(config: Path | None):
+    from flows.pipeline import make_tracker
+
+    cfg, _ = load_or_exit(config)
+    return make_tracker(cfg)
+
+
+@runs_app.command("list")
+def runs_list(config: Path = ConfigOpt, limit: int = typer.Option(20, help="How many pipeline runs to show.")) -> None:
+    """Pipeline runs, newest first: id, status, pipeline, start time.
+
+    Example: alignflow runs list --limit 5
+    """
+    from datetime import datetime
+
+    tracker = tracker_for(config)
+    for r in tracker.runs("tags.`alignflow.pipeline` != ''", max_results=limit):
+        started = datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(f"{r.info.run_id}  {r.info.status:9s} {r.data.tags.get('alignflow.pipeline', ''):14s} {started}  {r.info.run_name}")
+
+
+def _stage_metrics(tracker, parent_id: str) -> dict[str, dict]:
+    out = {}
+    for r in tracker.runs(f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500):
+        stage = r.data.tags.get("alignflow.stage", r.info.run_name)
+        src = r.data.tags.get("alignflow.reused_run_id")
+        data = tracker.client.get_run(src).data if src else r.data
+        out[stage] = {"params": data.params, "metrics": data.metrics}
+    return out
+
+
+@runs_app.command("compare")
+def runs_compare(run_a: str, run_b: str, config: Path = ConfigOpt) -> None:
+    """Params and metrics of two pipeline runs side by side, stage by stage (differences marked *).
+
+    Example: alignflow runs compare 3f2a... 9c1b...
+    """
+    tracker = tracker_for(config)
+    a, b = _stage_metrics(tracker, run_a), _stage_metrics(tracker, run_b)
+    for stage in sorted(set(a) | set(b)):
+        typer.secho(f"[{stage}]", bold=True)
+        for kind in ("params", "metrics"):
+            keys = sorted(set(a.get(stage, {}).get(kind, {})) | set(b.get(stage, {}).get(kind, {})))
+            for k in keys:
+                va, vb = a.get(stage, {}).get(kind, {}).get(k, "-"), b.get(stage, {}).get(kind, {}).get(k, "-")
+                mark = "*" if va != vb else " "
+                typer.echo(f" {mark} {kind[:-1]:6s} {k:40s} {str(va):>20s} {str(vb):>20s}")
+
+
+@app.command()
+def lineage(run_id: str = typer.Argument(..., help="A pipeline run id or a stage run id."), config: Path = ConfigOpt) -> None:
+    """The tree of stages and data behind a run: which run's outputs fed which stage.
+
+    Example: alignflow lineage 3f2a...
+    """
+    tracker = tracker_for(config)
+    run = tracker.client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId", run_id)
+    children = {r.data.tags.get("alignflow.stage"): r for r in tracker.runs(f"tags.mlflow.parentRunId = '{parent}'", max_results=500)}
+    typer.echo(f"pipeline run {parent} ({tracker.client.get_run(parent).data.tags.get('alignflow.pipeline', '?')})")
+    for stage, r in children.items():
+        t = r.data.tags
+        cache = " (cached: output of " + t["alignflow.reused_run_id"] + ")" if "alignflow.reused_run_id" in t else ""
+        typer.echo(f"  {stage} [{t.get('alignflow.stage_type')}] run {r.info.run_id} {r.info.status}{cache}")
+        typer.echo(f"      output sha256 {t.get('alignflow.content_hash', '-')[:16]}")
+        for key in sorted(k for k in t if k.startswith("lineage.") and k.endswith(".stage")):
+            slot = key.split(".")[1]
+            typer.echo(f"      <- {slot}: {t[key]} (run {t.get(f'lineage.{slot}.run_id')}, sha256 {t.get(f'lineage.{slot}.content_hash', '')[:16]})")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="Port of the MLflow UI."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Start the MLflow UI on the pipeline's tracking store (Ctrl-C stops it).
+
+    Example: alignflow ui --port 5000
+    """
+    from tasks.tracking import DEFAULT_TRACKING_URI
+
+    cfg, _ = load_or_exit(config)
+    uri = cfg.settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)])
 
 
 @app.command()

@@ -1,0 +1,123 @@
+"""The Prefect flow that runs a pipeline of pipelines.yaml as a DAG of stage tasks.
+
+Stages start as soon as their inputs exist, so independent branches (PPO and DPO in the quickstart)
+run concurrently. The flow only chains tasks; the work is in tasks/stages.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import yaml
+
+# The temporary local Prefect server can take longer than its default 20 s to start on a busy 2-core box.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+from prefect import flow, get_run_logger  # noqa: E402
+
+from alignment.sandbox.world import WorldConfig  # noqa: E402
+from flows.config import PipelinesFile  # noqa: E402
+from tasks.stages import STAGE_TASKS, StageContext  # noqa: E402
+from tasks.store import StageOutput, Store  # noqa: E402
+from tasks.tracking import Tracker  # noqa: E402
+
+
+def make_tracker(cfg: PipelinesFile) -> Tracker:
+    workdir = Path(cfg.settings.workdir)
+    return Tracker(cfg.settings.tracking_uri, cfg.settings.experiment, artifact_root=workdir / "mlartifacts")
+
+
+def upstream_from_run(tracker: Tracker, from_run: str) -> dict[str, StageOutput]:
+    """The stage outputs of an earlier pipeline run, by stage name, from its nested runs' tags."""
+    outputs = {}
+    for run in tracker.runs(f"tags.mlflow.parentRunId = '{from_run}'", max_results=500):
+        t = run.data.tags
+        if run.info.status != "FINISHED" or "alignflow.content_hash" not in t:
+            continue
+        stype, key = t["alignflow.stage_type"], t["alignflow.cache_key"]
+        source_run = t.get("alignflow.reused_run_id", run.info.run_id)
+        outputs[t["alignflow.stage"]] = StageOutput(
+            t["alignflow.stage"], stype, "", key, t["alignflow.content_hash"], source_run, cached=True
+        )
+    return outputs
+
+
+@flow(name="alignflow-pipeline", log_prints=True)
+def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str | None = None, from_run: str | None = None) -> dict:
+    """Run `pipeline`; with `only`, run that one stage on the outputs of the pipeline run `from_run`."""
+    cfg = PipelinesFile.model_validate(cfg_dict)
+    spec = cfg.pipelines[pipeline]
+    logger = get_run_logger()
+    tracker = make_tracker(cfg)
+    store = Store(cfg.settings.workdir)
+    for run_id in tracker.fail_dead_runs():
+        logger.warning(f"marked run {run_id} FAILED: its process died while it was RUNNING")
+    parent = tracker.start_run(
+        f"{pipeline}" + (f" --only {only}" if only else ""),
+        {"alignflow.pipeline": pipeline, **({"alignflow.only": only, "alignflow.from_run": from_run} if only else {})},
+    )
+    status = "FAILED"
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not None and hasattr(signal, "SIGTERM"):
+        try:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
+    try:
+        tracker.log_params(parent, {"pipeline": pipeline, "seed": cfg.settings.seed, "world": cfg.settings.world})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "pipelines.resolved.yaml"
+            path.write_text(resolved_yaml)
+            tracker.log_artifact(parent, path)
+        world = WorldConfig(**{**cfg.settings.world, "seed": cfg.settings.seed})
+        ctx = StageContext(tracker, store, parent, cfg.settings.seed, world, log=logger.info)
+        if only:
+            results = _run_only(ctx, spec, only, tracker, from_run, store)
+        else:
+            futures = {}
+            for stage in spec.stages:
+                inputs = {slot: futures[src] for slot, src in stage.inputs.items()}
+                futures[stage.name] = STAGE_TASKS[stage.type].with_options(name=stage.name).submit(
+                    ctx, stage.name, stage.type, stage.params, inputs
+                )
+            results = {name: f.result() for name, f in futures.items()}
+        tracker.set_tags(parent, {f"stage.{n}.run_id": o.run_id for n, o in results.items()})
+        status = "FINISHED"
+        return {"parent_run_id": parent, "stages": {n: o.to_dict() for n, o in results.items()}}
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(parent, status)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_only(ctx: StageContext, spec, only: str, tracker: Tracker, from_run: str | None, store: Store) -> dict:
+    stage = next((s for s in spec.stages if s.name == only), None)
+    if stage is None:
+        raise ValueError(f"no stage {only!r} in this pipeline; stages: {[s.name for s in spec.stages]}")
+    if from_run is None:
+        raise ValueError("--only needs --from-run RUN_ID: the pipeline run whose upstream outputs to use")
+    upstream = upstream_from_run(tracker, from_run)
+    inputs = {}
+    for slot, src in stage.inputs.items():
+        if src not in upstream:
+            raise ValueError(f"run {from_run} has no finished stage {src!r} to feed {only}.{slot}")
+        o = upstream[src]
+        if store.lookup(o.type, o.key) is None:
+            raise ValueError(f"the output of stage {src!r} of run {from_run} is not in {store.root} any more")
+        inputs[slot] = dataclasses.replace(o, path=str(store.final(o.type, o.key)))
+    result = STAGE_TASKS[stage.type].with_options(name=stage.name).submit(ctx, stage.name, stage.type, stage.params, inputs).result()
+    return {only: result}
+
+
+def resolved_yaml(raw: dict) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)

@@ -1,0 +1,321 @@
+"""One Prefect task per stage type. Each reads its inputs, validates them, calls the core library,
+validates its output, logs to MLflow and returns a StageOutput (a path and a run id).
+
+The shared steps (cache lookup, MLflow run, lineage tags, atomic publish, FAILED/KILLED status) are
+in `execute`; what differs per stage type is its params dataclass and its `run_*` body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import TypeAdapter
+from safetensors.torch import load_file, save_file
+
+from alignment.evaluation import evaluate_policy, generate_answers
+from alignment.models import PolicyWithValueHead, RewardModel, frozen_copy, load_causal_lm, load_tokenizer
+from alignment.sampling import SamplingParams
+from alignment.sandbox.assets import TinyModelConfig, build_model, build_tokenizer, world_texts
+from alignment.sandbox.quickstart import QuickstartConfig, gold_scores, reward_scores, to_examples
+from alignment.sandbox.world import World, WorldConfig
+from alignment.data import encode_answer, encode_prompt, fit_to_length
+from alignment.trainers.common import TrainConfig, set_seed
+from alignment.trainers.dpo import DPOConfig, DPOTrainer
+from alignment.trainers.ppo import PPOConfig, PPOTrainer
+from alignment.trainers.reward import RewardConfig, RewardTrainer
+from alignment.trainers.sft import SFTConfig, SFTTrainer
+from tasks import schemas
+from tasks.store import Store, StageOutput, file_hash, stage_key
+from tasks.tracking import Tracker
+
+# -- params of each stage type (validated from pipelines.yaml) ------------------------------------
+# Defaults are the sandbox quickstart's tuned values (alignment/sandbox/quickstart.py), kept in one place.
+QS = QuickstartConfig()
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    examples: int = QS.sft_examples  # demonstrations drawn from the sandbox world's SFT corpus
+    model: TinyModelConfig = QS.model  # size of the tiny Llama built from scratch
+    sft: SFTConfig = QS.sft  # training
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    prompts: int = QS.sample_prompts  # sandbox prompts to answer
+    samples_per_prompt: int = QS.samples_per_prompt  # answers per prompt
+    sampling: SamplingParams = QS.sampling  # temperature, top-p, top-k, max new tokens
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    labeler: str = "simulated"  # "simulated": the sandbox labeler sigma((g_a - g_b) / tau)
+    held_out: float = 0.15  # fraction of pairs marked split=test
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    reward: RewardConfig = QS.reward  # training
+
+
+@dataclass(frozen=True)
+class DPOParams:
+    dpo: DPOConfig = QS.dpo  # training
+
+
+@dataclass(frozen=True)
+class PPOParams:
+    prompts: int = 2000  # sandbox prompts that rollouts are drawn from
+    ppo: PPOConfig = QS.ppo  # training
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    prompts: int = QS.eval_prompts  # held-out sandbox prompts
+    sampling: SamplingParams = QS.sampling  # how answers are sampled for evaluation
+    max_kl: float | None = None  # gate: eval/kl must be <= this to register the policy
+    min_win_rate: float | None = None  # gate: eval/gold_win_rate must be >= this
+    register_as: str | None = None  # model-registry name; registered only when every gate passes
+
+
+@dataclass(frozen=True)
+class StageType:
+    params: type  # the params dataclass
+    inputs: dict[str, str]  # input slot -> kind of artifact it needs
+    output: str  # kind of artifact it produces
+    run: Callable[..., dict[str, float]] = field(repr=False)  # the body
+
+
+# -- context ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageContext:
+    tracker: Tracker
+    store: Store
+    parent_run_id: str
+    seed: int
+    world: WorldConfig
+    log: Callable[[str], None] = print
+
+    def world_model(self) -> World:
+        return World(self.world)
+
+
+# -- bodies: (ctx, params, inputs, out_dir, run_id) -> summary metrics ------------------------------
+
+
+def metrics_logger(ctx: StageContext, run_id: str, prefix: str = "train/"):
+    return lambda step, metrics: ctx.tracker.log_metrics(run_id, {prefix + k: v for k, v in metrics.items()}, step)
+
+
+def run_sft(ctx, p: SFTParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    world = ctx.world_model()
+    corpus = world.sft_corpus(p.examples, seed=ctx.seed)
+    tokenizer = build_tokenizer(world_texts(world) + [q + " " + a for q, a in corpus])
+    model = build_model(tokenizer, p.model, seed=ctx.seed)
+    examples = [fit_to_length(encode_prompt(tokenizer, q), [encode_answer(tokenizer, a)], p.sft.max_length) for q, a in corpus]
+    trainer = SFTTrainer(model, [(q, a[0]) for q, a in examples], tokenizer.pad_token_id, p.sft,
+                         output_dir=out, callback=metrics_logger(ctx, run_id))
+    history = trainer.train()
+    trainer.model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"final_loss": history[-1]["loss"]} if history else {}
+
+
+def load_policy(inputs, slot: str = "policy"):
+    path = Path(inputs[slot].path) / "model"
+    return load_causal_lm(path), load_tokenizer(path)
+
+
+def run_sample(ctx, p: SampleParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    model, tokenizer = load_policy(inputs)
+    prompts = ctx.world_model().prompts(p.prompts, seed=ctx.seed + 10)
+    rows = []
+    for k in range(p.samples_per_prompt):
+        answers, _ = generate_answers(model, tokenizer, prompts, p.sampling, seed=ctx.seed * 100 + k)
+        rows += [{"prompt": q, "answer": a, "sample": k} for q, a in zip(prompts, answers)]
+    df = schemas.validate(pd.DataFrame(rows), schemas.SAMPLES, "samples")
+    schemas.write_parquet(df, out / "samples.parquet")
+    return {"samples": len(df), "answer_words_mean": float(df["answer"].str.split().str.len().mean())}
+
+
+def run_label(ctx, p: LabelParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from alignment.sandbox.quickstart import stage_label
+
+    source = Path(inputs["samples"].path) / "samples.parquet"
+    samples = schemas.validate(pd.read_parquet(source), schemas.SAMPLES, source)
+    if p.labeler != "simulated":
+        raise ValueError(f"labeler {p.labeler!r} is not available yet; use 'simulated' (the sandbox labeler)")
+    pairs = pd.DataFrame(stage_label(samples.to_dict("records"), ctx.world_model(), ctx.seed))
+    pairs["split"] = ["train"] * int(len(pairs) * (1 - p.held_out)) + ["test"] * (len(pairs) - int(len(pairs) * (1 - p.held_out)))
+    pairs = schemas.validate(pairs, schemas.PREFERENCES, "preferences")
+    schemas.write_parquet(pairs, out / "preferences.parquet")
+    return {"pairs": len(pairs), "train_pairs": int((pairs["split"] == "train").sum())}
+
+
+def read_preferences(inputs) -> pd.DataFrame:
+    source = Path(inputs["preferences"].path) / "preferences.parquet"
+    return schemas.validate(pd.read_parquet(source), schemas.PREFERENCES, source)
+
+
+def run_reward(ctx, p: RewardParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from alignment.sandbox.quickstart import gold_pair_accuracy
+
+    pairs = read_preferences(inputs)
+    train = pairs[pairs["split"] == "train"].to_dict("records")
+    test = pairs[pairs["split"] == "test"].to_dict("records")
+    base = Path(inputs["base"].path) / "model"
+    tokenizer = load_tokenizer(base)
+    set_seed(ctx.seed)
+    trainer = RewardTrainer(RewardModel.from_pretrained(base), to_examples(tokenizer, train, p.reward.max_length),
+                            tokenizer.pad_token_id, p.reward, output_dir=out, callback=metrics_logger(ctx, run_id))
+    trainer.train()
+    metrics = {f"eval/{k}": v for k, v in trainer.evaluate(to_examples(tokenizer, test, p.reward.max_length)).items()}
+    metrics["eval/gold_accuracy"] = gold_pair_accuracy(trainer, tokenizer, test, ctx.world_model(), p.reward.max_length)
+    trainer.model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return metrics
+
+
+def run_dpo(ctx, p: DPOParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    pairs = read_preferences(inputs)
+    train = pairs[pairs["split"] == "train"].to_dict("records")
+    policy, tokenizer = load_policy(inputs)
+    examples = to_examples(tokenizer, train, p.dpo.max_length)
+    # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
+    ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length},
+                        {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
+    ref_dir = ctx.store.final("reference_logps", ref_key)
+    reference_logps = load_file(str(ref_dir / "logps.safetensors"))["logps"] if (ref_dir / "logps.safetensors").is_file() else None
+    reused = reference_logps is not None
+    set_seed(ctx.seed)
+    trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, p.dpo, reference_logps=reference_logps,
+                         ref_model=None if not reused else frozen_copy(policy),
+                         output_dir=out, callback=metrics_logger(ctx, run_id))
+    if not reused:
+        tmp = ctx.store.partial("reference_logps", ref_key)
+        save_file({"logps": trainer.reference_logps.contiguous()}, str(tmp / "logps.safetensors"))
+        ctx.store.publish("reference_logps", ref_key, {"run_id": run_id})
+    ctx.tracker.set_tags(run_id, {"reference_logps.key": ref_key, "reference_logps.reused": reused})
+    history = trainer.train()
+    trainer.model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"final_loss": history[-1]["loss"]} if history else {}
+
+
+def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    path = Path(inputs["policy"].path) / "model"
+    tokenizer = load_tokenizer(path)
+    rm_path = Path(inputs["reward_model"].path) / "model"
+    rm = RewardModel.from_pretrained(rm_path)
+    set_seed(ctx.seed)
+    trainer = PPOTrainer(PolicyWithValueHead.from_pretrained(path), tokenizer,
+                         ctx.world_model().prompts(p.prompts, seed=ctx.seed + 20),
+                         reward_scores(rm, load_tokenizer(rm_path)), p.ppo,
+                         output_dir=out, callback=metrics_logger(ctx, run_id))
+    history = trainer.train()
+    trainer.model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"final_reward": history[-1]["reward"], "final_kl": history[-1]["kl"]} if history else {}
+
+
+def run_evaluate(ctx, p: EvaluateParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    policy, tokenizer = load_policy(inputs)
+    reference, _ = load_policy(inputs, "reference")
+    rm_path = Path(inputs["reward_model"].path) / "model"
+    world = ctx.world_model()
+    metrics, rows = evaluate_policy(
+        policy, reference, tokenizer, world.prompts(p.prompts, seed=ctx.seed + 999), p.sampling, seed=ctx.seed + 7,
+        reward_fn=reward_scores(RewardModel.from_pretrained(rm_path), load_tokenizer(rm_path)),
+        gold_fn=gold_scores(world), banned_fn=lambda a: world.banned_count(a) > 0,
+    )
+    df = schemas.validate(pd.DataFrame(rows), schemas.EVALUATION, "evaluation")
+    schemas.write_parquet(df, out / "evaluation.parquet")
+    failed = []
+    if p.max_kl is not None and metrics["eval/kl"] > p.max_kl:
+        failed.append(f"eval/kl {metrics['eval/kl']:.3f} > max_kl {p.max_kl}")
+    if p.min_win_rate is not None and metrics["eval/gold_win_rate"] < p.min_win_rate:
+        failed.append(f"eval/gold_win_rate {metrics['eval/gold_win_rate']:.3f} < min_win_rate {p.min_win_rate}")
+    (out / "gates.json").write_text(json.dumps({"passed": not failed, "failed": failed}, indent=2))
+    tags = {"gates.passed": not failed, "gates.failed": "; ".join(failed) or "none"}
+    if failed:
+        ctx.log(f"EVALUATION GATE FAILED for {inputs['policy'].name}: " + "; ".join(failed) + " -> the policy is NOT registered")
+    elif p.register_as:
+        version = ctx.tracker.register(inputs["policy"].run_id, "output/model", p.register_as)
+        tags["registered"] = f"{p.register_as}/{version}"
+    ctx.tracker.set_tags(run_id, tags)
+    return metrics
+
+
+STAGE_TYPES: dict[str, StageType] = {
+    "sft": StageType(SFTParams, {}, "policy", run_sft),
+    "sample": StageType(SampleParams, {"policy": "policy"}, "samples", run_sample),
+    "label": StageType(LabelParams, {"samples": "samples"}, "preferences", run_label),
+    "train_reward_model": StageType(RewardParams, {"preferences": "preferences", "base": "policy"}, "reward_model", run_reward),
+    "dpo": StageType(DPOParams, {"preferences": "preferences", "policy": "policy"}, "policy", run_dpo),
+    "ppo": StageType(PPOParams, {"policy": "policy", "reward_model": "reward_model"}, "policy", run_ppo),
+    "evaluate": StageType(EvaluateParams, {"policy": "policy", "reference": "policy", "reward_model": "reward_model"}, "evaluation", run_evaluate),
+}
+
+def execute(ctx: StageContext, name: str, stage_type: str, raw_params: dict, inputs: dict[str, StageOutput]) -> StageOutput:
+    """Cache lookup -> MLflow run with lineage -> body -> atomic publish -> artifacts -> status."""
+    st = STAGE_TYPES[stage_type]
+    params = TypeAdapter(st.params).validate_python(raw_params)
+    params_dict = {"params": dataclasses.asdict(params), "seed": ctx.seed, "world": dataclasses.asdict(ctx.world)}
+    key = stage_key(stage_type, params_dict, {slot: o.content_hash for slot, o in inputs.items()})
+    lineage = {}
+    for slot, o in inputs.items():
+        lineage.update({
+            f"lineage.{slot}.stage": o.name, f"lineage.{slot}.run_id": o.run_id,
+            f"lineage.{slot}.content_hash": o.content_hash,
+            f"lineage.{slot}.artifact_uri": f"{ctx.tracker.artifact_uri(o.run_id)}/output",
+        })
+    tags = {"alignflow.stage": name, "alignflow.stage_type": stage_type, "alignflow.cache_key": key, **lineage}
+    run_id = ctx.tracker.start_run(name, tags, parent_id=ctx.parent_run_id)
+    try:
+        ctx.tracker.log_params(run_id, params_dict)
+        record = ctx.store.lookup(stage_type, key)
+        if record is not None:
+            ctx.log(f"[{name}] unchanged inputs, params and code: reusing {record['run_id']}")
+            ctx.tracker.set_tags(run_id, {"alignflow.cache": "hit", "alignflow.reused_run_id": record["run_id"],
+                                          "alignflow.content_hash": record["content_hash"]})
+            ctx.tracker.end_run(run_id)
+            return StageOutput(name, stage_type, str(ctx.store.final(stage_type, key)), key, record["content_hash"],
+                               record["run_id"], cached=True)
+        ctx.tracker.set_tags(run_id, {"alignflow.cache": "miss"})
+        out = ctx.store.partial(stage_type, key)
+        for slot, o in inputs.items():
+            for data in Path(o.path).glob("*.parquet"):
+                ctx.tracker.log_dataset(run_id, pd.read_parquet(data), source=str(data), name=f"{o.name}/{data.stem}",
+                                        digest=file_hash(data), context=slot)
+        metrics = st.run(ctx, params, inputs, out, run_id)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name})
+        ctx.tracker.log_metrics(run_id, metrics, step=0)
+        ctx.tracker.log_artifact(run_id, final, "output")
+        ctx.tracker.set_tags(run_id, {"alignflow.content_hash": content_hash})
+        ctx.tracker.end_run(run_id)
+        ctx.log(f"[{name}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return StageOutput(name, stage_type, str(final), key, content_hash, run_id)
+    except KeyboardInterrupt:
+        ctx.tracker.end_run(run_id, "KILLED")
+        raise
+    except BaseException as err:
+        ctx.tracker.set_tags(run_id, {"alignflow.error": f"{type(err).__name__}: {err}"[:5000]})
+        ctx.tracker.end_run(run_id, "FAILED")
+        raise
+
+
+STAGE_TASKS = {
+    name: task(execute, name=name, cache_policy=NO_CACHE, log_prints=True)  # training is never retried
+    for name in STAGE_TYPES
+}

@@ -1,0 +1,158 @@
+"""Every MLflow call of alignflow lives here. The core library returns plain dicts of floats.
+
+One parent run per pipeline run, one nested run per stage. Runs are addressed by id through
+MlflowClient (never the thread-local "active run"), so parallel branches can log at the same time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_DATASET_LOCK = threading.Lock()
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def prepare_sqlite(uri: str) -> None:
+    """WAL journal for a local sqlite store, so parallel writers wait instead of failing on locks."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=30) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str | None, experiment: str, artifact_root: str | Path | None = None):
+        self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        prepare_sqlite(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # -- runs -------------------------------------------------------------------------------------
+    def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        tags = {**tags, "alignflow.pid": str(os.getpid()), "alignflow.host": socket.gethostname(), "git_commit": git_commit()}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        flat = flatten(params)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_dataset(self, run_id: str, df, source: str, name: str, digest: str, context: str) -> None:
+        """mlflow.log_input with the dataset's content digest."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+        inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+        # Two branches logging the same dataset race on MLflow's check-then-insert of the dataset row:
+        # serialise within the process, and retry once (the row then exists) across processes.
+        with _DATASET_LOCK:
+            try:
+                self.client.log_inputs(run_id, inputs)
+            except Exception:  # noqa: BLE001 - MlflowException wrapping sqlite's IntegrityError
+                self.client.log_inputs(run_id, inputs)
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
+
+    # -- hygiene ----------------------------------------------------------------------------------
+    def fail_dead_runs(self) -> list[str]:
+        """Mark RUNNING runs whose process died (same host, pid gone) as FAILED. Returns their ids."""
+        dead = []
+        host = socket.gethostname()
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            tags = run.data.tags
+            if tags.get("alignflow.host") != host:
+                continue
+            pid = int(tags.get("alignflow.pid", "0") or 0)
+            if pid == os.getpid() or _alive(pid):
+                continue
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+            self.client.set_tag(run.info.run_id, "alignflow.failure", "process died while the run was RUNNING")
+            dead.append(run.info.run_id)
+        return dead
+
+    def runs(self, filter_string: str = "", max_results: int = 100) -> Iterable:
+        return self.client.search_runs([self.experiment_id], filter_string, max_results=max_results, order_by=["attributes.start_time DESC"])
+
+    def register(self, run_id: str, artifact_path: str, name: str) -> str:
+        """Register run_id's artifact folder in the model registry. Returns the version."""
+        try:
+            self.client.get_registered_model(name)
+        except Exception:  # noqa: BLE001 - mlflow raises its own RestException for a missing model
+            self.client.create_registered_model(name)
+        version = self.client.create_model_version(name, f"{self.artifact_uri(run_id)}/{artifact_path}", run_id=run_id)
+        return version.version
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
