@@ -8,6 +8,8 @@ Remote code is never trusted unless the caller passes trust_remote_code=True.
 from __future__ import annotations
 
 import copy
+import functools
+import threading
 from pathlib import Path
 
 import torch
@@ -22,6 +24,20 @@ from transformers import (
 )
 
 Tensor = torch.Tensor
+
+# transformers' from_pretrained monkeypatches torch.nn.init and PreTrainedModel.init_weights for the
+# duration of a load. Two loads interleaved in threads (parallel pipeline branches) restore each other's
+# patches and leave weights uninitialised or on the meta device, so every model construction holds this.
+MODEL_BUILD_LOCK = threading.RLock()
+
+
+def serialized(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with MODEL_BUILD_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -49,6 +65,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+@serialized
 def load_causal_lm(
     name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -58,6 +75,7 @@ def load_causal_lm(
     )
 
 
+@serialized
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen reference model: a deep copy in eval mode with no gradients."""
     ref = copy.deepcopy(model)
@@ -82,6 +100,7 @@ class RewardModel(nn.Module):
         self.model = model
 
     @classmethod
+    @serialized
     def from_pretrained(
         cls, name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
     ) -> "RewardModel":
@@ -131,6 +150,7 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     @classmethod
+    @serialized
     def from_pretrained(
         cls,
         name_or_path: str | Path,

@@ -7,6 +7,8 @@ A bad file fails with the key path and the reason, e.g.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +120,19 @@ def load(path: str | Path, pipeline: str | None = None, overrides: list[str] | N
     return cfg, raw
 
 
+def unknown_keys(cls: type, data: Any, where: str) -> list[str]:
+    """Keys that are not fields of the (nested) params dataclass; pydantic ignores them silently."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(data, dict)):
+        return []
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    problems = [f"{where}.{k}: unknown parameter; {cls.__name__} has {sorted(names)}" for k in data if k not in names]
+    for k, v in data.items():
+        if k in names:
+            problems += unknown_keys(hints[k], v, f"{where}.{k}")
+    return problems
+
+
 def check_pipeline(pname: str, spec: PipelineSpec) -> list[str]:
     """Stage params against their dataclasses; inputs name earlier stages of the right kind."""
     problems, kinds = [], {}
@@ -126,6 +141,8 @@ def check_pipeline(pname: str, spec: PipelineSpec) -> list[str]:
         stype = STAGE_TYPES[stage.type]
         if stage.name in kinds:
             problems.append(f"{where}.name: duplicate stage name {stage.name!r}")
+        unknown = unknown_keys(stype.params, stage.params, f"{where}.params")
+        problems += unknown
         try:
             TypeAdapter(stype.params).validate_python(stage.params)
         except ValidationError as err:

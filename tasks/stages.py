@@ -33,7 +33,7 @@ from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from alignment.trainers.reward import RewardConfig, RewardTrainer
 from alignment.trainers.sft import SFTConfig, SFTTrainer
 from tasks import schemas
-from tasks.store import Store, StageOutput, file_hash, stage_key
+from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
 from tasks.tracking import Tracker
 
 # -- params of each stage type (validated from pipelines.yaml) ------------------------------------
@@ -271,6 +271,8 @@ def execute(ctx: StageContext, name: str, stage_type: str, raw_params: dict, inp
     st = STAGE_TYPES[stage_type]
     params = TypeAdapter(st.params).validate_python(raw_params)
     params_dict = {"params": dataclasses.asdict(params), "seed": ctx.seed, "world": dataclasses.asdict(ctx.world)}
+    # Hash what the input folders hold now (not what was recorded), so new contents re-run this stage.
+    inputs = {slot: dataclasses.replace(o, content_hash=dir_hash(Path(o.path))) for slot, o in inputs.items()}
     key = stage_key(stage_type, params_dict, {slot: o.content_hash for slot, o in inputs.items()})
     lineage = {}
     for slot, o in inputs.items():

@@ -56,6 +56,8 @@ class TinyModelConfig:
 def build_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, seed: int = 0) -> LlamaForCausalLM:
     import torch
 
+    from alignment.models import MODEL_BUILD_LOCK
+
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -63,4 +65,5 @@ def build_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, seed: 
         max_position_embeddings=cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
+    with MODEL_BUILD_LOCK:
+        return LlamaForCausalLM(config)

@@ -1,0 +1,219 @@
+"""Pipelines end to end on a real Prefect (temporary local server) and a real MLflow sqlite store:
+metrics and lineage on every stage, the cache across runs, stage re-runs, bad config."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import ConfigError, load
+
+TINY = {
+    "settings": {"seed": 0, "workdir": "runs", "experiment": "test"},
+    "pipelines": {
+        "tiny": {
+            "stages": [
+                {"name": "sft", "type": "sft", "params": {
+                    "examples": 64, "model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
+                    "sft": {"train": {"max_steps": 4, "batch_size": 16, "lr": 0.003}}}},
+                {"name": "sample", "type": "sample", "inputs": {"policy": "sft"},
+                 "params": {"prompts": 24, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 12}}},
+                {"name": "label", "type": "label", "inputs": {"samples": "sample"}},
+                {"name": "reward_model", "type": "train_reward_model", "inputs": {"preferences": "label", "base": "sft"},
+                 "params": {"reward": {"train": {"max_steps": 3, "batch_size": 8}}}},
+                {"name": "dpo", "type": "dpo", "inputs": {"preferences": "label", "policy": "sft"},
+                 "params": {"dpo": {"train": {"max_steps": 3, "batch_size": 8}}}},
+                {"name": "ppo", "type": "ppo", "inputs": {"policy": "sft", "reward_model": "reward_model"},
+                 "params": {"prompts": 32, "ppo": {"iterations": 2, "rollout_batch_size": 8, "minibatch_size": 4,
+                                                   "sampling": {"max_new_tokens": 12}}}},
+                {"name": "evaluate_dpo", "type": "evaluate", "inputs": {"policy": "dpo", "reference": "sft", "reward_model": "reward_model"},
+                 "params": {"prompts": 16, "sampling": {"max_new_tokens": 12}, "max_kl": 100.0, "register_as": "tiny-dpo"}},
+                {"name": "evaluate_ppo", "type": "evaluate", "inputs": {"policy": "ppo", "reference": "sft", "reward_model": "reward_model"},
+                 "params": {"prompts": 16, "sampling": {"max_new_tokens": 12}, "min_win_rate": 1.01, "register_as": "tiny-ppo"}},
+            ]
+        }
+    },
+}
+
+
+def write_config(tmp: Path, data=TINY) -> Path:
+    path = tmp / "pipelines.yaml"
+    data = json.loads(json.dumps(data))
+    data["settings"]["workdir"] = str(tmp / "runs")
+    data["settings"]["tracking_uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def bad(tmp_path, mutate) -> str:
+    data = json.loads(json.dumps(TINY))
+    mutate(data)
+    with pytest.raises(ConfigError) as err:
+        load(write_config(tmp_path, data))
+    return str(err.value)
+
+
+def test_bad_param_names_its_key_path(tmp_path):
+    def m(d):
+        d["pipelines"]["tiny"]["stages"][0]["params"]["sft"]["train"]["lr"] = "fast"
+    assert "pipelines.tiny.stages[0].params.sft.train.lr: Input should be a valid number" in bad(tmp_path, m)
+
+
+def test_unknown_param_and_stage_type(tmp_path):
+    def typo_type(d):
+        d["pipelines"]["tiny"]["stages"][2]["type"] = "labell"
+
+    assert "pipelines.tiny.stages[2].type: Input should be 'sft', 'sample'" in bad(tmp_path, typo_type)
+
+    def typo_param(d):
+        d["pipelines"]["tiny"]["stages"][4]["params"]["dpo"]["betta"] = 0.1
+
+    assert "pipelines.tiny.stages[4].params.dpo.betta: unknown parameter; DPOConfig has" in bad(tmp_path, typo_param)
+
+
+def test_inputs_must_name_earlier_stages_of_the_right_kind(tmp_path):
+    def m(d):
+        d["pipelines"]["tiny"]["stages"][1]["inputs"] = {"policy": "label"}
+        d["pipelines"]["tiny"]["stages"][4]["inputs"] = {"preferences": "label", "policy": "sample"}
+    msg = bad(tmp_path, m)
+    assert "stages[1].inputs.policy: 'label' is not an earlier stage" in msg
+    assert "stages[4].inputs.policy: 'sample' gives a samples, dpo needs a policy" in msg
+
+
+def test_set_overrides_and_errors(tmp_path):
+    cfg, raw = load(write_config(tmp_path), "tiny", ["dpo.dpo.beta=0.25", "settings.seed=3"])
+    assert cfg.pipelines["tiny"].stages[4].params["dpo"]["beta"] == 0.25
+    assert cfg.settings.seed == 3
+    with pytest.raises(ConfigError, match="has no stage 'nope'"):
+        load(write_config(tmp_path), "tiny", ["nope.x=1"])
+    with pytest.raises(ConfigError, match="no pipeline 'other'"):
+        load(write_config(tmp_path), "other")
+
+
+def test_shipped_pipelines_file_is_valid():
+    cfg, _ = load(Path(__file__).parent.parent / "flows" / "pipelines.yaml")
+    assert "quickstart" in cfg.pipelines
+
+
+def test_cli_bad_yaml_exits_2_and_writes_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("max_steps: 4", "max_steps: four"))
+    result = CliRunner().invoke(app, ["run", "tiny", "-c", str(path)])
+    assert result.exit_code == 2
+    assert "stages[0].params.sft.train.max_steps" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipelines.yaml"]
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from flows.pipeline import make_tracker, pipeline_flow, resolved_yaml
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    path = write_config(tmp)
+
+    def run(overrides=(), **kw):
+        cfg, raw = load(path, "tiny", list(overrides))
+        return pipeline_flow(cfg.model_dump(), "tiny", resolved_yaml(raw), **kw)
+
+    first = run()
+    cfg, _ = load(path)
+    return {"run": run, "first": first, "tracker": make_tracker(cfg), "tmp": tmp}
+
+
+def children(tracker, parent):
+    return {r.data.tags["alignflow.stage"]: r for r in tracker.runs(f"tags.mlflow.parentRunId = '{parent}'")}
+
+
+def test_every_stage_run_has_metrics_params_and_lineage(env):
+    tracker, first = env["tracker"], env["first"]
+    runs = children(tracker, first["parent_run_id"])
+    assert set(runs) == {"sft", "sample", "label", "reward_model", "dpo", "ppo", "evaluate_dpo", "evaluate_ppo"}
+    for name, r in runs.items():
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["alignflow.cache"] == "miss"
+        assert len(r.data.tags["alignflow.content_hash"]) == 64
+        assert r.data.params["seed"] == "0"
+        assert r.data.tags["git_commit"]
+    assert "train/loss" in runs["sft"].data.metrics and "train/reward" in runs["ppo"].data.metrics
+    assert "eval/gold_accuracy" in runs["reward_model"].data.metrics
+    for key in ("eval/kl", "eval/gold_win_rate", "eval/banned_word_rate", "eval/rm_reward_mean"):
+        assert key in runs["evaluate_dpo"].data.metrics
+    # per-step metrics are logged with their step
+    history = tracker.client.get_metric_history(runs["sft"].info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    # lineage: dpo was fed by label and sft, with their run ids and content hashes
+    t = runs["dpo"].data.tags
+    assert t["lineage.preferences.run_id"] == runs["label"].info.run_id
+    assert t["lineage.policy.content_hash"] == runs["sft"].data.tags["alignflow.content_hash"]
+    assert t["lineage.policy.artifact_uri"].endswith("/output")
+    # datasets are logged as inputs with their digest
+    assert runs["dpo"].inputs.dataset_inputs[0].dataset.name == "label/preferences"
+    # the resolved yaml is an artifact of the parent run
+    assert [a.path for a in tracker.client.list_artifacts(first["parent_run_id"])] == ["pipelines.resolved.yaml"]
+
+
+def test_gates_register_only_passing_policies(env):
+    tracker, first = env["tracker"], env["first"]
+    runs = children(tracker, first["parent_run_id"])
+    assert runs["evaluate_dpo"].data.tags["gates.passed"] == "True"
+    assert runs["evaluate_dpo"].data.tags["registered"] == "tiny-dpo/1"
+    assert runs["evaluate_ppo"].data.tags["gates.passed"] == "False"
+    assert "eval/gold_win_rate" in runs["evaluate_ppo"].data.tags["gates.failed"]
+    assert [m.name for m in tracker.client.search_registered_models()] == ["tiny-dpo"]
+
+
+def test_unchanged_rerun_recomputes_nothing(env):
+    second = env["run"]()
+    assert all(s["cached"] for s in second["stages"].values())
+    runs = children(env["tracker"], second["parent_run_id"])
+    first_runs = children(env["tracker"], env["first"]["parent_run_id"])
+    for name, r in runs.items():
+        assert r.data.tags["alignflow.cache"] == "hit"
+        assert r.data.tags["alignflow.reused_run_id"] == first_runs[name].info.run_id
+
+
+def test_changed_param_reruns_only_that_branch(env):
+    third = env["run"](["dpo.dpo.beta=0.3"])
+    ran = {n for n, s in third["stages"].items() if not s["cached"]}
+    assert ran == {"dpo", "evaluate_dpo"}
+    # the DPO reference log-probs were an artifact of the first run, reused here
+    runs = children(env["tracker"], third["parent_run_id"])
+    assert runs["dpo"].data.tags["reference_logps.reused"] == "True"
+
+
+def test_only_one_stage_on_an_earlier_runs_outputs(env):
+    parent = env["first"]["parent_run_id"]
+    result = env["run"](["dpo.dpo.beta=0.2"], only="dpo", from_run=parent)
+    assert list(result["stages"]) == ["dpo"] and not result["stages"]["dpo"]["cached"]
+    runs = children(env["tracker"], result["parent_run_id"])
+    first_runs = children(env["tracker"], parent)
+    assert runs["dpo"].data.tags["lineage.preferences.run_id"] == first_runs["label"].info.run_id
+    assert runs["dpo"].data.tags["lineage.policy.run_id"] == first_runs["sft"].info.run_id
+    assert env["tracker"].client.get_run(result["parent_run_id"]).data.tags["alignflow.from_run"] == parent
+
+
+def test_new_contents_at_the_same_path_rerun_the_readers(env):
+    """Keys hash what is in the files, not their paths: changed preference data re-runs its readers."""
+    import pandas as pd
+
+    label_dir = Path(env["first"]["stages"]["label"]["path"])
+    df = pd.read_parquet(label_dir / "preferences.parquet")
+    df.loc[0, ["chosen", "rejected"]] = df.loc[0, ["rejected", "chosen"]].values
+    df.to_parquet(label_dir / "preferences.parquet", index=False)
+    result = env["run"]()
+    ran = {n for n, s in result["stages"].items() if not s["cached"]}
+    assert ran == {"reward_model", "dpo", "ppo", "evaluate_dpo", "evaluate_ppo"}
