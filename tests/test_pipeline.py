@@ -217,3 +217,13 @@ def test_new_contents_at_the_same_path_rerun_the_readers(env):
     result = env["run"]()
     ran = {n for n, s in result["stages"].items() if not s["cached"]}
     assert ran == {"reward_model", "dpo", "ppo", "evaluate_dpo", "evaluate_ppo"}
+
+
+def test_deploy_builds_a_scheduled_deployment(tmp_path):
+    from flows.cli import build_deployment
+
+    deployment = build_deployment("tiny", "0 3 * * *", write_config(tmp_path), ["dpo.dpo.beta=0.2"])
+    assert deployment.name == "alignflow-tiny"
+    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+    assert deployment.parameters["pipeline"] == "tiny"
+    assert deployment.parameters["cfg_dict"]["pipelines"]["tiny"]["stages"][4]["params"]["dpo"]["beta"] == 0.2

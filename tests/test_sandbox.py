@@ -93,4 +93,4 @@ def test_cli_help_and_unknown_pipeline():
     assert result.exit_code == 0 and "quickstart" in result.output
     result = runner.invoke(app, ["run", "no-such-pipeline"])
     assert result.exit_code == 2
-    assert "unknown pipeline 'no-such-pipeline'" in result.output
+    assert "no pipeline 'no-such-pipeline'; defined: quickstart" in result.output

@@ -1,0 +1,89 @@
+"""kill -9 in the middle of a stage, then the same command again: finished stages are reused, the
+killed stage resumes from its last checkpoint, the result equals an uninterrupted run's, and no MLflow
+run is left RUNNING. The pipeline runs as a real `alignflow` process so that it can be killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+CONFIG = {
+    "settings": {"seed": 0, "experiment": "crash"},
+    "pipelines": {
+        "crash": {
+            "stages": [
+                {"name": "sft", "type": "sft", "params": {
+                    "examples": 64, "model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
+                    "sft": {"train": {"max_steps": 4, "batch_size": 16}}}},
+                {"name": "sample", "type": "sample", "inputs": {"policy": "sft"},
+                 "params": {"prompts": 16, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 10}}},
+                {"name": "label", "type": "label", "inputs": {"samples": "sample"}},
+                {"name": "reward_model", "type": "train_reward_model", "inputs": {"preferences": "label", "base": "sft"},
+                 "params": {"reward": {"train": {"max_steps": 2, "batch_size": 8}}}},
+                {"name": "ppo", "type": "ppo", "inputs": {"policy": "sft", "reward_model": "reward_model"},
+                 "params": {"prompts": 64, "ppo": {"iterations": 40, "rollout_batch_size": 16, "minibatch_size": 8,
+                                                   "checkpoint_every": 1, "sampling": {"max_new_tokens": 24}}}},
+            ]
+        }
+    },
+}
+CLI = [str(Path(sys.executable).parent / "alignflow"), "run", "crash", "-c", "pipelines.yaml"]
+
+
+def setup_dir(d: Path) -> Path:
+    d.mkdir()
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["settings"].update(workdir=str(d / "runs"), tracking_uri=f"sqlite:///{d / 'mlflow.db'}")
+    (d / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def run_cli(d: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    out = subprocess.run(CLI, cwd=d, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def ppo_output(d: Path) -> dict:
+    [marker] = (d / "runs" / "stages" / "ppo").glob("*/_SUCCESS.json")
+    return json.loads(marker.read_text())
+
+
+def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
+    straight = setup_dir(tmp_path / "straight")
+    run_cli(straight)
+
+    crash = setup_dir(tmp_path / "crash")
+    proc = subprocess.Popen(CLI, cwd=crash, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    checkpoints = []
+    while time.time() < deadline and not checkpoints:
+        checkpoints = list((crash / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*/state.pt"))
+        time.sleep(0.2)
+    assert checkpoints, "PPO never wrote a checkpoint"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((crash / "runs" / "stages" / "ppo").glob("*/_SUCCESS.json"))  # nothing half-published
+
+    run_cli(crash)
+    client = MlflowClient(f"sqlite:///{crash / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crash")
+    assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
+    killed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
+    assert {r.data.tags.get("alignflow.stage", "pipeline") for r in killed} >= {"ppo"}
+    [second] = client.search_runs([exp.experiment_id], "tags.`alignflow.pipeline` = 'crash' and attributes.status = 'FINISHED'")
+    stages = {r.data.tags["alignflow.stage"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{second.info.run_id}'")}
+    assert {s for s, r in stages.items() if r.data.tags["alignflow.cache"] == "hit"} == {"sft", "sample", "label", "reward_model"}
+    steps = [m.step for m in client.get_metric_history(stages["ppo"].info.run_id, "train/reward")]
+    assert steps[0] > 1 and steps[-1] == 40  # resumed after the checkpoint, not from iteration 1
+    assert ppo_output(crash)["content_hash"] == ppo_output(straight)["content_hash"]
