@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -180,7 +181,9 @@ def ui(
 
     cfg, _ = load_or_exit(config)
     uri = cfg.settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)])
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri}")
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                              "--host", "127.0.0.1", "--port", str(port)])
 
 
 def build_deployment(pipeline: str, cron: str, config: Path | None, set_: list[str]):

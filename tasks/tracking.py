@@ -61,7 +61,10 @@ class Tracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            # the tag makes MLflow 3's UI open the experiment on its training-runs view
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+            )
         else:
             self.experiment_id = exp.experiment_id
 

@@ -227,3 +227,54 @@ def test_deploy_builds_a_scheduled_deployment(tmp_path):
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters["pipeline"] == "tiny"
     assert deployment.parameters["cfg_dict"]["pipelines"]["tiny"]["stages"][4]["params"]["dpo"]["beta"] == 0.2
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1500,1000", "--virtual-time-budget=20000"]
+
+
+def test_mlflow_ui_shows_the_runs_in_headless_chromium(env, tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: scripts/setup.sh --test installs it")
+        pytest.skip("Debian's chromium is not installed (scripts/setup.sh --test installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = str(Path(sys.executable).parent / "alignflow")
+    server = subprocess.Popen([cli, "ui", "--port", str(port), "-c", str(env["tmp"] / "pipelines.yaml")],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the MLflow UI did not start"
+                time.sleep(0.5)
+        page = f"{url}#/experiments/{env['tracker'].experiment_id}/runs"
+        common = [chromium, *CHROMIUM_FLAGS]
+        dom = subprocess.run([*common, f"--user-data-dir={tmp_path / 'a'}", "--dump-dom", page],
+                             capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "mlflow_ui.png"
+        subprocess.run([*common, f"--user-data-dir={tmp_path / 'b'}", f"--screenshot={shot}", page],
+                       capture_output=True, timeout=120)
+    finally:
+        os.killpg(server.pid, 9)
+    assert "Training runs" in dom
+    assert ">tiny<" in dom  # the pipeline run is listed by name
+    assert "matching runs" in dom
+    assert shot.stat().st_size > 20_000
+    Path(os.environ.get("ALIGNFLOW_SCREENSHOT_DIR", tmp_path)).mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, Path(os.environ.get("ALIGNFLOW_SCREENSHOT_DIR", tmp_path)) / "mlflow_ui.png")
