@@ -32,7 +32,7 @@ from alignment.trainers.dpo import DPOConfig, DPOTrainer
 from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from alignment.trainers.reward import RewardConfig, RewardTrainer
 from alignment.trainers.sft import SFTConfig, SFTTrainer
-from tasks import schemas
+from tasks import plots, schemas
 from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
 from tasks.tracking import Tracker
 
@@ -113,8 +113,24 @@ class StageContext:
 # -- bodies: (ctx, params, inputs, out_dir, run_id) -> summary metrics ------------------------------
 
 
-def metrics_logger(ctx: StageContext, run_id: str, prefix: str = "train/"):
-    return lambda step, metrics: ctx.tracker.log_metrics(run_id, {prefix + k: v for k, v in metrics.items()}, step)
+HISTORY = "train_metrics.jsonl"
+
+
+def metrics_logger(ctx: StageContext, run_id: str, out: Path):
+    """Per step: to MLflow (with the step) and to the stage's history file (kept across a crash)."""
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        ctx.tracker.log_metrics(run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+        with open(out / HISTORY, "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+
+    return log
+
+
+def save_curves(out: Path, keys: list[str], title: str) -> list[dict]:
+    rows = plots.finish_history(out / HISTORY)
+    plots.plot_curves(rows, keys, out / "training_curves.png", title)
+    return rows
 
 
 def run_sft(ctx, p: SFTParams, inputs, out: Path, run_id: str) -> dict[str, float]:
@@ -124,11 +140,12 @@ def run_sft(ctx, p: SFTParams, inputs, out: Path, run_id: str) -> dict[str, floa
     model = build_model(tokenizer, p.model, seed=ctx.seed)
     examples = [fit_to_length(encode_prompt(tokenizer, q), [encode_answer(tokenizer, a)], p.sft.max_length) for q, a in corpus]
     trainer = SFTTrainer(model, [(q, a[0]) for q, a in examples], tokenizer.pad_token_id, p.sft,
-                         output_dir=out, callback=metrics_logger(ctx, run_id))
-    history = trainer.train()
+                         output_dir=out, callback=metrics_logger(ctx, run_id, out))
+    trainer.train()
+    rows = save_curves(out, ["loss", "lr", "grad_norm"], "SFT")
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    return {"final_loss": history[-1]["loss"]} if history else {}
+    return {"final_loss": rows[-1]["loss"]}
 
 
 def load_policy(inputs, slot: str = "policy"):
@@ -177,8 +194,9 @@ def run_reward(ctx, p: RewardParams, inputs, out: Path, run_id: str) -> dict[str
     tokenizer = load_tokenizer(base)
     set_seed(ctx.seed)
     trainer = RewardTrainer(RewardModel.from_pretrained(base), to_examples(tokenizer, train, p.reward.max_length),
-                            tokenizer.pad_token_id, p.reward, output_dir=out, callback=metrics_logger(ctx, run_id))
+                            tokenizer.pad_token_id, p.reward, output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
+    save_curves(out, ["loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "grad_norm"], "reward model")
     metrics = {f"eval/{k}": v for k, v in trainer.evaluate(to_examples(tokenizer, test, p.reward.max_length)).items()}
     metrics["eval/gold_accuracy"] = gold_pair_accuracy(trainer, tokenizer, test, ctx.world_model(), p.reward.max_length)
     trainer.model.save_pretrained(out / "model")
@@ -200,16 +218,17 @@ def run_dpo(ctx, p: DPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     set_seed(ctx.seed)
     trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, p.dpo, reference_logps=reference_logps,
                          ref_model=None if not reused else frozen_copy(policy),
-                         output_dir=out, callback=metrics_logger(ctx, run_id))
+                         output_dir=out, callback=metrics_logger(ctx, run_id, out))
     if not reused:
         tmp = ctx.store.partial("reference_logps", ref_key)
         save_file({"logps": trainer.reference_logps.contiguous()}, str(tmp / "logps.safetensors"))
         ctx.store.publish("reference_logps", ref_key, {"run_id": run_id})
     ctx.tracker.set_tags(run_id, {"reference_logps.key": ref_key, "reference_logps.reused": reused})
-    history = trainer.train()
+    trainer.train()
+    rows = save_curves(out, ["loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "grad_norm"], "DPO")
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    return {"final_loss": history[-1]["loss"]} if history else {}
+    return {"final_loss": rows[-1]["loss"]}
 
 
 def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, float]:
@@ -221,11 +240,14 @@ def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     trainer = PPOTrainer(PolicyWithValueHead.from_pretrained(path), tokenizer,
                          ctx.world_model().prompts(p.prompts, seed=ctx.seed + 20),
                          reward_scores(rm, load_tokenizer(rm_path)), p.ppo,
-                         output_dir=out, callback=metrics_logger(ctx, run_id))
-    history = trainer.train()
+                         output_dir=out, callback=metrics_logger(ctx, run_id, out))
+    trainer.train()
+    rows = save_curves(out, ["reward", "kl", "beta", "policy_loss", "value_loss", "entropy", "clip_frac",
+                             "approx_kl", "value_explained_variance", "answer_len"], "PPO")
+    plots.plot_reward_kl(rows, out / "reward_kl.png", "PPO: reward-model score against KL")
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    return {"final_reward": history[-1]["reward"], "final_kl": history[-1]["kl"]} if history else {}
+    return {"final_reward": rows[-1]["reward"], "final_kl": rows[-1]["kl"]}
 
 
 def run_evaluate(ctx, p: EvaluateParams, inputs, out: Path, run_id: str) -> dict[str, float]:

@@ -276,5 +276,19 @@ def test_mlflow_ui_shows_the_runs_in_headless_chromium(env, tmp_path):
     assert ">tiny<" in dom  # the pipeline run is listed by name
     assert "matching runs" in dom
     assert shot.stat().st_size > 20_000
-    Path(os.environ.get("ALIGNFLOW_SCREENSHOT_DIR", tmp_path)).mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, Path(os.environ.get("ALIGNFLOW_SCREENSHOT_DIR", tmp_path)) / "mlflow_ui.png")
+    if os.environ.get("ALIGNFLOW_SCREENSHOT_DIR"):  # keep the screenshot to look at
+        keep = Path(os.environ["ALIGNFLOW_SCREENSHOT_DIR"])
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, keep / "mlflow_ui.png")
+
+
+def test_training_stages_save_curves_as_artifacts(env):
+    stages = env["first"]["stages"]
+    for name in ("sft", "reward_model", "dpo", "ppo"):
+        out = Path(stages[name]["path"])
+        assert (out / "training_curves.png").stat().st_size > 5_000
+        steps = [json.loads(line)["step"] for line in (out / "train_metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(set(steps)) and steps[0] == 1
+    assert (Path(stages["ppo"]["path"]) / "reward_kl.png").is_file()
+    artifacts = [a.path for a in env["tracker"].client.list_artifacts(stages["ppo"]["run_id"], "output")]
+    assert "output/training_curves.png" in artifacts and "output/model" in artifacts
