@@ -171,19 +171,41 @@ def lineage(run_id: str = typer.Argument(..., help="A pipeline run id or a stage
 @app.command()
 def ui(
     port: int = typer.Option(5000, help="Port of the MLflow UI."),
+    prefect: bool = typer.Option(False, "--prefect", help="Also start a local Prefect server and its UI (flow runs, schedules)."),
+    prefect_port: int = typer.Option(4200, help="Port of the Prefect server with --prefect."),
     config: Path = ConfigOpt,
 ) -> None:
     """Start the MLflow UI on the pipeline's tracking store (Ctrl-C stops it).
 
-    Example: alignflow ui --port 5000
+    With --prefect, a local Prefect server starts too; point runs at it with
+    `export PREFECT_API_URL=http://127.0.0.1:4200/api` so flow runs and deployments show there.
+
+    Example: alignflow ui --port 5000 --prefect
     """
+    import subprocess
+    import time
+
     from tasks.tracking import DEFAULT_TRACKING_URI
 
     cfg, _ = load_or_exit(config)
     uri = cfg.settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri}")
-    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                              "--host", "127.0.0.1", "--port", str(port)])
+    if not prefect:
+        os.execv(sys.executable, mlflow_cmd)
+    prefect_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+    typer.echo(f"Prefect UI on http://127.0.0.1:{prefect_port} (export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api)")
+    procs = [subprocess.Popen(prefect_cmd), subprocess.Popen(mlflow_cmd)]
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
 
 
 def build_deployment(pipeline: str, cron: str, config: Path | None, set_: list[str]):
