@@ -60,15 +60,19 @@ def run(
 
       alignflow run quickstart --only dpo --from-run 3f2a...
     """
-    from flows.pipeline import pipeline_flow, resolved_yaml
+    from flows.pipeline import pipeline_flow, preflight, resolved_yaml
+    from tasks.schemas import DataError
 
     cfg, raw = load_or_exit(config, pipeline, set_)
     if only and not from_run:
         fail("--only needs --from-run RUN_ID (see `alignflow runs list`)")
     try:
+        preflight(cfg.pipelines[pipeline], only)  # bad data fails before Prefect, MLflow or any file
         result = pipeline_flow(cfg.model_dump(), pipeline, resolved_yaml(raw), only=only, from_run=from_run)
     except KeyboardInterrupt:
         fail("interrupted: the running stage was marked KILLED; run the same command again to resume", 130)
+    except DataError as err:
+        fail(f"bad input data: {err}", 2)
     except Exception as err:  # noqa: BLE001 - the message, not a traceback, is what a user needs
         fail(f"pipeline {pipeline!r} failed: {type(err).__name__}: {err}", 1)
     typer.echo(f"pipeline run {result['parent_run_id']}")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from tasks.stages import STAGE_TYPES
 
-StageType = Literal["sft", "sample", "label", "train_reward_model", "ppo", "dpo", "evaluate"]
+StageType = Literal["model", "sft", "sample", "label", "import_preferences", "train_reward_model", "ppo", "dpo", "evaluate"]
 
 
 class ConfigError(ValueError):
@@ -151,8 +151,10 @@ def check_pipeline(pname: str, spec: PipelineSpec) -> list[str]:
             if slot not in stype.inputs:
                 problems.append(f"{where}.inputs.{slot}: {stage.type} takes no input {slot!r}; it takes {sorted(stype.inputs)}")
         for slot, kind in stype.inputs.items():
+            optional, kind = kind.endswith("?"), kind.rstrip("?")
             if slot not in stage.inputs:
-                problems.append(f"{where}.inputs.{slot}: missing (a {kind} from an earlier stage)")
+                if not optional:
+                    problems.append(f"{where}.inputs.{slot}: missing (a {kind} from an earlier stage)")
                 continue
             src = stage.inputs[slot]
             if src not in kinds:

@@ -51,6 +51,7 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
     cfg = PipelinesFile.model_validate(cfg_dict)
     spec = cfg.pipelines[pipeline]
     logger = get_run_logger()
+    preflight(spec, only)  # bad data fails here, before any run or file is written
     tracker = make_tracker(cfg)
     store = Store(cfg.settings.workdir)
     for run_id in tracker.fail_dead_runs():
@@ -94,6 +95,17 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
         tracker.end_run(parent, status)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def preflight(spec, only: str | None) -> None:
+    """Validate every preference file the pipeline imports (all problems at once) before any work."""
+    from pydantic import TypeAdapter
+
+    from tasks.preferences import ImportParams, import_preferences
+
+    for stage in spec.stages:
+        if stage.type == "import_preferences" and (only is None or only == stage.name):
+            import_preferences(TypeAdapter(ImportParams).validate_python(stage.params))
 
 
 def _raise_interrupt(signum, frame):

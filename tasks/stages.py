@@ -33,6 +33,7 @@ from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from alignment.trainers.reward import RewardConfig, RewardTrainer
 from alignment.trainers.sft import SFTConfig, SFTTrainer
 from tasks import plots, schemas
+from tasks.preferences import ImportParams, import_preferences
 from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
 from tasks.tracking import Tracker
 
@@ -46,6 +47,12 @@ class SFTParams:
     examples: int = QS.sft_examples  # demonstrations drawn from the sandbox world's SFT corpus
     model: TinyModelConfig = QS.model  # size of the tiny Llama built from scratch
     sft: SFTConfig = QS.sft  # training
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name_or_path: str  # any Hugging Face causal LM id or local folder
+    trust_remote_code: bool = False  # run the model repository's own code (only if you trust it)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class PPOParams:
 class EvaluateParams:
     prompts: int = QS.eval_prompts  # held-out sandbox prompts
     sampling: SamplingParams = QS.sampling  # how answers are sampled for evaluation
+    prompts_from: str = "sandbox"  # "sandbox" (gold reward too) or "preferences" (the test split's prompts)
     max_kl: float | None = None  # gate: eval/kl must be <= this to register the policy
     min_win_rate: float | None = None  # gate: eval/gold_win_rate must be >= this
     register_as: str | None = None  # model-registry name; registered only when every gate passes
@@ -89,9 +97,10 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class StageType:
     params: type  # the params dataclass
-    inputs: dict[str, str]  # input slot -> kind of artifact it needs
+    inputs: dict[str, str]  # input slot -> kind of artifact it needs ("kind?" = optional)
     output: str  # kind of artifact it produces
     run: Callable[..., dict[str, float]] = field(repr=False)  # the body
+    sources: Callable[..., dict[str, str]] | None = field(default=None, repr=False)  # content hashes of files it reads
 
 
 # -- context ----------------------------------------------------------------------------------------
@@ -146,6 +155,38 @@ def run_sft(ctx, p: SFTParams, inputs, out: Path, run_id: str) -> dict[str, floa
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {"final_loss": rows[-1]["loss"]}
+
+
+def run_model(ctx, p: ModelParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    model = load_causal_lm(p.name_or_path, trust_remote_code=p.trust_remote_code)
+    tokenizer = load_tokenizer(p.name_or_path, trust_remote_code=p.trust_remote_code)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"parameters": float(sum(t.numel() for t in model.parameters()))}
+
+
+def model_sources(p: ModelParams) -> dict[str, str]:
+    path = Path(p.name_or_path)
+    return {"model": dir_hash(path)} if path.is_dir() else {"model_id": p.name_or_path}
+
+
+def run_import(ctx, p: ImportParams, inputs, out: Path, run_id: str) -> dict[str, float]:
+    clean, rejects, counts = import_preferences(p)
+    n_train = int(len(clean) * (1 - p.held_out))
+    clean["split"] = ["train"] * n_train + ["test"] * (len(clean) - n_train)
+    clean = schemas.validate(clean, schemas.PREFERENCES, p.path)
+    schemas.write_parquet(clean, out / "preferences.parquet")
+    if p.drop_invalid and len(rejects):
+        schemas.write_parquet(rejects, out / "rejects.parquet")
+        ctx.log(f"[import] dropped {counts['rows_invalid']} invalid row(s); their reasons are in rejects.parquet")
+    return {k: float(v) for k, v in counts.items()}
+
+
+def import_sources(p: ImportParams) -> dict[str, str]:
+    path = Path(p.path)
+    if not path.exists():
+        raise schemas.DataError(f"{path}: no such file or folder")
+    return {"source": dir_hash(path) if path.is_dir() else file_hash(path)}
 
 
 def load_policy(inputs, slot: str = "policy"):
@@ -253,20 +294,27 @@ def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
 def run_evaluate(ctx, p: EvaluateParams, inputs, out: Path, run_id: str) -> dict[str, float]:
     policy, tokenizer = load_policy(inputs)
     reference, _ = load_policy(inputs, "reference")
-    rm_path = Path(inputs["reward_model"].path) / "model"
     world = ctx.world_model()
-    metrics, rows = evaluate_policy(
-        policy, reference, tokenizer, world.prompts(p.prompts, seed=ctx.seed + 999), p.sampling, seed=ctx.seed + 7,
-        reward_fn=reward_scores(RewardModel.from_pretrained(rm_path), load_tokenizer(rm_path)),
-        gold_fn=gold_scores(world), banned_fn=lambda a: world.banned_count(a) > 0,
-    )
+    if p.prompts_from == "sandbox":
+        prompts, gold_fn, banned_fn = world.prompts(p.prompts, seed=ctx.seed + 999), gold_scores(world), lambda a: world.banned_count(a) > 0
+    elif p.prompts_from == "preferences" and "preferences" in inputs:
+        pairs = read_preferences(inputs)
+        prompts, gold_fn, banned_fn = pairs.loc[pairs["split"] == "test", "prompt"].drop_duplicates().head(p.prompts).tolist(), None, None
+    else:
+        raise ValueError("prompts_from must be 'sandbox', or 'preferences' with a preferences input")
+    reward_fn = None
+    if "reward_model" in inputs:
+        rm_path = Path(inputs["reward_model"].path) / "model"
+        reward_fn = reward_scores(RewardModel.from_pretrained(rm_path), load_tokenizer(rm_path))
+    metrics, rows = evaluate_policy(policy, reference, tokenizer, prompts, p.sampling, seed=ctx.seed + 7,
+                                    reward_fn=reward_fn, gold_fn=gold_fn, banned_fn=banned_fn)
     df = schemas.validate(pd.DataFrame(rows), schemas.EVALUATION, "evaluation")
     schemas.write_parquet(df, out / "evaluation.parquet")
     failed = []
     if p.max_kl is not None and metrics["eval/kl"] > p.max_kl:
         failed.append(f"eval/kl {metrics['eval/kl']:.3f} > max_kl {p.max_kl}")
-    if p.min_win_rate is not None and metrics["eval/gold_win_rate"] < p.min_win_rate:
-        failed.append(f"eval/gold_win_rate {metrics['eval/gold_win_rate']:.3f} < min_win_rate {p.min_win_rate}")
+    if p.min_win_rate is not None and metrics.get("eval/gold_win_rate", -1.0) < p.min_win_rate:
+        failed.append(f"eval/gold_win_rate {metrics.get('eval/gold_win_rate', float('nan')):.3f} < min_win_rate {p.min_win_rate}")
     (out / "gates.json").write_text(json.dumps({"passed": not failed, "failed": failed}, indent=2))
     tags = {"gates.passed": not failed, "gates.failed": "; ".join(failed) or "none"}
     if failed:
@@ -279,13 +327,16 @@ def run_evaluate(ctx, p: EvaluateParams, inputs, out: Path, run_id: str) -> dict
 
 
 STAGE_TYPES: dict[str, StageType] = {
+    "model": StageType(ModelParams, {}, "policy", run_model, model_sources),
     "sft": StageType(SFTParams, {}, "policy", run_sft),
+    "import_preferences": StageType(ImportParams, {}, "preferences", run_import, import_sources),
     "sample": StageType(SampleParams, {"policy": "policy"}, "samples", run_sample),
     "label": StageType(LabelParams, {"samples": "samples"}, "preferences", run_label),
     "train_reward_model": StageType(RewardParams, {"preferences": "preferences", "base": "policy"}, "reward_model", run_reward),
     "dpo": StageType(DPOParams, {"preferences": "preferences", "policy": "policy"}, "policy", run_dpo),
     "ppo": StageType(PPOParams, {"policy": "policy", "reward_model": "reward_model"}, "policy", run_ppo),
-    "evaluate": StageType(EvaluateParams, {"policy": "policy", "reference": "policy", "reward_model": "reward_model"}, "evaluation", run_evaluate),
+    "evaluate": StageType(EvaluateParams, {"policy": "policy", "reference": "policy", "reward_model": "reward_model?",
+                                           "preferences": "preferences?"}, "evaluation", run_evaluate),
 }
 
 def execute(ctx: StageContext, name: str, stage_type: str, raw_params: dict, inputs: dict[str, StageOutput]) -> StageOutput:
@@ -295,7 +346,10 @@ def execute(ctx: StageContext, name: str, stage_type: str, raw_params: dict, inp
     params_dict = {"params": dataclasses.asdict(params), "seed": ctx.seed, "world": dataclasses.asdict(ctx.world)}
     # Hash what the input folders hold now (not what was recorded), so new contents re-run this stage.
     inputs = {slot: dataclasses.replace(o, content_hash=dir_hash(Path(o.path))) for slot, o in inputs.items()}
-    key = stage_key(stage_type, params_dict, {slot: o.content_hash for slot, o in inputs.items()})
+    hashes = {slot: o.content_hash for slot, o in inputs.items()}
+    if st.sources is not None:
+        hashes.update(st.sources(params))
+    key = stage_key(stage_type, params_dict, hashes)
     lineage = {}
     for slot, o in inputs.items():
         lineage.update({

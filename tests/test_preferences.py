@@ -135,3 +135,74 @@ def test_100k_rows_validate_quickly(tmp_path):
     elapsed = time.perf_counter() - t
     assert len(clean) == n
     print(f"100k rows validated in {elapsed:.2f} s")  # the figure; the budget is 10 s (see benchmarks/RESULTS.md)
+
+
+# -- the dpo-from-preferences pipeline on a local Hugging Face model folder ----------------------
+
+
+def local_model(tmp_path):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alignment.sandbox.assets import build_tokenizer, world_texts
+    from alignment.sandbox.world import World
+    from conftest import tiny_llama_config
+
+    tok = build_tokenizer(world_texts(World()))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok)))
+    folder = tmp_path / "local-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def pipeline_file(tmp_path, data_path, model_path):
+    import yaml
+
+    from flows.cli import SHIPPED
+
+    cfg = yaml.safe_load(SHIPPED.read_text())
+    pipe = cfg["pipelines"]["dpo-from-preferences"]
+    pipe["stages"][0]["params"]["name_or_path"] = str(model_path)
+    pipe["stages"][1]["params"].update(path=str(data_path), held_out=0.25)
+    pipe["stages"][2]["params"]["dpo"] = {"beta": 0.5, "max_length": 64, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3}}
+    pipe["stages"][3]["params"].update(prompts=4, sampling={"max_new_tokens": 8})
+    cfg["pipelines"] = {"dpo-from-preferences": pipe}
+    cfg["settings"].update(workdir=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_dpo_from_preferences_on_a_local_hf_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = [{"prompt": f"user : {q} assistant :", "chosen": "happy to help ! rinse the rice and use two cups of water .",
+             "rejected": "ugh , fine . do not be stupid ."}
+            for q in ["how do i cook rice ?", "how can i sleep better ?", "how do i make a budget ?", "how do i grow tomatoes ?"] * 2]
+    rows = [dict(r, chosen=r["chosen"] + f" good luck ! {'!' * i}") for i, r in enumerate(rows)]
+    data = jsonl(tmp_path / "prefs.jsonl", rows)
+    path = pipeline_file(tmp_path, data, local_model(tmp_path))
+    cli = str(Path(sys.executable).parent / "alignflow")
+    result = subprocess.run([cli, "run", "dpo-from-preferences", "-c", str(path)], capture_output=True, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "evaluate" in result.stdout and "eval/kl=" in result.stdout
+
+
+def test_bad_preference_file_exits_2_and_writes_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    data = hostile(tmp_path)
+    path = pipeline_file(tmp_path, data, tmp_path / "no-model-needed")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["run", "dpo-from-preferences", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{data}:line 3: column 'rejected': chosen == rejected" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow.db, no runs/
