@@ -17,6 +17,9 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="List and compare pipeline runs in the MLflow store.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+label_app = typer.Typer(help="Collect human preferences: a labeling page, a terminal mode, export.", no_args_is_help=True)
+app.add_typer(label_app, name="label")
+DbOpt = typer.Option(Path("labels.db"), "--db", help="The SQLite label store.")
 
 SHIPPED = Path(__file__).parent / "pipelines.yaml"
 ConfigOpt = typer.Option(None, "--config", "-c", help="pipelines.yaml to use (default: ./pipelines.yaml, else the shipped one).")
@@ -246,6 +249,86 @@ def deploy(
     deployment = build_deployment(pipeline, cron, config, set_)
     typer.echo(f"serving deployment {deployment.name} on schedule {cron!r}")
     serve(deployment)
+
+
+@label_app.command("create")
+def label_create(
+    samples: Path = typer.Argument(..., help="samples.parquet of a sample stage (prompt, answer, sample)."),
+    db: Path = DbOpt,
+    batch: str = typer.Option("default", help="Name of this labeling batch."),
+) -> None:
+    """Add labeling items: every two distinct answers of each prompt form one item.
+
+    Example: alignflow label create runs/stages/sample/<key>/samples.parquet --db labels.db
+    """
+    import pandas as pd
+
+    from tasks import schemas
+    from tasks.labeling import LabelStore
+
+    try:
+        df = schemas.validate(pd.read_parquet(samples), schemas.SAMPLES, samples)
+    except (OSError, schemas.DataError) as err:
+        fail(f"bad samples file: {err}")
+    typer.echo(f"{LabelStore(db).add_batch(df, batch)} new item(s) in {db}")
+
+
+@label_app.command("serve")
+def label_serve(db: Path = DbOpt, port: int = typer.Option(8765, help="Port of the page."),
+                host: str = typer.Option("127.0.0.1", help="Interface to listen on.")) -> None:
+    """Serve the labeling page: prompt and two answers side by side; keys 1 / 2 / t (tie) / s (skip).
+
+    Every judgement is stored at once; open http://HOST:PORT/?annotator=YOUR_ID.
+
+    Example: alignflow label serve --db labels.db --port 8765
+    """
+    from flows.label_server import make_server
+    from tasks.labeling import LabelStore
+
+    server = make_server(LabelStore(db), host, port)
+    typer.echo(f"labeling page on http://{host}:{port}/ (Ctrl-C stops it)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@label_app.command("tui")
+def label_tui(annotator: str = typer.Option(..., help="Your annotator id."), db: Path = DbOpt) -> None:
+    """Label in the terminal (for sessions over ssh); q quits, and the next start resumes.
+
+    Example: alignflow label tui --annotator alice --db labels.db
+    """
+    from flows.label_server import terminal_session
+    from tasks.labeling import LabelStore
+
+    n = terminal_session(LabelStore(db), annotator)
+    typer.echo(f"stored {n} judgement(s)")
+
+
+@label_app.command("export")
+def label_export(out: Path = typer.Argument(..., help="Output .jsonl, .csv or .parquet (prompt, chosen, rejected)."),
+                 db: Path = DbOpt) -> None:
+    """Write the judgements as standard preference pairs (majority vote; ties and skips left out).
+
+    Example: alignflow label export prefs.jsonl --db labels.db
+    """
+    from tasks.labeling import LabelStore
+
+    store = LabelStore(db)
+    df = store.export()
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    elif out.suffix == ".csv":
+        df.to_csv(tmp, index=False)
+    else:
+        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    tmp.replace(out)
+    agreement = store.agreement()
+    typer.echo(f"{len(df)} pair(s) -> {out}; agreement {agreement['agreement']:.3f} on {agreement['items_with_2plus']} doubly-labeled item(s)")
 
 
 @app.command()

@@ -33,6 +33,7 @@ from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from alignment.trainers.reward import RewardConfig, RewardTrainer
 from alignment.trainers.sft import SFTConfig, SFTTrainer
 from tasks import plots, schemas
+from tasks.labeling import LabelStore
 from tasks.preferences import ImportParams, import_preferences
 from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
 from tasks.tracking import Tracker
@@ -64,8 +65,11 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class LabelParams:
-    labeler: str = "simulated"  # "simulated": the sandbox labeler sigma((g_a - g_b) / tau)
+    labeler: str = "simulated"  # "simulated" (the sandbox labeler sigma((g_a - g_b) / tau)) or "human"
     held_out: float = 0.15  # fraction of pairs marked split=test
+    db: str = "labels.db"  # human: the label store that `alignflow label serve` writes to
+    min_judgements: int = 0  # human: wait until this many judgements of this batch exist
+    wait_timeout_s: float = 86_400.0  # human: give up waiting after this long (the stage fails)
 
 
 @dataclass(frozen=True)
@@ -211,13 +215,39 @@ def run_label(ctx, p: LabelParams, inputs, out: Path, run_id: str) -> dict[str, 
 
     source = Path(inputs["samples"].path) / "samples.parquet"
     samples = schemas.validate(pd.read_parquet(source), schemas.SAMPLES, source)
-    if p.labeler != "simulated":
-        raise ValueError(f"labeler {p.labeler!r} is not available yet; use 'simulated' (the sandbox labeler)")
-    pairs = pd.DataFrame(stage_label(samples.to_dict("records"), ctx.world_model(), ctx.seed))
+    if p.labeler == "simulated":
+        pairs = pd.DataFrame(stage_label(samples.to_dict("records"), ctx.world_model(), ctx.seed))
+    elif p.labeler == "human":
+        pairs = human_labels(ctx, p, samples, inputs["samples"].content_hash[:16])
+    else:
+        raise ValueError(f"unknown labeler {p.labeler!r}: use 'simulated' or 'human'")
     pairs["split"] = ["train"] * int(len(pairs) * (1 - p.held_out)) + ["test"] * (len(pairs) - int(len(pairs) * (1 - p.held_out)))
     pairs = schemas.validate(pairs, schemas.PREFERENCES, "preferences")
     schemas.write_parquet(pairs, out / "preferences.parquet")
     return {"pairs": len(pairs), "train_pairs": int((pairs["split"] == "train").sum())}
+
+
+def human_labels(ctx, p: LabelParams, samples: pd.DataFrame, batch: str) -> pd.DataFrame:
+    """Create the labeling batch, wait for min_judgements if asked, and take the judgements present."""
+    import time
+
+    store = LabelStore(p.db)
+    added = store.add_batch(samples, batch)
+    ctx.log(f"[label] {added} new item(s) in {p.db}; label them with `alignflow label serve --db {p.db}`")
+    deadline = time.time() + p.wait_timeout_s
+    while len(store.judgements(batch)) < p.min_judgements:
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(store.judgements(batch))} of {p.min_judgements} judgements after {p.wait_timeout_s} s")
+        time.sleep(5.0)
+    pairs = store.export(batch)
+    if pairs.empty:
+        raise schemas.DataError(f"{p.db}: no usable judgements yet for batch {batch} (ties and skips do not count)")
+    return pairs
+
+
+def label_sources(p: LabelParams) -> dict[str, str]:
+    """Human labels change without any input changing: the judgements are part of the key."""
+    return {"judgements": LabelStore(p.db).fingerprint()} if p.labeler == "human" else {}
 
 
 def read_preferences(inputs) -> pd.DataFrame:
@@ -331,7 +361,7 @@ STAGE_TYPES: dict[str, StageType] = {
     "sft": StageType(SFTParams, {}, "policy", run_sft),
     "import_preferences": StageType(ImportParams, {}, "preferences", run_import, import_sources),
     "sample": StageType(SampleParams, {"policy": "policy"}, "samples", run_sample),
-    "label": StageType(LabelParams, {"samples": "samples"}, "preferences", run_label),
+    "label": StageType(LabelParams, {"samples": "samples"}, "preferences", run_label, label_sources),
     "train_reward_model": StageType(RewardParams, {"preferences": "preferences", "base": "policy"}, "reward_model", run_reward),
     "dpo": StageType(DPOParams, {"preferences": "preferences", "policy": "policy"}, "policy", run_dpo),
     "ppo": StageType(PPOParams, {"policy": "policy", "reward_model": "reward_model"}, "policy", run_ppo),

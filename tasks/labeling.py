@@ -1,0 +1,144 @@
+"""Human preference labels: a transactional SQLite store of labeling items and judgements.
+
+Every judgement is committed the moment it is given, and (item, annotator) is unique, so a crash, a
+closed tab or a double key press neither loses nor duplicates a judgement; labeling resumes at the
+first item the annotator has not judged. The order in which the two answers are shown is randomised
+per (item, annotator) and stored with the judgement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+CHOICES = {"1": "left", "2": "right", "t": "tie", "s": "skip"}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY, batch TEXT NOT NULL, prompt TEXT NOT NULL,
+    answer_a TEXT NOT NULL, answer_b TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS judgements (
+    item_id TEXT NOT NULL REFERENCES items(id), annotator TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'skip')),
+    left_answer TEXT NOT NULL CHECK (left_answer IN ('a', 'b')), created REAL NOT NULL,
+    PRIMARY KEY (item_id, annotator));
+"""
+
+
+class LabelStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+
+    @contextmanager
+    def connect(self):
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        try:
+            yield con
+        finally:
+            con.close()
+
+    # -- items ------------------------------------------------------------------------------------
+    def add_batch(self, samples: pd.DataFrame, batch: str) -> int:
+        """Pair every two distinct answers of each prompt. Returns how many new items were added."""
+        rows = []
+        for prompt, group in samples.groupby("prompt", sort=False):
+            answers = list(dict.fromkeys(group["answer"]))
+            for a, b in itertools.combinations(answers, 2):
+                item_id = hashlib.sha256("\0".join((prompt, a, b)).encode()).hexdigest()[:16]
+                rows.append((item_id, batch, prompt, a, b, time.time()))
+        with self.connect() as con:
+            before = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            con.execute("BEGIN")
+            con.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
+            con.execute("COMMIT")
+            return con.execute("SELECT COUNT(*) FROM items").fetchone()[0] - before
+
+    @staticmethod
+    def left_answer(item_id: str, annotator: str) -> str:
+        """Which answer is shown on the left: random, but the same for the same item and annotator."""
+        return random.Random(f"{item_id}/{annotator}").choice("ab")
+
+    def next_item(self, annotator: str) -> dict | None:
+        """The first item this annotator has not judged, with its display order; None when done."""
+        with self.connect() as con:
+            row = con.execute(
+                "SELECT * FROM items WHERE id NOT IN (SELECT item_id FROM judgements WHERE annotator = ?) "
+                "ORDER BY created, id LIMIT 1", (annotator,)).fetchone()
+        if row is None:
+            return None
+        left = self.left_answer(row["id"], annotator)
+        a, b = row["answer_a"], row["answer_b"]
+        return {"id": row["id"], "prompt": row["prompt"], "left": left,
+                "left_text": a if left == "a" else b, "right_text": b if left == "a" else a}
+
+    def record(self, item_id: str, annotator: str, key: str) -> bool:
+        """Store a judgement given by key 1 / 2 / t / s. Returns False if it was already stored."""
+        if key not in CHOICES:
+            raise ValueError(f"unknown key {key!r}: use 1, 2, t or s")
+        if not annotator.strip():
+            raise ValueError("an annotator id is required")
+        left = self.left_answer(item_id, annotator)
+        choice = {"left": left, "right": "b" if left == "a" else "a"}.get(CHOICES[key], CHOICES[key])
+        with self.connect() as con:
+            if con.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
+                raise KeyError(f"no labeling item {item_id!r}")
+            cur = con.execute("INSERT OR IGNORE INTO judgements VALUES (?, ?, ?, ?, ?)",
+                              (item_id, annotator, choice, left, time.time()))
+            return cur.rowcount == 1
+
+    # -- reading ----------------------------------------------------------------------------------
+    def progress(self, annotator: str) -> dict[str, int]:
+        with self.connect() as con:
+            total = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            done = con.execute("SELECT COUNT(*) FROM judgements WHERE annotator = ?", (annotator,)).fetchone()[0]
+        return {"done": done, "total": total}
+
+    def judgements(self, batch: str | None = None) -> pd.DataFrame:
+        where, args = ("WHERE i.batch = ?", (batch,)) if batch else ("", ())
+        with self.connect() as con:
+            return pd.read_sql_query(
+                "SELECT j.*, i.prompt, i.answer_a, i.answer_b FROM judgements j JOIN items i ON i.id = j.item_id "
+                f"{where} ORDER BY j.created", con, params=args)
+
+    def fingerprint(self, batch: str | None = None) -> str:
+        """Changes whenever a judgement is added: part of the label stage's cache key."""
+        df = self.judgements(batch)
+        return hashlib.sha256(df[["item_id", "annotator", "choice"]].to_csv(index=False).encode()).hexdigest()
+
+    def agreement(self) -> dict[str, float]:
+        """Pairs judged (not skipped) by two or more annotators: the fraction of annotator pairs that agree."""
+        df = self.judgements()
+        df = df[df["choice"] != "skip"]
+        agree = total = 0
+        for _, group in df.groupby("item_id"):
+            for x, y in itertools.combinations(group["choice"].tolist(), 2):
+                total += 1
+                agree += x == y
+        return {"items_with_2plus": int((df.groupby("item_id").size() >= 2).sum()), "agreement": agree / total if total else float("nan")}
+
+    def export(self, batch: str | None = None) -> pd.DataFrame:
+        """Standard pairs (prompt, chosen, rejected) by majority vote; ties, skips and split votes dropped."""
+        df = self.judgements(batch)
+        out = []
+        for item_id, group in df[df["choice"].isin(["a", "b"])].groupby("item_id", sort=False):
+            votes = group["choice"].value_counts()
+            if len(votes) > 1 and votes.iloc[0] == votes.iloc[1]:
+                continue
+            first = group.iloc[0]
+            win = votes.index[0]
+            chosen, rejected = (first["answer_a"], first["answer_b"]) if win == "a" else (first["answer_b"], first["answer_a"])
+            out.append({"prompt": first["prompt"], "chosen": chosen, "rejected": rejected,
+                        "annotators": ",".join(sorted(group["annotator"]))})
+        return pd.DataFrame(out, columns=["prompt", "chosen", "rejected", "annotators"])

@@ -1,0 +1,160 @@
+"""Human labeling: the transactional store, the web page driven by keyboard in real headless
+Chromium (Playwright), a server killed mid-session, the terminal mode, and the pipeline's label stage."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.labeling import LabelStore
+
+SAMPLES = pd.DataFrame({
+    "prompt": ["how do i cook rice ?"] * 3 + ["how can i sleep better ?"] * 2,
+    "answer": ["rinse it .", "boil it .", "rinse it .", "keep it dark .", "stay up ."],
+    "sample": [0, 1, 2, 0, 1],
+})
+
+
+def store(tmp_path) -> LabelStore:
+    s = LabelStore(tmp_path / "labels.db")
+    assert s.add_batch(SAMPLES, "b1") == 2  # rice: 2 distinct answers -> 1 pair; sleep: 1 pair
+    assert s.add_batch(SAMPLES, "b1") == 0  # idempotent
+    return s
+
+
+def test_judgements_map_display_order_and_are_stored_once(tmp_path):
+    s = store(tmp_path)
+    item = s.next_item("alice")
+    assert item["prompt"] == "how do i cook rice ?"
+    assert s.record(item["id"], "alice", "1") is True
+    assert s.record(item["id"], "alice", "2") is False  # a second key press changes nothing
+    df = s.judgements()
+    assert len(df) == 1
+    shown_left = item["left_text"]
+    chosen_letter = df.iloc[0]["choice"]
+    assert (df.iloc[0]["answer_a"] if chosen_letter == "a" else df.iloc[0]["answer_b"]) == shown_left
+    assert s.next_item("alice")["prompt"] == "how can i sleep better ?"
+    assert s.progress("alice") == {"done": 1, "total": 2}
+    with pytest.raises(ValueError, match="unknown key"):
+        s.record(item["id"], "bob", "x")
+
+
+def test_agreement_and_majority_export_by_hand(tmp_path):
+    s = store(tmp_path)
+    rice, sleep = [s.next_item("zed")["id"]] + [None]
+    s.record(rice, "zed", "s")
+    sleep = s.next_item("zed")["id"]
+    # force choices through the display order: find the key that means "a" for each annotator
+    def key_for(item_id, annotator, letter):
+        return "1" if LabelStore.left_answer(item_id, annotator) == letter else "2"
+    s.record(rice, "alice", key_for(rice, "alice", "a"))
+    s.record(rice, "bob", key_for(rice, "bob", "a"))
+    s.record(rice, "carol", key_for(rice, "carol", "b"))
+    s.record(sleep, "alice", key_for(sleep, "alice", "a"))
+    s.record(sleep, "bob", "t")
+    # rice: a, a, b -> pairs (a,a) agree, (a,b) x2 disagree -> 1/3; sleep: a vs tie -> disagree -> 1/4
+    assert s.agreement() == {"items_with_2plus": 2, "agreement": pytest.approx(1 / 4)}
+    out = s.export()
+    rice_row = out[out["prompt"] == "how do i cook rice ?"].iloc[0]
+    assert (rice_row["chosen"], rice_row["rejected"]) == ("rinse it .", "boil it .")  # answer_a won 2-1
+    assert len(out) == 2
+
+
+def test_terminal_mode_resumes(tmp_path):
+    from flows.label_server import terminal_session
+
+    s = store(tmp_path)
+    answers = iter(["x", "1", "q"])
+    shown = []
+    assert terminal_session(s, "dan", read=lambda _: next(answers), write=shown.append) == 1
+    assert any("please answer" in line for line in shown)
+    assert terminal_session(s, "dan", read=lambda _: "t", write=shown.append) == 1
+    assert s.progress("dan") == {"done": 2, "total": 2}
+
+
+def test_label_stage_takes_human_judgements(tmp_path):
+    from tasks.stages import LabelParams, human_labels
+
+    s = store(tmp_path)
+    for annotator in ("alice",):
+        while (item := s.next_item(annotator)) is not None:
+            s.record(item["id"], annotator, "1")
+    ctx = types.SimpleNamespace(log=lambda m: None)
+    pairs = human_labels(ctx, LabelParams(labeler="human", db=str(tmp_path / "labels.db"), min_judgements=2), SAMPLES, "b1")
+    assert len(pairs) == 2 and set(pairs["annotators"]) == {"alice"}
+    with pytest.raises(TimeoutError):
+        human_labels(ctx, LabelParams(labeler="human", db=str(tmp_path / "labels.db"), min_judgements=5, wait_timeout_s=0.1), SAMPLES, "b1")
+
+
+# -- the page in a real browser -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(db: Path, port: int) -> subprocess.Popen:
+    cli = str(Path(sys.executable).parent / "alignflow")
+    proc = subprocess.Popen([cli, "label", "serve", "--db", str(db), "--port", str(port)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            return proc
+        except OSError:
+            assert time.time() < deadline, "the labeling server did not start"
+            time.sleep(0.2)
+
+
+def test_label_page_by_keyboard_survives_a_killed_server(tmp_path):
+    if shutil.which("chromium") is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: scripts/setup.sh --test installs it")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    db = tmp_path / "labels.db"
+    many = pd.DataFrame({"prompt": [f"question {i} ?" for i in range(5) for _ in range(2)],
+                         "answer": [f"answer {i}{k} ." for i in range(5) for k in "ab"], "sample": [0, 1] * 5})
+    LabelStore(db).add_batch(many, "b")
+    port = free_port()
+    server = serve(db, port)
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+        page = browser.new_page(viewport={"width": 1200, "height": 700})
+        page.goto(f"http://127.0.0.1:{port}/?annotator=alice")
+        page.wait_for_selector("text=question 0 ?")
+        for key, expected in (("1", "1 / 5"), ("2", "2 / 5"), ("t", "3 / 5")):
+            page.keyboard.press(key)
+            page.wait_for_selector(f"#count:text('{expected}')")
+        page.screenshot(path=str(tmp_path / "label_page.png"))
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-session
+        server.wait()
+        server = serve(db, port)
+        page.reload()
+        page.wait_for_selector("text=question 3 ?")  # resumes at the first unlabeled pair
+        assert page.inner_text("#count") == "3 / 5"
+        page.keyboard.press("s")
+        page.wait_for_selector("#count:text('4 / 5')")
+        browser.close()
+    os.killpg(server.pid, signal.SIGKILL)
+    df = LabelStore(db).judgements()
+    assert len(df) == 4 and df["item_id"].is_unique
+    assert sorted(df["choice"].tolist()).count("tie") == 1 and sorted(df["choice"]).count("skip") == 1
+    assert (tmp_path / "label_page.png").stat().st_size > 10_000
+    if os.environ.get("ALIGNFLOW_SCREENSHOT_DIR"):
+        shutil.copy(tmp_path / "label_page.png", Path(os.environ["ALIGNFLOW_SCREENSHOT_DIR"]) / "label_page.png")
