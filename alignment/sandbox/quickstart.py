@@ -39,7 +39,7 @@ class QuickstartConfig:
     sample_prompts: int = 1000  # prompts sampled for preference labeling
     samples_per_prompt: int = 4  # answers per prompt (every two of them form a pair)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0))
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=300, batch_size=16, lr=5e-4, warmup_steps=10)))
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=600, batch_size=16, lr=5e-4, warmup_steps=10)))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=130, batch_size=32, lr=5e-4, warmup_steps=10), beta=0.5))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=50, rollout_batch_size=64, minibatch_size=32, lr=3e-4, beta=0.2))
     eval_prompts: int = 400  # held-out prompts for the final evaluation

@@ -1,0 +1,102 @@
+"""DPO training throughput: alignflow's DPOTrainer against TRL's DPOTrainer on the same model, data
+and batch, in one invocation.
+
+    .venv/bin/python benchmarks/bench_dpo.py [--peer trl] [--device cuda] [--gpu-shape]
+
+Prints policy tokens/s (chosen + rejected, prompt included), step time, peak memory and, on GPU, MFU.
+alignflow runs twice: with reference log-probs precomputed once (its default; the one-off pass is
+timed separately) and with the reference forward in every step, as TRL does by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from common import StepTimer, Workload, causal_lm, mfu, peak_memory_mb, report, texts, tokenizer
+
+
+def ours(w: Workload, device: str, precompute: bool) -> float:
+    from alignment.data import tokenize_pairs
+    from alignment.trainers.common import TrainConfig
+    from alignment.trainers.dpo import DPOConfig, DPOTrainer
+
+    tok = tokenizer(w)
+    rows = texts(w, w.pairs * (w.steps + w.warmup))
+    examples = tokenize_pairs(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
+                              w.prompt_tokens + w.answer_tokens)
+    model = causal_lm(w, device)
+    cfg = DPOConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
+                                mixed_precision="bf16" if device.startswith("cuda") else "no"),
+                    beta=0.1, max_length=w.prompt_tokens + w.answer_tokens, precompute_ref_logps=precompute)
+    t = time.perf_counter()
+    trainer = DPOTrainer(model, examples, tok.pad_token_id, cfg)
+    setup_s = time.perf_counter() - t
+    timer = StepTimer(w.warmup, device)
+    timer.start()
+
+    def tick(step, metrics):
+        timer.stop()
+        timer.start()
+
+    trainer.callback = tick
+    trainer.train()
+    tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
+    n_params = sum(p.numel() for p in model.parameters())
+    extra = f"MFU {mfu(n_params, tokens / timer.step_s, device)}"
+    if precompute:
+        extra += f"  (reference pass once: {setup_s:.1f} s for {len(examples)} pairs)"
+    return report(f"alignflow DPO ({'ref precomputed' if precompute else 'ref every step'})",
+                  tokens, timer.step_s, peak_memory_mb(device), extra)
+
+
+def trl(w: Workload, device: str) -> float:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    timer = StepTimer(w.warmup, device)
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            timer.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            timer.stop()
+
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=w.pairs, max_steps=w.steps + w.warmup,
+                         learning_rate=1e-5, lr_scheduler_type="constant", beta=0.1, report_to="none", save_strategy="no",
+                         logging_steps=10_000, use_cpu=not device.startswith("cuda"), bf16=device.startswith("cuda"),
+                         max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0)
+        # the same starting weights as the policy; TRL would otherwise reload the reference by model id
+        trainer = DPOTrainer(causal_lm(w, device), ref_model=causal_lm(w, device), args=args, train_dataset=Dataset.from_list(texts(w, w.pairs * (w.steps + w.warmup))),
+                             processing_class=tokenizer(w), callbacks=[Timing()])
+        trainer.train()
+    tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    return report("TRL DPOTrainer (defaults)", tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n_params, tokens / timer.step_s, device)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer", choices=["trl"], help="also run the peer on the same work and print the ratio")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gpu-shape", action="store_true", help="the Qwen2-0.5B-shaped workload of the GPU target")
+    args = parser.parse_args()
+    w = Workload.gpu() if args.gpu_shape else Workload()
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"DPO: {w.pairs} pairs x ({w.prompt_tokens} + {w.answer_tokens}) tokens, vocab {w.vocab}, hidden {w.hidden}, "
+          f"{w.layers} layers; device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    pre = ours(w, args.device, precompute=True)
+    fly = ours(w, args.device, precompute=False)
+    if args.peer == "trl":
+        peer = trl(w, args.device)
+        print(f"ratio alignflow / TRL tokens/s: {pre / peer:.2f}x (ref precomputed), {fly / peer:.2f}x (ref every step)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Shared pieces of the benchmarks: the workload (model, tokenizer, data), timers and the report line."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@dataclass(frozen=True)
+class Workload:
+    vocab: int = 8000  # vocabulary size
+    hidden: int = 256  # about 5M parameters at 4 layers with vocab 8000
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 688
+    pairs: int = 8  # preference pairs per step
+    prompt_tokens: int = 64
+    answer_tokens: int = 96
+    steps: int = 12  # timed steps (after warm-up)
+    warmup: int = 3
+
+    @classmethod
+    def gpu(cls) -> "Workload":
+        """Qwen2-0.5B-shaped: 24 layers, hidden 896, vocab 32000; 8 pairs x (128 + 384) tokens."""
+        return cls(vocab=32000, hidden=896, layers=24, heads=14, intermediate=4864, pairs=8,
+                   prompt_tokens=128, answer_tokens=384, steps=20, warmup=5)
+
+
+def tokenizer(w: Workload) -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(w.vocab - 4)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def config(w: Workload, **kw) -> LlamaConfig:
+    return LlamaConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate, num_hidden_layers=w.layers,
+                       num_attention_heads=w.heads, num_key_value_heads=w.heads, max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **kw)
+
+
+def causal_lm(w: Workload, device: str, dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config(w)).to(device=device, dtype=dtype)
+
+
+def seq_classifier(w: Workload, device: str, dtype=torch.float32) -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config(w, num_labels=1)).to(device=device, dtype=dtype)
+
+
+def texts(w: Workload, n: int, seed: int = 0) -> list[dict]:
+    """Preference rows of random words with the workload's exact token lengths (1 word = 1 token)."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(w.vocab - 4)}" for _ in range(k))  # noqa: E731
+    # the answer has answer_tokens - 1 words + EOS
+    return [{"prompt": words(w.prompt_tokens - 1), "chosen": words(w.answer_tokens - 1), "rejected": words(w.answer_tokens - 1)}
+            for _ in range(n)]
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """Wall time per step, excluding the first `warmup` steps."""
+
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.times, self._t = warmup, device, [], None
+
+    def start(self) -> None:
+        sync(self.device)
+        self._t = time.perf_counter()
+
+    def stop(self) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._t)
+
+    @property
+    def step_s(self) -> float:
+        timed = self.times[self.warmup:] or self.times
+        return sum(timed) / len(timed)
+
+
+def mfu(params: int, tokens_per_s: float, device: str, passes: float = 3.0) -> str:
+    """Model FLOPs utilisation against the GPU's bf16 dense peak (6N flops per trained token)."""
+    if not device.startswith("cuda"):
+        return "n/a (CPU)"
+    name = torch.cuda.get_device_name()
+    peak = 989e12 if "H100" in name or "H200" in name else 312e12
+    return f"{100 * 2 * passes * params * tokens_per_s / peak:.1f}%"
+
+
+def report(name: str, tokens_per_step: int, step_s: float, mem_mb: float, extra: str = "") -> float:
+    tps = tokens_per_step / step_s
+    print(f"{name:34s} {tps:12.0f} tok/s {1000 * step_s:9.1f} ms/step  peak {mem_mb:8.0f} MB  {extra}")
+    return tps
