@@ -113,6 +113,11 @@ class Optimization:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    def sampler(self, n_examples: int) -> StepSampler:
+        """The data order of this run: cfg.batch_size examples a step, this process's share of them."""
+        return StepSampler(n_examples, self.cfg.batch_size, self.cfg.seed,
+                           self.accelerator.process_index, self.accelerator.num_processes)
+
     def split(self, indices: list[int]) -> list[list[int]]:
         """Split a batch into grad_accum_steps micro-batches."""
         k = self.cfg.grad_accum_steps
@@ -185,6 +190,11 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path | None):
         self.directory = Path(directory) if directory else None
+
+    @classmethod
+    def under(cls, output_dir: str | Path | None) -> "Checkpointer":
+        """Checkpoints in `<output_dir>/checkpoints`; none when output_dir is None."""
+        return cls(Path(output_dir) / "checkpoints" if output_dir else None)
 
     def latest(self) -> Path | None:
         if self.directory is None or not self.directory.is_dir():

@@ -16,7 +16,6 @@ from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
-    StepSampler,
     TrainConfig,
     train_steps,
 )
@@ -59,11 +58,8 @@ class DPOTrainer:
         self.opt = Optimization(model, cfg.train)
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
-        self.sampler = StepSampler(
-            len(self.examples), cfg.train.batch_size, cfg.train.seed,
-            self.opt.accelerator.process_index, self.opt.accelerator.num_processes,
-        )
-        self.checkpointer = Checkpointer(Path(output_dir) / "checkpoints" if output_dir else None)
+        self.sampler = self.opt.sampler(len(self.examples))
+        self.checkpointer = Checkpointer.under(output_dir)
         self.reference_logps = reference_logps  # [N, 2]: (chosen, rejected) per example
         if self.reference_logps is None and cfg.precompute_ref_logps:
             self.reference_logps = self.compute_reference_logps()

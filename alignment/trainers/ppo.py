@@ -79,7 +79,7 @@ class PPOTrainer:
         self.kl_ctl = (
             AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.beta)
         )
-        self.checkpointer = Checkpointer(Path(output_dir) / "checkpoints" if output_dir else None)
+        self.checkpointer = Checkpointer.under(output_dir)
         self.iteration = 0
         self.stop_ids = tuple(cfg.sampling.stop_token_ids) or (tokenizer.eos_token_id,)
 

@@ -15,7 +15,6 @@ from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
-    StepSampler,
     TrainConfig,
     train_steps,
 )
@@ -43,11 +42,8 @@ class RewardTrainer:
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
         self.opt = Optimization(model, cfg.train)
-        self.sampler = StepSampler(
-            len(self.examples), cfg.train.batch_size, cfg.train.seed,
-            self.opt.accelerator.process_index, self.opt.accelerator.num_processes,
-        )
-        self.checkpointer = Checkpointer(Path(output_dir) / "checkpoints" if output_dir else None)
+        self.sampler = self.opt.sampler(len(self.examples))
+        self.checkpointer = Checkpointer.under(output_dir)
 
     def rewards(self, examples: Sequence[PairExample], model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen_rewards [B], rejected_rewards [B]) from one concatenated forward pass."""

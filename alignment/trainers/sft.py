@@ -12,7 +12,6 @@ from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
-    StepSampler,
     TrainConfig,
     train_steps,
 )
@@ -38,11 +37,8 @@ class SFTTrainer:
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
         self.opt = Optimization(model, cfg.train)
-        self.sampler = StepSampler(
-            len(self.examples), cfg.train.batch_size, cfg.train.seed,
-            self.opt.accelerator.process_index, self.opt.accelerator.num_processes,
-        )
-        self.checkpointer = Checkpointer(Path(output_dir) / "checkpoints" if output_dir else None)
+        self.sampler = self.opt.sampler(len(self.examples))
+        self.checkpointer = Checkpointer.under(output_dir)
 
     def micro_loss(self, indices: list[int]):
         prompts = [self.examples[i][0] for i in indices]
