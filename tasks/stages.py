@@ -58,7 +58,8 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class SampleParams:
-    prompts: int = QS.sample_prompts  # sandbox prompts to answer
+    prompts: int = QS.sample_prompts  # how many prompts to answer
+    prompts_file: str | None = None  # one prompt per line (.txt) or a `prompt` column (.jsonl/.csv/.parquet); None = sandbox
     samples_per_prompt: int = QS.samples_per_prompt  # answers per prompt
     sampling: SamplingParams = QS.sampling  # temperature, top-p, top-k, max new tokens
 
@@ -84,7 +85,8 @@ class DPOParams:
 
 @dataclass(frozen=True)
 class PPOParams:
-    prompts: int = 2000  # sandbox prompts that rollouts are drawn from
+    prompts: int = 2000  # how many prompts rollouts are drawn from
+    prompts_file: str | None = None  # as for the sample stage; None = sandbox prompts
     ppo: PPOConfig = QS.ppo  # training
 
 
@@ -198,9 +200,32 @@ def load_policy(inputs, slot: str = "policy"):
     return load_causal_lm(path), load_tokenizer(path)
 
 
+def read_prompts(path: str | None, n: int, ctx, seed_offset: int) -> list[str]:
+    """The first n prompts of a file (text: one per line; table: a `prompt` column), or sandbox prompts."""
+    if path is None:
+        return ctx.world_model().prompts(n, seed=ctx.seed + seed_offset)
+    source = Path(path)
+    if source.suffix == ".txt":
+        prompts = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        from tasks.preferences import read_table
+
+        df, problems = read_table(source)
+        if problems or "prompt" not in df.columns:
+            raise schemas.DataError(f"{source}: needs a `prompt` column" + ("".join("\n" + m for m in problems)))
+        prompts = [q for q in df["prompt"].tolist() if isinstance(q, str) and q.strip()]
+    if not prompts:
+        raise schemas.DataError(f"{source}: no prompts")
+    return prompts[:n]
+
+
+def prompt_sources(p) -> dict[str, str]:
+    return {"prompts": file_hash(Path(p.prompts_file))} if p.prompts_file else {}
+
+
 def run_sample(ctx, p: SampleParams, inputs, out: Path, run_id: str) -> dict[str, float]:
     model, tokenizer = load_policy(inputs)
-    prompts = ctx.world_model().prompts(p.prompts, seed=ctx.seed + 10)
+    prompts = read_prompts(p.prompts_file, p.prompts, ctx, 10)
     rows = []
     for k in range(p.samples_per_prompt):
         answers, _ = generate_answers(model, tokenizer, prompts, p.sampling, seed=ctx.seed * 100 + k)
@@ -309,7 +334,7 @@ def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     rm = RewardModel.from_pretrained(rm_path)
     set_seed(ctx.seed)
     trainer = PPOTrainer(PolicyWithValueHead.from_pretrained(path), tokenizer,
-                         ctx.world_model().prompts(p.prompts, seed=ctx.seed + 20),
+                         read_prompts(p.prompts_file, p.prompts, ctx, 20),
                          reward_scores(rm, load_tokenizer(rm_path)), p.ppo,
                          output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
@@ -360,11 +385,11 @@ STAGE_TYPES: dict[str, StageType] = {
     "model": StageType(ModelParams, {}, "policy", run_model, model_sources),
     "sft": StageType(SFTParams, {}, "policy", run_sft),
     "import_preferences": StageType(ImportParams, {}, "preferences", run_import, import_sources),
-    "sample": StageType(SampleParams, {"policy": "policy"}, "samples", run_sample),
+    "sample": StageType(SampleParams, {"policy": "policy"}, "samples", run_sample, prompt_sources),
     "label": StageType(LabelParams, {"samples": "samples"}, "preferences", run_label, label_sources),
     "train_reward_model": StageType(RewardParams, {"preferences": "preferences", "base": "policy"}, "reward_model", run_reward),
     "dpo": StageType(DPOParams, {"preferences": "preferences", "policy": "policy"}, "policy", run_dpo),
-    "ppo": StageType(PPOParams, {"policy": "policy", "reward_model": "reward_model"}, "policy", run_ppo),
+    "ppo": StageType(PPOParams, {"policy": "policy", "reward_model": "reward_model"}, "policy", run_ppo, prompt_sources),
     "evaluate": StageType(EvaluateParams, {"policy": "policy", "reference": "policy", "reward_model": "reward_model?",
                                            "preferences": "preferences?"}, "evaluation", run_evaluate),
 }

@@ -158,3 +158,44 @@ def test_label_page_by_keyboard_survives_a_killed_server(tmp_path):
     assert (tmp_path / "label_page.png").stat().st_size > 10_000
     if os.environ.get("ALIGNFLOW_SCREENSHOT_DIR"):
         shutil.copy(tmp_path / "label_page.png", Path(os.environ["ALIGNFLOW_SCREENSHOT_DIR"]) / "label_page.png")
+
+
+def test_rlhf_ppo_pipeline_waits_for_people_then_trains(tmp_path):
+    """The shipped rlhf-ppo pipeline on a local model: it creates the labeling batch, waits until a
+    person (here a loop over the label store) has given min_judgements, then trains RM and PPO."""
+    import yaml
+
+    from flows.cli import SHIPPED
+    from test_preferences import local_model
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("user : how do i cook rice ? assistant :\nuser : how can i sleep better ? assistant :\n"
+                       "user : how do i make a budget ? assistant :\nuser : how do i grow tomatoes ? assistant :\n")
+    cfg = yaml.safe_load(SHIPPED.read_text())
+    pipe = cfg["pipelines"]["rlhf-ppo"]
+    db = tmp_path / "labels.db"
+    tiny = {"max_new_tokens": 8}
+    pipe["stages"][0]["params"]["name_or_path"] = str(local_model(tmp_path))
+    pipe["stages"][1]["params"].update(prompts_file=str(prompts), prompts=4, samples_per_prompt=2, sampling=tiny)
+    pipe["stages"][2]["params"].update(db=str(db), min_judgements=3, held_out=0.34)
+    pipe["stages"][3]["params"]["reward"] = {"max_length": 64, "train": {"max_steps": 2, "batch_size": 2}}
+    pipe["stages"][4]["params"].update(prompts_file=str(prompts), ppo={
+        "iterations": 2, "rollout_batch_size": 4, "minibatch_size": 2, "sampling": tiny})
+    pipe["stages"][5]["params"].update(prompts=2, sampling=tiny)
+    cfg["pipelines"] = {"rlhf-ppo": pipe}
+    cfg["settings"].update(workdir=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    cli = str(Path(sys.executable).parent / "alignflow")
+    proc = subprocess.Popen([cli, "run", "rlhf-ppo", "-c", str(tmp_path / "pipelines.yaml")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    labeled, deadline = 0, time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if db.exists():
+            s = LabelStore(db)
+            while (item := s.next_item("person")) is not None:
+                labeled += s.record(item["id"], "person", "1")
+        time.sleep(0.5)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert labeled >= 3
+    assert "evaluate" in out and "eval/kl=" in out

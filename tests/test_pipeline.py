@@ -292,3 +292,26 @@ def test_training_stages_save_curves_as_artifacts(env):
     assert (Path(stages["ppo"]["path"]) / "reward_kl.png").is_file()
     artifacts = [a.path for a in env["tracker"].client.list_artifacts(stages["ppo"]["run_id"], "output")]
     assert "output/training_curves.png" in artifacts and "output/model" in artifacts
+
+
+def test_cli_runs_list_compare_and_lineage(env):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg = str(env["tmp"] / "pipelines.yaml")
+    runner = CliRunner()
+    first = env["first"]["parent_run_id"]
+    listed = runner.invoke(app, ["runs", "list", "-c", cfg])
+    assert listed.exit_code == 0 and first in listed.output and "FINISHED" in listed.output
+    second = env["run"](["dpo.dpo.beta=0.35"])["parent_run_id"]
+    compared = runner.invoke(app, ["runs", "compare", first, second, "-c", cfg])
+    assert compared.exit_code == 0, compared.output
+    beta_line = next(line for line in compared.output.splitlines() if "params.dpo.beta" in line)
+    assert beta_line.lstrip().startswith("*") and "0.1" in beta_line and "0.35" in beta_line
+    sft_lines = [line for line in compared.output.splitlines() if "params.sft.train.lr" in line]
+    assert sft_lines and not sft_lines[0].lstrip().startswith("*")
+    lineage = runner.invoke(app, ["lineage", second, "-c", cfg])
+    assert lineage.exit_code == 0, lineage.output
+    assert "dpo [dpo]" in lineage.output and "<- preferences: label" in lineage.output
+    assert "(cached: output of" in lineage.output  # sft, sample, label were reused from the first run
