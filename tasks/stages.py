@@ -275,6 +275,16 @@ def label_sources(p: LabelParams) -> dict[str, str]:
     return {"judgements": LabelStore(p.db).fingerprint()} if p.labeler == "human" else {}
 
 
+def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> None:
+    """Before training: every pair must still differ after tokenising and truncating to max_length."""
+    examples = to_examples(tokenizer, pairs, max_length)
+    same = [i + 1 for i, e in enumerate(examples) if e.chosen_ids == e.rejected_ids]
+    if same:
+        raise schemas.DataError(
+            f"{source}: {len(same)} pair(s) have chosen == rejected after truncation to max_length={max_length} "
+            f"tokens (rows {same[:20]}{' ...' if len(same) > 20 else ''}); raise max_length or drop them")
+
+
 def read_preferences(inputs) -> pd.DataFrame:
     source = Path(inputs["preferences"].path) / "preferences.parquet"
     return schemas.validate(pd.read_parquet(source), schemas.PREFERENCES, source)
@@ -288,6 +298,7 @@ def run_reward(ctx, p: RewardParams, inputs, out: Path, run_id: str) -> dict[str
     test = pairs[pairs["split"] == "test"].to_dict("records")
     base = Path(inputs["base"].path) / "model"
     tokenizer = load_tokenizer(base)
+    token_preflight(tokenizer, train, p.reward.max_length, f"{inputs['preferences'].name} (train split)")
     set_seed(ctx.seed)
     trainer = RewardTrainer(RewardModel.from_pretrained(base), to_examples(tokenizer, train, p.reward.max_length),
                             tokenizer.pad_token_id, p.reward, output_dir=out, callback=metrics_logger(ctx, run_id, out))
@@ -304,6 +315,7 @@ def run_dpo(ctx, p: DPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     pairs = read_preferences(inputs)
     train = pairs[pairs["split"] == "train"].to_dict("records")
     policy, tokenizer = load_policy(inputs)
+    token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")
     examples = to_examples(tokenizer, train, p.dpo.max_length)
     # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
     ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length},

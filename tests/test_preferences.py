@@ -206,3 +206,18 @@ def test_bad_preference_file_exits_2_and_writes_nothing(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert f"{data}:line 3: column 'rejected': chosen == rejected" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow.db, no runs/
+
+
+def test_token_preflight_finds_pairs_equal_after_truncation():
+    from alignment.sandbox.assets import build_tokenizer, world_texts
+    from alignment.sandbox.world import World
+    from tasks.stages import token_preflight
+
+    tok = build_tokenizer(world_texts(World()))
+    prompt = "user : how do i cook rice ? assistant :"  # 9 tokens + <bos>
+    shared = "rinse the rice and use two cups of water ."  # 10 tokens
+    pairs = [{"prompt": prompt, "chosen": shared + " good luck !", "rejected": shared + " not my problem ."},
+             {"prompt": prompt, "chosen": "good luck !", "rejected": "not my problem ."}]
+    token_preflight(tok, pairs, max_length=64, source="prefs")  # all differ: passes
+    with pytest.raises(DataError, match=r"1 pair\(s\) have chosen == rejected after truncation to max_length=14 tokens \(rows \[1\]\)"):
+        token_preflight(tok, pairs, max_length=14, source="prefs")  # prompt cut to 7, answers to their shared 7
