@@ -35,6 +35,8 @@ class ImportParams:
 def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     """Rows of a preference file, and the problems found while reading (bad UTF-8, bad JSON)."""
     if not path.exists():
+        if len(path.parts) == 2 and not path.suffix:  # looks like a Hugging Face hub id: org/name
+            return _read_hub(str(path)), []
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
         return _read_datasets_dir(path), []
@@ -77,6 +79,20 @@ def _read_csv(path: Path, lines: list[tuple[int, str | None]], problems: list[st
     df.index = range(2, len(df) + 2)  # line numbers, header = line 1 (rows with embedded newlines shift)
     bad_lines = {i for i, text in lines if text is None}
     return df.drop(index=[i for i in df.index if i in bad_lines], errors="ignore")
+
+
+def _read_hub(dataset_id: str) -> pd.DataFrame:
+    """The train split of a Hugging Face hub data set (needs `datasets` and a network)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"{dataset_id}: reading a hub data set needs `pip install datasets`") from None
+    try:
+        df = load_dataset(dataset_id, split="train").to_pandas()
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, gated: the message says which
+        raise DataError(f"{dataset_id}: could not load the hub data set: {type(err).__name__}: {err}") from None
+    df.index = range(1, len(df) + 1)
+    return df
 
 
 def _read_datasets_dir(path: Path) -> pd.DataFrame:

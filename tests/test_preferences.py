@@ -221,3 +221,10 @@ def test_token_preflight_finds_pairs_equal_after_truncation():
     token_preflight(tok, pairs, max_length=64, source="prefs")  # all differ: passes
     with pytest.raises(DataError, match=r"1 pair\(s\) have chosen == rejected after truncation to max_length=14 tokens \(rows \[1\]\)"):
         token_preflight(tok, pairs, max_length=14, source="prefs")  # prompt cut to 7, answers to their shared 7
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="no-such-org/no-such-set"):
+        import_preferences(ImportParams(path="no-such-org/no-such-set"))

@@ -1,0 +1,90 @@
+"""Reward-model training throughput: alignflow's RewardTrainer against TRL's RewardTrainer on the same
+model, data and batch, in one invocation.
+
+    .venv/bin/python benchmarks/bench_reward.py [--peer trl] [--device cuda] [--gpu-shape]
+
+Tokens/s counts chosen + rejected tokens (prompt included) per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from common import StepTimer, Workload, mfu, peak_memory_mb, report, seq_classifier, texts, tokenizer
+
+
+def ours(w: Workload, device: str) -> float:
+    from alignment.data import tokenize_pairs
+    from alignment.models import RewardModel
+    from alignment.trainers.common import TrainConfig
+    from alignment.trainers.reward import RewardConfig, RewardTrainer
+
+    tok = tokenizer(w)
+    rows = texts(w, w.pairs * (w.steps + w.warmup))
+    examples = tokenize_pairs(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
+                              w.prompt_tokens + w.answer_tokens)
+    model = RewardModel(seq_classifier(w, device))
+    cfg = RewardConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
+                                   mixed_precision="bf16" if device.startswith("cuda") else "no"),
+                       max_length=w.prompt_tokens + w.answer_tokens)
+    timer = StepTimer(w.warmup, device)
+
+    def tick(step, metrics):
+        timer.stop()
+        timer.start()
+
+    trainer = RewardTrainer(model, examples, tok.pad_token_id, cfg, callback=tick)
+    timer.start()
+    trainer.train()
+    tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
+    n = sum(p.numel() for p in model.parameters())
+    return report("alignflow RewardTrainer", tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n, tokens / timer.step_s, device)}")
+
+
+def trl(w: Workload, device: str) -> float:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    timer = StepTimer(w.warmup, device)
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            timer.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            timer.stop()
+
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in texts(w, w.pairs * (w.steps + w.warmup))]
+    with tempfile.TemporaryDirectory() as out:
+        args = RewardConfig(output_dir=out, per_device_train_batch_size=w.pairs, max_steps=w.steps + w.warmup,
+                            learning_rate=1e-5, lr_scheduler_type="constant", report_to="none", save_strategy="no",
+                            logging_steps=10_000, use_cpu=not device.startswith("cuda"), bf16=device.startswith("cuda"),
+                            max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0)
+        model = seq_classifier(w, device)
+        trainer = RewardTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer(w), callbacks=[Timing()])
+        trainer.train()
+    tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
+    n = sum(p.numel() for p in model.parameters())
+    return report("TRL RewardTrainer (defaults)", tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n, tokens / timer.step_s, device)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer", choices=["trl"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gpu-shape", action="store_true")
+    args = parser.parse_args()
+    w = Workload.gpu() if args.gpu_shape else Workload()
+    print(f"reward model: {w.pairs} pairs x ({w.prompt_tokens} + {w.answer_tokens}) tokens, vocab {w.vocab}, hidden {w.hidden}, "
+          f"{w.layers} layers; device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ours_tps = ours(w, args.device)
+    if args.peer == "trl":
+        print(f"ratio alignflow / TRL tokens/s: {ours_tps / trl(w, args.device):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
