@@ -68,7 +68,7 @@ def test_unknown_param_and_stage_type(tmp_path):
     def typo_type(d):
         d["pipelines"]["tiny"]["stages"][2]["type"] = "labell"
 
-    assert "pipelines.tiny.stages[2].type: Input should be 'sft', 'sample'" in bad(tmp_path, typo_type)
+    assert "pipelines.tiny.stages[2].type: Input should be 'model', 'sft', 'sample'" in bad(tmp_path, typo_type)
 
     def typo_param(d):
         d["pipelines"]["tiny"]["stages"][4]["params"]["dpo"]["betta"] = 0.1
