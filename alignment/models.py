@@ -2,7 +2,7 @@
 
 Everything loads from any Hugging Face model id or local directory and saves back to a normal Hugging
 Face directory (config.json + model.safetensors), so other tools can load what alignflow trains.
-Remote code is never trusted unless the caller passes trust_remote_code=True.
+Remote code is never trusted unless the caller asks for it with the trust_remote_code argument.
 """
 
 from __future__ import annotations

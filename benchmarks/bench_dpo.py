@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import StepTimer, Workload, causal_lm, mfu, peak_memory_mb, report, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, causal_lm, mfu, peak_memory_mb, report, texts, tokenizer
 
 
 def ours(w: Workload, device: str, precompute: bool) -> float:
@@ -55,17 +55,9 @@ def ours(w: Workload, device: str, precompute: bool) -> float:
 
 def trl(w: Workload, device: str) -> float:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     timer = StepTimer(w.warmup, device)
-
-    class Timing(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            timer.start()
-
-        def on_step_end(self, args, state, control, **kw):
-            timer.stop()
 
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=w.pairs, max_steps=w.steps + w.warmup,
@@ -74,7 +66,7 @@ def trl(w: Workload, device: str) -> float:
                          max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0)
         # the same starting weights as the policy; TRL would otherwise reload the reference by model id
         trainer = DPOTrainer(causal_lm(w, device), ref_model=causal_lm(w, device), args=args, train_dataset=Dataset.from_list(texts(w, w.pairs * (w.steps + w.warmup))),
-                             processing_class=tokenizer(w), callbacks=[Timing()])
+                             processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
     n_params = sum(p.numel() for p in trainer.model.parameters())

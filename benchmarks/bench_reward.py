@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from common import StepTimer, Workload, mfu, peak_memory_mb, report, seq_classifier, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, mfu, peak_memory_mb, report, seq_classifier, texts, tokenizer
 
 
 def ours(w: Workload, device: str) -> float:
@@ -46,17 +46,9 @@ def ours(w: Workload, device: str) -> float:
 
 def trl(w: Workload, device: str) -> float:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
     timer = StepTimer(w.warmup, device)
-
-    class Timing(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            timer.start()
-
-        def on_step_end(self, args, state, control, **kw):
-            timer.stop()
 
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in texts(w, w.pairs * (w.steps + w.warmup))]
     with tempfile.TemporaryDirectory() as out:
@@ -65,7 +57,7 @@ def trl(w: Workload, device: str) -> float:
                             logging_steps=10_000, use_cpu=not device.startswith("cuda"), bf16=device.startswith("cuda"),
                             max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0)
         model = seq_classifier(w, device)
-        trainer = RewardTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer(w), callbacks=[Timing()])
+        trainer = RewardTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
     n = sum(p.numel() for p in model.parameters())

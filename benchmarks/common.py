@@ -111,3 +111,17 @@ def report(name: str, tokens_per_step: int, step_s: float, mem_mb: float, extra:
     tps = tokens_per_step / step_s
     print(f"{name:34s} {tps:12.0f} tok/s {1000 * step_s:9.1f} ms/step  peak {mem_mb:8.0f} MB  {extra}")
     return tps
+
+
+def trl_timing_callback(timer: StepTimer):
+    """A transformers TrainerCallback that times each optimizer step of a TRL trainer."""
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            timer.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            timer.stop()
+
+    return Timing()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import TypeAdapter
@@ -22,82 +21,23 @@ from safetensors.torch import load_file, save_file
 
 from alignment.evaluation import evaluate_policy, generate_answers
 from alignment.models import PolicyWithValueHead, RewardModel, frozen_copy, load_causal_lm, load_tokenizer
-from alignment.sampling import SamplingParams
-from alignment.sandbox.assets import TinyModelConfig, build_model, build_tokenizer, world_texts
-from alignment.sandbox.quickstart import QuickstartConfig, gold_scores, reward_scores, to_examples
-from alignment.sandbox.world import World, WorldConfig
 from alignment.data import encode_answer, encode_prompt, fit_to_length
-from alignment.trainers.common import TrainConfig, set_seed
-from alignment.trainers.dpo import DPOConfig, DPOTrainer
-from alignment.trainers.ppo import PPOConfig, PPOTrainer
-from alignment.trainers.reward import RewardConfig, RewardTrainer
-from alignment.trainers.sft import SFTConfig, SFTTrainer
+from alignment.sandbox.assets import build_model, build_tokenizer, world_texts
+from alignment.sandbox.quickstart import gold_scores, reward_scores, to_examples
+from alignment.sandbox.world import World, WorldConfig
+from alignment.trainers.common import set_seed
+from alignment.trainers.dpo import DPOTrainer
+from alignment.trainers.ppo import PPOTrainer
+from alignment.trainers.reward import RewardTrainer
+from alignment.trainers.sft import SFTTrainer
 from tasks import plots, schemas
 from tasks.labeling import LabelStore
+from tasks.params import (
+    DPOParams, EvaluateParams, LabelParams, ModelParams, PPOParams, RewardParams, SampleParams, SFTParams,
+)
 from tasks.preferences import ImportParams, import_preferences
 from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
 from tasks.tracking import Tracker
-
-# -- params of each stage type (validated from pipelines.yaml) ------------------------------------
-# Defaults are the sandbox quickstart's tuned values (alignment/sandbox/quickstart.py), kept in one place.
-QS = QuickstartConfig()
-
-
-@dataclass(frozen=True)
-class SFTParams:
-    examples: int = QS.sft_examples  # demonstrations drawn from the sandbox world's SFT corpus
-    model: TinyModelConfig = QS.model  # size of the tiny Llama built from scratch
-    sft: SFTConfig = QS.sft  # training
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    name_or_path: str  # any Hugging Face causal LM id or local folder
-    trust_remote_code: bool = False  # run the model repository's own code (only if you trust it)
-
-
-@dataclass(frozen=True)
-class SampleParams:
-    prompts: int = QS.sample_prompts  # how many prompts to answer
-    prompts_file: str | None = None  # one prompt per line (.txt) or a `prompt` column (.jsonl/.csv/.parquet); None = sandbox
-    samples_per_prompt: int = QS.samples_per_prompt  # answers per prompt
-    sampling: SamplingParams = QS.sampling  # temperature, top-p, top-k, max new tokens
-
-
-@dataclass(frozen=True)
-class LabelParams:
-    labeler: str = "simulated"  # "simulated" (the sandbox labeler sigma((g_a - g_b) / tau)) or "human"
-    held_out: float = 0.15  # fraction of pairs marked split=test
-    db: str = "labels.db"  # human: the label store that `alignflow label serve` writes to
-    min_judgements: int = 0  # human: wait until this many judgements of this batch exist
-    wait_timeout_s: float = 86_400.0  # human: give up waiting after this long (the stage fails)
-
-
-@dataclass(frozen=True)
-class RewardParams:
-    reward: RewardConfig = QS.reward  # training
-
-
-@dataclass(frozen=True)
-class DPOParams:
-    dpo: DPOConfig = QS.dpo  # training
-
-
-@dataclass(frozen=True)
-class PPOParams:
-    prompts: int = 2000  # how many prompts rollouts are drawn from
-    prompts_file: str | None = None  # as for the sample stage; None = sandbox prompts
-    ppo: PPOConfig = QS.ppo  # training
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    prompts: int = QS.eval_prompts  # held-out sandbox prompts
-    sampling: SamplingParams = QS.sampling  # how answers are sampled for evaluation
-    prompts_from: str = "sandbox"  # "sandbox" (gold reward too) or "preferences" (the test split's prompts)
-    max_kl: float | None = None  # gate: eval/kl must be <= this to register the policy
-    min_win_rate: float | None = None  # gate: eval/gold_win_rate must be >= this
-    register_as: str | None = None  # model-registry name; registered only when every gate passes
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,5 @@
 """The sandbox world: gold reward by hand, labeler noise, a non-trivial SFT mixture, and the quickstart."""
 
-import dataclasses
 import json
 import math
 import random

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from alignment.data import PairExample, collate_pairs
+from alignment.data import PairExample
 from alignment.models import PolicyWithValueHead, RewardModel
 from alignment.sampling import SamplingParams
 from alignment.trainers.common import NonFiniteLossError, TrainConfig

@@ -1,0 +1,75 @@
+"""The params of each stage type: the fields a stage accepts in pipelines.yaml, one comment each.
+
+Defaults are the sandbox quickstart's tuned values (alignment/sandbox/quickstart.py), kept in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignment.sampling import SamplingParams
+from alignment.sandbox.assets import TinyModelConfig
+from alignment.sandbox.quickstart import QuickstartConfig
+from alignment.trainers.dpo import DPOConfig
+from alignment.trainers.ppo import PPOConfig
+from alignment.trainers.reward import RewardConfig
+from alignment.trainers.sft import SFTConfig
+
+QS = QuickstartConfig()
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    examples: int = QS.sft_examples  # demonstrations drawn from the sandbox world's SFT corpus
+    model: TinyModelConfig = QS.model  # size of the tiny Llama built from scratch
+    sft: SFTConfig = QS.sft  # training
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name_or_path: str  # any Hugging Face causal LM id or local folder
+    trust_remote_code: bool = False  # run the model repository's own code (only if you trust it)
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    prompts: int = QS.sample_prompts  # how many prompts to answer
+    prompts_file: str | None = None  # one prompt per line (.txt) or a `prompt` column (.jsonl/.csv/.parquet); None = sandbox
+    samples_per_prompt: int = QS.samples_per_prompt  # answers per prompt
+    sampling: SamplingParams = QS.sampling  # temperature, top-p, top-k, max new tokens
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    labeler: str = "simulated"  # "simulated" (the sandbox labeler sigma((g_a - g_b) / tau)) or "human"
+    held_out: float = 0.15  # fraction of pairs marked split=test
+    db: str = "labels.db"  # human: the label store that `alignflow label serve` writes to
+    min_judgements: int = 0  # human: wait until this many judgements of this batch exist
+    wait_timeout_s: float = 86_400.0  # human: give up waiting after this long (the stage fails)
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    reward: RewardConfig = QS.reward  # training
+
+
+@dataclass(frozen=True)
+class DPOParams:
+    dpo: DPOConfig = QS.dpo  # training
+
+
+@dataclass(frozen=True)
+class PPOParams:
+    prompts: int = 2000  # how many prompts rollouts are drawn from
+    prompts_file: str | None = None  # as for the sample stage; None = sandbox prompts
+    ppo: PPOConfig = QS.ppo  # training
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    prompts: int = QS.eval_prompts  # held-out sandbox prompts
+    sampling: SamplingParams = QS.sampling  # how answers are sampled for evaluation
+    prompts_from: str = "sandbox"  # "sandbox" (gold reward too) or "preferences" (the test split's prompts)
+    max_kl: float | None = None  # gate: eval/kl must be <= this to register the policy
+    min_win_rate: float | None = None  # gate: eval/gold_win_rate must be >= this
+    register_as: str | None = None  # model-registry name; registered only when every gate passes
