@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 from alignment.sandbox.world import WorldConfig  # noqa: E402
 from flows.config import PipelinesFile  # noqa: E402
-from tasks.stages import STAGE_TASKS, StageContext  # noqa: E402
+from tasks.stages import STAGE_TASKS, STOP, StageContext  # noqa: E402
 from tasks.store import StageOutput, Store  # noqa: E402
 from tasks.tracking import Tracker  # noqa: E402
 
@@ -61,6 +61,8 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
         {"alignflow.pipeline": pipeline, **({"alignflow.only": only, "alignflow.from_run": from_run} if only else {})},
     )
     status = "FAILED"
+    STOP.clear()
+    futures = {}
     previous = signal.getsignal(signal.SIGTERM)
     if previous is not None and hasattr(signal, "SIGTERM"):
         try:
@@ -78,7 +80,6 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
         if only:
             results = _run_only(ctx, spec, only, tracker, from_run, store)
         else:
-            futures = {}
             for stage in spec.stages:
                 inputs = {slot: futures[src] for slot, src in stage.inputs.items()}
                 futures[stage.name] = STAGE_TASKS[stage.type].with_options(name=stage.name).submit(
@@ -90,6 +91,9 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
         return {"parent_run_id": parent, "stages": {n: o.to_dict() for n, o in results.items()}}
     except KeyboardInterrupt:
         status = "KILLED"
+        STOP.set()  # running stages stop at their next step and mark their runs KILLED
+        for f in futures.values():
+            f.wait(timeout=120)
         raise
     finally:
         tracker.end_run(parent, status)

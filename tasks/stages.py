@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,12 +70,15 @@ class StageContext:
 
 
 HISTORY = "train_metrics.jsonl"
+STOP = threading.Event()  # set on Ctrl-C / SIGTERM: training stages stop at their next step, marked KILLED
 
 
 def metrics_logger(ctx: StageContext, run_id: str, out: Path):
     """Per step: to MLflow (with the step) and to the stage's history file (kept across a crash)."""
 
     def log(step: int, metrics: dict[str, float]) -> None:
+        if STOP.is_set():
+            raise KeyboardInterrupt("stop requested")
         ctx.tracker.log_metrics(run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
         with open(out / HISTORY, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
@@ -348,6 +352,8 @@ STAGE_TYPES: dict[str, StageType] = {
 
 def execute(ctx: StageContext, name: str, stage_type: str, raw_params: dict, inputs: dict[str, StageOutput]) -> StageOutput:
     """Cache lookup -> MLflow run with lineage -> body -> atomic publish -> artifacts -> status."""
+    if STOP.is_set():
+        raise KeyboardInterrupt("stop requested")
     st = STAGE_TYPES[stage_type]
     params = TypeAdapter(st.params).validate_python(raw_params)
     params_dict = {"params": dataclasses.asdict(params), "seed": ctx.seed, "world": dataclasses.asdict(ctx.world)}

@@ -87,3 +87,21 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     steps = [m.step for m in client.get_metric_history(stages["ppo"].info.run_id, "train/reward")]
     assert steps[0] > 1 and steps[-1] == 40  # resumed after the checkpoint, not from iteration 1
     assert ppo_output(crash)["content_hash"] == ppo_output(straight)["content_hash"]
+
+
+def test_sigterm_marks_runs_killed_and_nothing_stays_running(tmp_path):
+    d = setup_dir(tmp_path / "term")
+    proc = subprocess.Popen(CLI, cwd=d, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((d / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-2000:]
+    assert "run the same command again to resume" in out
+    client = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crash")
+    assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
+    killed = {r.data.tags.get("alignflow.stage", "pipeline") for r in client.search_runs([exp.experiment_id], "attributes.status = 'KILLED'")}
+    assert killed == {"pipeline", "ppo"}
