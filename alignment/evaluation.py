@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable, Sequence
 
 import torch
@@ -37,7 +39,7 @@ def generate_answers(
 ) -> tuple[list[str], list[SampleOutput]]:
     """Sample one answer per prompt, in batches, with a seeded generator. Returns (texts, raw outputs)."""
     device = next(model.parameters()).device
-    params = SamplingParams(**{**params.__dict__, "stop_token_ids": params.stop_token_ids or (tokenizer.eos_token_id,)})
+    params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids or (tokenizer.eos_token_id,))
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, outs = [], []
     for i in range(0, len(prompts), batch_size):

@@ -22,15 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from alignment.evaluation import evaluate_policy, generate_answers
 from alignment.models import PolicyWithValueHead, RewardModel, frozen_copy, load_causal_lm, load_tokenizer
-from alignment.data import encode_answer, encode_prompt, fit_to_length
-from alignment.sandbox.assets import build_model, build_tokenizer, world_texts
-from alignment.sandbox.quickstart import gold_scores, reward_scores, to_examples
+from alignment.sandbox.quickstart import gold_scores, reward_scores, sft_trainer, to_examples
 from alignment.sandbox.world import World, WorldConfig
 from alignment.trainers.common import set_seed
 from alignment.trainers.dpo import DPOTrainer
 from alignment.trainers.ppo import PPOTrainer
 from alignment.trainers.reward import RewardTrainer
-from alignment.trainers.sft import SFTTrainer
 from tasks import plots, schemas
 from tasks.labeling import LabelStore
 from tasks.params import (
@@ -93,13 +90,8 @@ def save_curves(out: Path, keys: list[str], title: str) -> list[dict]:
 
 
 def run_sft(ctx, p: SFTParams, inputs, out: Path, run_id: str) -> dict[str, float]:
-    world = ctx.world_model()
-    corpus = world.sft_corpus(p.examples, seed=ctx.seed)
-    tokenizer = build_tokenizer(world_texts(world) + [q + " " + a for q, a in corpus])
-    model = build_model(tokenizer, p.model, seed=ctx.seed)
-    examples = [fit_to_length(encode_prompt(tokenizer, q), [encode_answer(tokenizer, a)], p.sft.max_length) for q, a in corpus]
-    trainer = SFTTrainer(model, [(q, a[0]) for q, a in examples], tokenizer.pad_token_id, p.sft,
-                         output_dir=out, callback=metrics_logger(ctx, run_id, out))
+    trainer, tokenizer = sft_trainer(ctx.world_model(), p.examples, p.model, p.sft, ctx.seed,
+                                     output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
     rows = save_curves(out, ["loss", "lr", "grad_norm"], "SFT")
     trainer.model.save_pretrained(out / "model")

@@ -65,14 +65,20 @@ def reward_scores(rm: RewardModel, tokenizer, max_length: int = 128):
     return fn
 
 
-def stage_sft(world: World, cfg: QuickstartConfig, out: Path):
-    corpus = world.sft_corpus(cfg.sft_examples, seed=cfg.seed)
+def sft_trainer(world: World, n_examples: int, model_cfg: TinyModelConfig, sft: SFTConfig, seed: int,
+                output_dir: Path | None = None, callback=None) -> tuple[SFTTrainer, object]:
+    """The sandbox SFT set-up: corpus, a tokenizer trained on it, a tiny Llama, and its trainer."""
+    corpus = world.sft_corpus(n_examples, seed=seed)
     tokenizer = build_tokenizer(world_texts(world) + [p + " " + a for p, a in corpus])
-    model = build_model(tokenizer, cfg.model, seed=cfg.seed)
-    examples = [
-        fit_to_length(encode_prompt(tokenizer, p), [encode_answer(tokenizer, a)], cfg.sft.max_length) for p, a in corpus
-    ]
-    trainer = SFTTrainer(model, [(p, a[0]) for p, a in examples], tokenizer.pad_token_id, cfg.sft)
+    model = build_model(tokenizer, model_cfg, seed=seed)
+    examples = [fit_to_length(encode_prompt(tokenizer, p), [encode_answer(tokenizer, a)], sft.max_length) for p, a in corpus]
+    trainer = SFTTrainer(model, [(p, a[0]) for p, a in examples], tokenizer.pad_token_id, sft,
+                         output_dir=output_dir, callback=callback)
+    return trainer, tokenizer
+
+
+def stage_sft(world: World, cfg: QuickstartConfig, out: Path):
+    trainer, tokenizer = sft_trainer(world, cfg.sft_examples, cfg.model, cfg.sft, cfg.seed)
     history = trainer.train()
     trainer.model.save_pretrained(out / "sft")
     tokenizer.save_pretrained(out / "sft")

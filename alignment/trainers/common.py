@@ -235,7 +235,6 @@ def train_steps(
     callback: MetricsCallback | None = None,
     stop_at: int | None = None,
     desc: str = "train",
-    extra_state: Callable[[], dict[str, Any]] | None = None,
 ) -> list[dict[str, float]]:
     """The supervised loop of SFT, reward-model and DPO training, resumable from the latest checkpoint.
 
@@ -255,7 +254,7 @@ def train_steps(
         if callback is not None:
             callback(opt.step, metrics)
         if cfg.checkpoint_every and opt.step % cfg.checkpoint_every == 0 and opt.step < end:
-            checkpointer.save(opt.step, {**opt.state_dict(), **(extra_state() if extra_state else {})})
+            checkpointer.save(opt.step, opt.state_dict())
     if checkpointer.directory is not None and history:
-        checkpointer.save(opt.step, {**opt.state_dict(), **(extra_state() if extra_state else {})})
+        checkpointer.save(opt.step, opt.state_dict())
     return history

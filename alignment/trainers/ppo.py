@@ -7,6 +7,8 @@ GAE -> several epochs of minibatch updates of clipped policy loss + c_v * value 
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -94,7 +96,7 @@ class PPOTrainer:
         cfg, device, pad_id = self.cfg, self.opt.device, self.tokenizer.pad_token_id
         model = self.model.eval()
         prompt_ids, prompt_mask = pad([encode_prompt(self.tokenizer, p) for p in prompts], pad_id, side="left")
-        params = SamplingParams(**{**cfg.sampling.__dict__, "stop_token_ids": self.stop_ids})
+        params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
         out = sample(model.policy, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator)
         sequences, attention_mask = out.sequences, out.attention_mask  # [B, P + N]
