@@ -114,8 +114,14 @@ class RewardModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: [B, T]. Returns rewards [B] (float32)."""
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, pairs=None):
+        """input_ids, attention_mask: [B, T]. Returns rewards [B] (float32).
+
+        With pairs= an alignment.prefix.SharedPrefixBatch instead: returns (r(x, y_w) [B], r(x, y_l) [B])
+        with each prompt computed once (a keyword of forward, so DDP wrappers see the call).
+        """
+        if pairs is not None:
+            return self.pair_rewards(pairs)
         hidden = self.model.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -124,6 +130,15 @@ class RewardModel(nn.Module):
         last = last_token_index(attention_mask)  # [B]
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
         return self.model.score(pooled).squeeze(-1).float()  # [B]
+
+    def pair_rewards(self, batch) -> tuple[Tensor, Tensor]:
+        """(r(x, y_w) [B], r(x, y_l) [B]) from one alignment.prefix.SharedPrefixBatch (prompt computed once)."""
+        from alignment.prefix import shared_prefix_hidden
+
+        hidden = shared_prefix_hidden(self.model.base_model, batch)  # [B, L, H]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = torch.cat([hidden[rows, batch.chosen_last], hidden[rows, batch.rejected_last]])  # [2B, H]
+        return self.model.score(pooled).squeeze(-1).float().chunk(2)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))

@@ -332,8 +332,44 @@ def label_export(out: Path = typer.Argument(..., help="Output .jsonl, .csv or .p
 
 
 @app.command()
+def train(
+    kind: str = typer.Argument(..., help="dpo or reward."),
+    model: str = typer.Option(..., help="Hugging Face model id or local folder to start from."),
+    data: str = typer.Option(..., help="Preference file (JSONL/CSV/Parquet/datasets folder; prompt, chosen, rejected)."),
+    out: Path = typer.Option(..., help="Output folder: model/ and history.jsonl."),
+    steps: int = typer.Option(100, help="Optimizer steps."),
+    batch_size: int = typer.Option(8, help="GLOBAL pairs per step (split over the processes of accelerate launch)."),
+    lr: float = typer.Option(5e-6, help="Peak learning rate (cosine decay, short warm-up)."),
+    beta: float = typer.Option(0.1, help="DPO beta."),
+    max_length: int = typer.Option(512, help="Prompt + answer tokens per sequence."),
+    lora_r: int = typer.Option(0, help="LoRA rank for DPO (0 = full fine-tuning); the reference is the model with adapters off."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass to save memory."),
+    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (GPU)."),
+    seed: int = typer.Option(0, help="Seed of data order and initialisation."),
+) -> None:
+    """Train one DPO policy or reward model on a preference file: no Prefect, no MLflow.
+
+    Made for `accelerate launch` (DDP, FSDP, DeepSpeed configs in configs/accelerate/), e.g.
+
+      accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli train dpo --model M --data prefs.jsonl --out runs/dpo
+    """
+    from flows.train import train as run_training, train_config
+    from tasks.schemas import DataError
+
+    try:
+        run_training(kind, model, data, out, train_config(steps, batch_size, lr, seed, mixed_precision),
+                     max_length, beta, lora_r, gradient_checkpointing)
+    except (DataError, ValueError) as err:
+        fail(str(err))
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from alignment import __version__
 
     typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

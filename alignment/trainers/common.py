@@ -6,6 +6,7 @@ Trainers compose these pieces; none of them holds loss math.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -102,7 +103,9 @@ class Optimization:
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
         self.cfg = cfg
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        # several processes on a machine without CUDA (torchrun on CPU): DDP over gloo
+        cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -128,21 +131,30 @@ class Optimization:
         """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics."""
         micro = self.split(indices)
         totals: dict[str, float] = {}
-        for part in micro:
-            with self.accelerator.autocast():
-                loss, metrics = micro_losses(part)
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}; stopped before the update")
-            self.accelerator.backward(loss * len(part) / len(indices))
+        for i, part in enumerate(micro):
+            # under DDP, gradients are all-reduced once, after the last micro-batch
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                with self.accelerator.autocast():
+                    loss, metrics = micro_losses(part)
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}; stopped before the update")
+                self.accelerator.backward(loss * len(part) / len(indices))
             metrics = {"loss": loss.detach(), **metrics}
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(part) / len(indices)
         grad_norm = self.accelerator.clip_grad_norm_(
             self.model.parameters(), self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         )
-        if not torch.isfinite(torch.as_tensor(grad_norm)):
+        if grad_norm is None:  # DeepSpeed clips inside its own step and reports no norm here
+            grad_norm = float("nan")
+        elif not torch.isfinite(torch.as_tensor(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"gradient norm is {float(grad_norm)} at step {self.step}; stopped before the update")
+        if self.accelerator.num_processes > 1:  # metrics of the global batch, not of this process's share
+            keys = sorted(totals)
+            mean = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=self.device), reduction="mean")
+            totals = dict(zip(keys, mean.tolist()))
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()

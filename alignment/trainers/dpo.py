@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from alignment.data import PairExample, collate_pairs
 from alignment.logprobs import sequence_logprobs
 from alignment.losses import dpo_loss
+from alignment.lora import has_adapters, reference_mode
 from alignment.models import frozen_copy
+from alignment.prefix import collate_shared_prefix, shared_prefix_logps
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -29,18 +32,38 @@ class DPOConfig:
     label_smoothing: float = 0.0  # eps of conservative DPO: assumed probability that a label is flipped
     max_length: int = 128  # prompt + answer tokens per sequence
     precompute_ref_logps: bool = True  # reference log-probs computed once up front, not every step
+    shared_prefix: bool = True  # chosen and rejected read one copy of their prompt (alignment.prefix)
 
 
-def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_logps [B], rejected_logps [B]) of the answers, one concatenated forward of 2B rows."""
+def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device, shared_prefix: bool = True):
+    """(chosen_logps [B], rejected_logps [B]) of the answers in one forward pass.
+
+    shared_prefix: B rows prompt ++ chosen ++ rejected (alignment.prefix); otherwise 2B padded rows
+    prompt ++ answer, chosen rows then rejected rows.
+    """
+    if shared_prefix:
+        return shared_prefix_logps(model, collate_shared_prefix(examples, pad_token_id).to(device))
     input_ids, attention_mask, answer_mask = (t.to(device) for t in collate_pairs(examples, pad_token_id))
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [2B, T, V]
     _, seq_logps = sequence_logprobs(logits, input_ids, answer_mask)  # [2B]
     return seq_logps.chunk(2)
 
 
+class PairLogps(nn.Module):
+    """The trained module: a policy whose forward gives pair log-probs, so DDP/FSDP wrappers see the call."""
+
+    def __init__(self, policy, pad_token_id: int, shared_prefix: bool):
+        super().__init__()
+        self.policy, self.pad_token_id, self.shared_prefix = policy, pad_token_id, shared_prefix
+
+    def forward(self, examples: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.policy.parameters()).device
+        return pair_logps(self.policy, examples, self.pad_token_id, device, self.shared_prefix)
+
+
 class DPOTrainer:
-    """Data: PairExamples. Reference: a frozen copy of the starting policy unless one is given."""
+    """Data: PairExamples. Reference: given, or the model itself with its LoRA adapters disabled (a
+    PEFT model: no second copy of the weights), or else a frozen copy of the starting policy."""
 
     def __init__(
         self,
@@ -54,8 +77,10 @@ class DPOTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
-        self.ref_model = ref_model if ref_model is not None or reference_logps is not None else frozen_copy(model)
-        self.opt = Optimization(model, cfg.train)
+        if ref_model is None and reference_logps is None and not has_adapters(model):
+            ref_model = frozen_copy(model)
+        self.ref_model = ref_model
+        self.opt = Optimization(PairLogps(model, pad_token_id, cfg.shared_prefix), cfg.train)
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
         self.sampler = self.opt.sampler(len(self.examples))
@@ -65,23 +90,30 @@ class DPOTrainer:
             self.reference_logps = self.compute_reference_logps()
 
     @torch.no_grad()
+    def ref_pair_logps(self, examples: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_ref of chosen and rejected answers: the reference model, or the policy with adapters off."""
+        if self.ref_model is not None:
+            return pair_logps(self.ref_model, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix)
+        with reference_mode(self.model) as policy:
+            return pair_logps(policy, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix)
+
+    @torch.no_grad()
     def compute_reference_logps(self, batch_size: int = 32) -> torch.Tensor:
         """log pi_ref of every chosen and rejected answer, once. Returns [N, 2] on the CPU."""
         rows = []
         for i in range(0, len(self.examples), batch_size):
-            chosen, rejected = pair_logps(self.ref_model, self.examples[i : i + batch_size], self.pad_token_id, self.opt.device)
+            chosen, rejected = self.ref_pair_logps(self.examples[i : i + batch_size])
             rows.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
         return torch.cat(rows)  # [N, 2]
 
     def micro_loss(self, indices: list[int]):
         examples = [self.examples[i] for i in indices]
-        policy_chosen_logps, policy_rejected_logps = pair_logps(self.opt.model, examples, self.pad_token_id, self.opt.device)
+        policy_chosen_logps, policy_rejected_logps = self.opt.model(examples)
         if self.reference_logps is not None:
             ref = self.reference_logps[indices].to(self.opt.device)  # [B, 2]
             ref_chosen_logps, ref_rejected_logps = ref[:, 0], ref[:, 1]
         else:
-            with torch.no_grad():
-                ref_chosen_logps, ref_rejected_logps = pair_logps(self.ref_model, examples, self.pad_token_id, self.opt.device)
+            ref_chosen_logps, ref_rejected_logps = self.ref_pair_logps(examples)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
             self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing,
@@ -102,4 +134,5 @@ class DPOTrainer:
 
     @property
     def model(self):
-        return self.opt.accelerator.unwrap_model(self.opt.model)
+        """The policy being trained (unwrapped)."""
+        return self.opt.accelerator.unwrap_model(self.opt.model).policy

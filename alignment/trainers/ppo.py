@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from alignment.advantages import AdaptiveKLController, FixedKLController, explained_variance, gae, whiten
 from alignment.data import encode_prompt, pad
 from alignment.logprobs import sequence_logprobs
+from alignment.lora import has_adapters, reference_mode
 from alignment.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
 from alignment.sampling import SamplingParams, sample
@@ -74,9 +75,12 @@ class PPOTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.tokenizer, self.prompts, self.reward_fn, self.callback = cfg, tokenizer, list(prompts), reward_fn, callback
-        self.ref_model = ref_model if ref_model is not None else frozen_copy(model.policy)
+        if ref_model is None and not has_adapters(model.policy):
+            ref_model = frozen_copy(model.policy)
+        self.ref_model = ref_model  # None: the policy with its LoRA adapters disabled
         self.opt = Optimization(model, cfg.train_config())
-        self.ref_model.to(self.opt.device)
+        if self.ref_model is not None:
+            self.ref_model.to(self.opt.device)
         self.prompt_sampler = StepSampler(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
         self.kl_ctl = (
             AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.beta)
@@ -105,9 +109,7 @@ class PPOTrainer:
 
         logits, values = model(sequences, attention_mask)
         logps, _ = sequence_logprobs(logits, sequences, mask)  # [B, P + N]
-        ref_logits = self.ref_model(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-        ).logits
+        ref_logits = self.reference_logits(sequences, attention_mask)
         ref_logps, _ = sequence_logprobs(ref_logits, sequences, mask)
 
         answers = self.tokenizer.batch_decode(
@@ -127,6 +129,15 @@ class PPOTrainer:
             "logps": logps, "values": values * mask, "advantages": advantages, "returns": returns,
             "scores": scores, "kl": kl.sum(-1), "answer_len": out.answer_mask.sum(-1).float(),
         }
+
+    @torch.no_grad()
+    def reference_logits(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of the reference policy: the frozen model, or the policy with adapters off."""
+        kwargs = dict(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        if self.ref_model is not None:
+            return self.ref_model(**kwargs).logits
+        with reference_mode(self.model.policy) as policy:
+            return policy(**kwargs).logits
 
     # -- updates -------------------------------------------------------------------------------
     def micro_loss(self, batch: dict[str, torch.Tensor], indices: list[int]):

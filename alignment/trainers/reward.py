@@ -11,6 +11,7 @@ import torch
 from alignment.data import PairExample, collate_pairs
 from alignment.losses import reward_model_loss
 from alignment.models import RewardModel
+from alignment.prefix import collate_shared_prefix
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -26,6 +27,7 @@ class RewardConfig:
     margin: float = 0.0  # m in -log sigma(r_w - r_l - m)
     center_coef: float = 0.0  # eta of the centering term eta * E[(r_w + r_l)^2]
     max_length: int = 128  # prompt + answer tokens per sequence
+    shared_prefix: bool = True  # one row prompt ++ chosen ++ rejected per pair (prompt computed once)
 
 
 class RewardTrainer:
@@ -46,9 +48,13 @@ class RewardTrainer:
         self.checkpointer = Checkpointer.under(output_dir)
 
     def rewards(self, examples: Sequence[PairExample], model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen_rewards [B], rejected_rewards [B]) from one concatenated forward pass."""
+        """(chosen_rewards [B], rejected_rewards [B]) from one forward pass."""
+        model = model or self.opt.model
+        if self.cfg.shared_prefix:
+            batch = collate_shared_prefix(examples, self.pad_token_id).to(self.opt.device)
+            return model(pairs=batch)
         input_ids, attention_mask, _ = (t.to(self.opt.device) for t in collate_pairs(examples, self.pad_token_id))
-        rewards = (model or self.opt.model)(input_ids, attention_mask)  # [2B]
+        rewards = model(input_ids, attention_mask)  # [2B]
         return rewards.chunk(2)
 
     def micro_loss(self, indices: list[int]):
