@@ -16,6 +16,11 @@ class PairExample:
     chosen_ids: list[int]  # answer tokens of the preferred answer y_w, ending in EOS
     rejected_ids: list[int]  # answer tokens of the other answer y_l, ending in EOS
 
+    @property
+    def tokens(self) -> int:
+        """Length of the shared-prefix row prompt ++ chosen ++ rejected."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -35,15 +35,16 @@ def answer_logps(model, out: SampleOutput) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, prompts: Sequence[str], params: SamplingParams, seed: int, batch_size: int = 64
+    model, tokenizer, prompts: Sequence[str], params: SamplingParams, seed: int
 ) -> tuple[list[str], list[SampleOutput]]:
-    """Sample one answer per prompt, in batches, with a seeded generator. Returns (texts, raw outputs)."""
+    """Sample one answer per prompt, params.batch_size prompts at a time, with a seeded generator.
+    Returns (texts, raw outputs)."""
     device = next(model.parameters()).device
     params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids or (tokenizer.eos_token_id,))
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, outs = [], []
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = pad([encode_prompt(tokenizer, p) for p in prompts[i : i + batch_size]], tokenizer.pad_token_id, "left")
+    for i in range(0, len(prompts), params.batch_size):
+        ids, mask = pad([encode_prompt(tokenizer, p) for p in prompts[i : i + params.batch_size]], tokenizer.pad_token_id, "left")
         out = sample(model, ids.to(device), mask.to(device), params, tokenizer.pad_token_id, generator)
         outs.append(out)
         texts += tokenizer.batch_decode(

@@ -94,7 +94,7 @@ def _plain_lm_head(model):
     cfg = model.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
-    if type(model).__name__.split("For")[0] not in PLAIN_HEAD_FAMILIES:
+    if type(model).__name__.split("For")[0].removesuffix("LMHeadModel") not in PLAIN_HEAD_FAMILIES:
         return None
     return model.get_output_embeddings()
 

@@ -19,6 +19,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with probability >= top_p
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after one of these (it is kept)
+    batch_size: int = 256  # prompts sampled together (PPO rollouts: rollout_batch_size instead)
 
 
 @dataclass
@@ -81,15 +82,17 @@ def sample(
         logits = out.logits[:, -1].float()  # [B, V]
         if params.temperature > 0:
             logits = logits / params.temperature
-        log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        probs = torch.softmax(logits, dim=-1)  # [B, V], one pass over the vocabulary when nothing is filtered
         if params.temperature == 0:
             next_token = logits.argmax(-1)  # [B]
         else:
-            probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1)
-            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+            filtered = params.top_k or params.top_p < 1.0
+            sample_probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1) if filtered else probs
+            next_token = torch.multinomial(sample_probs, 1, generator=generator).squeeze(-1)  # [B]
         next_token = next_token.masked_fill(done, pad_token_id)
         tokens.append(next_token)
-        logps.append(log_probs.gather(-1, next_token.unsqueeze(-1)).squeeze(-1).masked_fill(done, 0.0))
+        # log pi(token) = log of its probability; a token drawn from probs (or from a top-k/p subset) has p > 0
+        logps.append(probs.gather(-1, next_token.unsqueeze(-1)).squeeze(-1).log().masked_fill(done, 0.0))
         alive.append(~done)
         if len(stop):
             done = done | torch.isin(next_token, stop)

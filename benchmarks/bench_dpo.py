@@ -19,7 +19,7 @@ import torch
 from common import StepTimer, trl_timing_callback, Workload, causal_lm, mfu, peak_memory_mb, report, texts, tokenizer
 
 
-def ours(w: Workload, device: str, precompute: bool) -> float:
+def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True) -> float:
     from alignment.data import tokenize_pairs
     from alignment.trainers.common import TrainConfig
     from alignment.trainers.dpo import DPOConfig, DPOTrainer
@@ -31,7 +31,8 @@ def ours(w: Workload, device: str, precompute: bool) -> float:
     model = causal_lm(w, device)
     cfg = DPOConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
                                 mixed_precision="bf16" if device.startswith("cuda") else "no"),
-                    beta=0.1, max_length=w.prompt_tokens + w.answer_tokens, precompute_ref_logps=precompute)
+                    beta=0.1, max_length=w.prompt_tokens + w.answer_tokens, precompute_ref_logps=precompute,
+                    shared_prefix=shared_prefix)
     t = time.perf_counter()
     trainer = DPOTrainer(model, examples, tok.pad_token_id, cfg)
     setup_s = time.perf_counter() - t
@@ -49,7 +50,8 @@ def ours(w: Workload, device: str, precompute: bool) -> float:
     extra = f"MFU {mfu(n_params, tokens / timer.step_s, device)}"
     if precompute:
         extra += f"  (reference pass once: {setup_s:.1f} s for {len(examples)} pairs)"
-    return report(f"alignflow DPO ({'ref precomputed' if precompute else 'ref every step'})",
+    name = f"alignflow DPO ({'ref precomputed' if precompute else 'ref every step'}{'' if shared_prefix else ', no prefix sharing'})"
+    return report(name,
                   tokens, timer.step_s, peak_memory_mb(device), extra)
 
 
@@ -83,6 +85,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     print(f"DPO: {w.pairs} pairs x ({w.prompt_tokens} + {w.answer_tokens}) tokens, vocab {w.vocab}, hidden {w.hidden}, "
           f"{w.layers} layers; device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ours(w, args.device, precompute=True, shared_prefix=False)
     pre = ours(w, args.device, precompute=True)
     fly = ours(w, args.device, precompute=False)
     if args.peer == "trl":

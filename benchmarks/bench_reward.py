@@ -3,7 +3,8 @@ model, data and batch, in one invocation.
 
     .venv/bin/python benchmarks/bench_reward.py [--peer trl] [--device cuda] [--gpu-shape]
 
-Tokens/s counts chosen + rejected tokens (prompt included) per step.
+Tokens/s counts chosen + rejected tokens (prompt included) per step: the same work for both, however
+each trainer lays it out (alignflow reads the shared prompt once, see alignment/prefix.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from common import StepTimer, trl_timing_callback, Workload, mfu, peak_memory_mb, report, seq_classifier, texts, tokenizer
 
 
-def ours(w: Workload, device: str) -> float:
+def ours(w: Workload, device: str, shared_prefix: bool = True) -> float:
     from alignment.data import tokenize_pairs
     from alignment.models import RewardModel
     from alignment.trainers.common import TrainConfig
@@ -29,7 +30,7 @@ def ours(w: Workload, device: str) -> float:
     model = RewardModel(seq_classifier(w, device))
     cfg = RewardConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
                                    mixed_precision="bf16" if device.startswith("cuda") else "no"),
-                       max_length=w.prompt_tokens + w.answer_tokens)
+                       max_length=w.prompt_tokens + w.answer_tokens, shared_prefix=shared_prefix)
     timer = StepTimer(w.warmup, device)
 
     def tick(step, metrics):
@@ -41,7 +42,8 @@ def ours(w: Workload, device: str) -> float:
     trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
     n = sum(p.numel() for p in model.parameters())
-    return report("alignflow RewardTrainer", tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n, tokens / timer.step_s, device)}")
+    name = "alignflow RewardTrainer" + ("" if shared_prefix else " (no prefix sharing)")
+    return report(name, tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n, tokens / timer.step_s, device)}")
 
 
 def trl(w: Workload, device: str) -> float:
@@ -73,6 +75,7 @@ def main() -> None:
     w = Workload.gpu() if args.gpu_shape else Workload()
     print(f"reward model: {w.pairs} pairs x ({w.prompt_tokens} + {w.answer_tokens}) tokens, vocab {w.vocab}, hidden {w.hidden}, "
           f"{w.layers} layers; device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ours(w, args.device, shared_prefix=False)
     ours_tps = ours(w, args.device)
     if args.peer == "trl":
         print(f"ratio alignflow / TRL tokens/s: {ours_tps / trl(w, args.device):.2f}x")

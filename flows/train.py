@@ -38,17 +38,14 @@ def train(kind: str, model: str, data: str, out: Path, train_cfg: TrainConfig, m
     tokenizer = load_tokenizer(model)
     examples = tokenize_pairs(tokenizer, list(pairs["prompt"]), list(pairs["chosen"]), list(pairs["rejected"]), max_length)
     set_seed(train_cfg.seed)
+    train_cfg = dataclasses.replace(train_cfg, gradient_checkpointing=gradient_checkpointing)
     if kind == "dpo":
         policy = load_causal_lm(model)
-        if gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
         if lora_r:
             policy = add_lora(policy, LoRAConfig(r=lora_r, alpha=2 * lora_r))
         trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, DPOConfig(train_cfg, beta=beta, max_length=max_length))
     else:
         rm = RewardModel.from_pretrained(model)
-        if gradient_checkpointing:
-            rm.model.gradient_checkpointing_enable()
         trainer = RewardTrainer(rm, examples, tokenizer.pad_token_id, RewardConfig(train_cfg, max_length=max_length))
     history = trainer.train()
     if trainer.opt.accelerator.is_main_process:

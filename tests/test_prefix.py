@@ -2,7 +2,10 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import (
+    GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM, LlamaForSequenceClassification,
+    Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
+)
 
 from alignment.data import PairExample
 from alignment.models import RewardModel
@@ -21,6 +24,18 @@ def tiny_gpt2_config(**kw) -> GPT2Config:
                       bos_token_id=1, eos_token_id=2, **kw)
 
 
+def tiny_qwen2_config(**kw) -> Qwen2Config:
+    return Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+
+
+LMS = {"llama": lambda: LlamaForCausalLM(tiny_llama_config()), "gpt2": lambda: GPT2LMHeadModel(tiny_gpt2_config()),
+       "qwen2": lambda: Qwen2ForCausalLM(tiny_qwen2_config())}
+CLASSIFIERS = {"llama": lambda: LlamaForSequenceClassification(tiny_llama_config(num_labels=1)),
+               "gpt2": lambda: GPT2ForSequenceClassification(tiny_gpt2_config(num_labels=1)),
+               "qwen2": lambda: Qwen2ForSequenceClassification(tiny_qwen2_config(num_labels=1))}
+
+
 def alone_logp(model, prompt, answer) -> float:
     """Independent: one unpadded row, plain log_softmax over the full logits, sum over answer tokens."""
     ids = torch.tensor([prompt + answer])
@@ -33,10 +48,10 @@ def alone_reward(rm, prompt, answer) -> float:
     return float(rm(ids, torch.ones_like(ids)))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", sorted(LMS))
 def test_shared_prefix_logps_equal_separate_rows(family):
     torch.manual_seed(0)
-    model = (LlamaForCausalLM(tiny_llama_config()) if family == "llama" else GPT2LMHeadModel(tiny_gpt2_config())).eval()
+    model = LMS[family]().eval()
     with torch.no_grad():
         chosen, rejected = shared_prefix_logps(model, collate_shared_prefix(PAIRS, pad_id=0))
         for i, e in enumerate(PAIRS):
@@ -46,14 +61,10 @@ def test_shared_prefix_logps_equal_separate_rows(family):
     assert abs(chosen[0] - rejected[0]) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", sorted(CLASSIFIERS))
 def test_shared_prefix_rewards_equal_separate_rows(family):
     torch.manual_seed(0)
-    if family == "llama":
-        hf = LlamaForSequenceClassification(tiny_llama_config(num_labels=1))
-    else:
-        hf = GPT2ForSequenceClassification(tiny_gpt2_config(num_labels=1))
-    rm = RewardModel(hf).eval()
+    rm = RewardModel(CLASSIFIERS[family]()).eval()
     with torch.no_grad():
         chosen, rejected = rm(pairs=collate_shared_prefix(PAIRS, pad_id=0))
         for i, e in enumerate(PAIRS):

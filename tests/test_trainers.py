@@ -147,3 +147,60 @@ def test_ppo_resume_gives_the_same_parameters(sandbox_tokenizer, tmp_path):
     resumed.train()
     assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value)
     assert torch.allclose(params(straight.model), params(resumed.model), atol=1e-6)
+
+
+def test_length_grouped_sampler_covers_each_example_once_with_little_padding():
+    from alignment.trainers.common import StepSampler
+
+    lengths = torch.randint(5, 100, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    grouped = StepSampler(64, 8, seed=3, lengths=lengths)
+    plain = StepSampler(64, 8, seed=3)
+    batches = [grouped.batch(s) for s in range(8)]  # one group = one epoch here
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    assert [grouped.batch(s) for s in range(8)] == batches  # depends only on (seed, step): resumable
+
+    def fill(batch):  # real tokens / padded tokens of a right-padded batch
+        return sum(lengths[i] for i in batch) / (len(batch) * max(lengths[i] for i in batch))
+
+    grouped_fill = sum(map(fill, batches)) / 8
+    plain_fill = sum(fill(plain.batch(s)) for s in range(8)) / 8
+    assert grouped_fill > 0.8 and grouped_fill > plain_fill + 0.15, (grouped_fill, plain_fill)
+    # two processes split every global batch between them
+    halves = [StepSampler(64, 8, 3, rank, 2, lengths).batch(5) for rank in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == sorted(batches[5])
+
+
+def test_ppo_reward_model_with_its_own_tokenizer(sandbox_tokenizer):
+    """The RM reads the answer TEXT with its own tokenizer (a BPE here, the policy's is word level)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from alignment.sandbox.assets import world_texts
+    from alignment.sandbox.quickstart import reward_scores
+    from alignment.sandbox.world import World
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(world_texts(World()), trainers.BpeTrainer(vocab_size=150, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"]))
+    rm_tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    text = "happy to help ! rinse the rice and use two cups of water ."
+    assert rm_tok(text)["input_ids"] != sandbox_tokenizer(text)["input_ids"]  # really different tokenizers
+    torch.manual_seed(0)
+    rm = RewardModel(LlamaForSequenceClassification(tiny_llama_config(vocab_size=len(rm_tok), num_labels=1))).eval()
+    rm_fn = reward_scores(rm, rm_tok)
+    seen = []
+
+    def reward_fn(prompts, answers):
+        scores = rm_fn(prompts, answers)
+        seen.append((list(prompts), list(answers), scores))
+        return scores
+
+    model, prompts, _, cfg = ppo_setup(sandbox_tokenizer, iterations=1)
+    trainer = PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg)
+    history = trainer.train()
+    (ps, answers, scores), = seen
+    assert history[0]["reward"] == pytest.approx(float(scores.mean()), abs=1e-6)
+    assert any(answers) and all(isinstance(a, str) for a in answers)
+    # each score is the RM's own reading of that text: re-tokenised with rm_tok, one at a time
+    for p, a, s in list(zip(ps, answers, scores))[:4]:
+        assert float(rm_fn([p], [a])[0]) == pytest.approx(float(s), abs=1e-4)

@@ -40,6 +40,9 @@ class TrainConfig:
     seed: int = 0  # seed of the data order, initialisation noise and sampling
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps; 0 = never
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; used on GPU)
+    group_by_length: bool = True  # batches of similar length (less padding): see StepSampler
+    compile: bool = False  # torch.compile the trained module (dynamic shapes); pays off on long GPU runs
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,13 +79,22 @@ class StepSampler:
 
     batch(step) depends only on (seed, step), so a resumed run sees exactly the batches it would
     have seen. Under several processes each takes its own slice of the global batch.
+    With `lengths`, the examples of GROUP consecutive batches are sorted by length, cut into GROUP
+    batches again and those are taken in a seeded random order (as transformers' LengthGroupedSampler):
+    each batch holds examples of similar length, so little of it is padding, and an epoch still visits
+    every example once.
     """
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    GROUP = 8
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 lengths: list[int] | None = None):
         if n_examples <= 0:
             raise ValueError("the training set is empty")
+        if lengths is not None and len(lengths) != n_examples:
+            raise ValueError(f"{len(lengths)} lengths for {n_examples} examples")
         self.n, self.batch_size, self.seed = n_examples, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.lengths = rank, world_size, lengths
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -91,11 +103,46 @@ class StepSampler:
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch]
 
+    def _positions(self, start: int, count: int) -> list[int]:
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + count)]
+
     def batch(self, step: int) -> list[int]:
         """Example indices of global batch `step` that belong to this process."""
-        start = step * self.batch_size
-        idx = [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+        if self.lengths is None:
+            idx = self._positions(step * self.batch_size, self.batch_size)
+        else:
+            group = step // self.GROUP
+            members = self._positions(group * self.GROUP * self.batch_size, self.GROUP * self.batch_size)
+            members.sort(key=lambda i: self.lengths[i])
+            g = torch.Generator().manual_seed(self.seed * 7_919 + group)
+            k = int(torch.randperm(self.GROUP, generator=g)[step % self.GROUP])
+            idx = members[k * self.batch_size : (k + 1) * self.batch_size]
         return idx[self.rank :: self.world_size]
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation checkpointing in every transformers model inside `model` (policy, value model,
+    reward backbone); use_reentrant=False so frozen embeddings (LoRA) still pass gradients on."""
+    found = False
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing_enable") and getattr(module, "supports_gradient_checkpointing", False):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} holds no transformers model that supports gradient checkpointing")
+
+
+def compile_backbones(model: torch.nn.Module) -> None:
+    """torch.compile (dynamic shapes) every transformers backbone inside `model`, in place, so state_dict
+    keys and saving are unchanged and every caller of the backbone (policy, reward head, shared-prefix
+    batches) runs the compiled graph."""
+    from transformers import PreTrainedModel
+
+    backbones = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.base_model is m]
+    if not backbones:
+        raise ValueError(f"{type(model).__name__} holds no transformers backbone to compile")
+    for backbone in backbones:
+        backbone.compile(dynamic=True)
 
 
 class Optimization:
@@ -106,6 +153,10 @@ class Optimization:
         # several processes on a machine without CUDA (torchrun on CPU): DDP over gloo
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if cfg.compile:
+            compile_backbones(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -116,10 +167,11 @@ class Optimization:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def sampler(self, n_examples: int) -> StepSampler:
-        """The data order of this run: cfg.batch_size examples a step, this process's share of them."""
-        return StepSampler(n_examples, self.cfg.batch_size, self.cfg.seed,
-                           self.accelerator.process_index, self.accelerator.num_processes)
+    def sampler(self, n_examples: int, lengths: list[int] | None = None) -> StepSampler:
+        """The data order of this run: cfg.batch_size examples a step, this process's share of them;
+        grouped by `lengths` (tokens per example) when cfg.group_by_length."""
+        return StepSampler(n_examples, self.cfg.batch_size, self.cfg.seed, self.accelerator.process_index,
+                           self.accelerator.num_processes, lengths if self.cfg.group_by_length else None)
 
     def split(self, indices: list[int]) -> list[list[int]]:
         """Split a batch into grad_accum_steps micro-batches."""

@@ -83,7 +83,7 @@ class DPOTrainer:
         self.opt = Optimization(PairLogps(model, pad_token_id, cfg.shared_prefix), cfg.train)
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
-        self.sampler = self.opt.sampler(len(self.examples))
+        self.sampler = self.opt.sampler(len(self.examples), [e.tokens for e in self.examples])
         self.checkpointer = Checkpointer.under(output_dir)
         self.reference_logps = reference_logps  # [N, 2]: (chosen, rejected) per example
         if self.reference_logps is None and cfg.precompute_ref_logps:

@@ -44,7 +44,7 @@ class RewardTrainer:
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
         self.opt = Optimization(model, cfg.train)
-        self.sampler = self.opt.sampler(len(self.examples))
+        self.sampler = self.opt.sampler(len(self.examples), [e.tokens for e in self.examples])
         self.checkpointer = Checkpointer.under(output_dir)
 
     def rewards(self, examples: Sequence[PairExample], model=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ class SFTTrainer:
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
         self.opt = Optimization(model, cfg.train)
-        self.sampler = self.opt.sampler(len(self.examples))
+        self.sampler = self.opt.sampler(len(self.examples), [len(p) + len(a) for p, a in self.examples])
         self.checkpointer = Checkpointer.under(output_dir)
 
     def micro_loss(self, indices: list[int]):
