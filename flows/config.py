@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +123,8 @@ def load(path: str | Path, pipeline: str | None = None, overrides: list[str] | N
 
 def unknown_keys(cls: type, data: Any, where: str) -> list[str]:
     """Keys that are not fields of the (nested) params dataclass; pydantic ignores them silently."""
+    if typing.get_origin(cls) in (typing.Union, types.UnionType):  # `X | None`: check against X
+        cls = next((a for a in typing.get_args(cls) if dataclasses.is_dataclass(a)), cls)
     if not (dataclasses.is_dataclass(cls) and isinstance(data, dict)):
         return []
     hints = typing.get_type_hints(cls)

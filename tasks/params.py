@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alignment.lora import LoRAConfig
 from alignment.sampling import SamplingParams
 from alignment.sandbox.assets import TinyModelConfig
 from alignment.sandbox.quickstart import QuickstartConfig
@@ -56,6 +57,7 @@ class RewardParams:
 @dataclass(frozen=True)
 class DPOParams:
     dpo: DPOConfig = QS.dpo  # training
+    lora: LoRAConfig | None = None  # train LoRA adapters only; the reference is the model with them off
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class PPOParams:
     prompts: int = 2000  # how many prompts rollouts are drawn from
     prompts_file: str | None = None  # as for the sample stage; None = sandbox prompts
     ppo: PPOConfig = QS.ppo  # training
+    lora: LoRAConfig | None = None  # train LoRA adapters (and the value head) only; reference = adapters off
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from pydantic import TypeAdapter
 from safetensors.torch import load_file, save_file
 
 from alignment.evaluation import evaluate_policy, generate_answers
-from alignment.models import PolicyWithValueHead, RewardModel, frozen_copy, load_causal_lm, load_tokenizer
+from alignment.lora import add_lora, merged
+from alignment.models import PolicyWithValueHead, RewardModel, load_causal_lm, load_tokenizer
 from alignment.sandbox.quickstart import gold_scores, reward_scores, sft_trainer, to_examples
 from alignment.sandbox.world import World, WorldConfig
 from alignment.trainers.common import set_seed
@@ -260,8 +261,9 @@ def run_dpo(ctx, p: DPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     reference_logps = load_file(str(ref_dir / "logps.safetensors"))["logps"] if (ref_dir / "logps.safetensors").is_file() else None
     reused = reference_logps is not None
     set_seed(ctx.seed)
+    if p.lora is not None:
+        policy = add_lora(policy, p.lora)
     trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, p.dpo, reference_logps=reference_logps,
-                         ref_model=None if not reused else frozen_copy(policy),
                          output_dir=out, callback=metrics_logger(ctx, run_id, out))
     if not reused:
         tmp = ctx.store.partial("reference_logps", ref_key)
@@ -270,7 +272,7 @@ def run_dpo(ctx, p: DPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     ctx.tracker.set_tags(run_id, {"reference_logps.key": ref_key, "reference_logps.reused": reused})
     trainer.train()
     rows = save_curves(out, ["loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "grad_norm"], "DPO")
-    trainer.model.save_pretrained(out / "model")
+    merged(trainer.model).save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {"final_loss": rows[-1]["loss"]}
 
@@ -281,7 +283,10 @@ def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     rm_path = Path(inputs["reward_model"].path) / "model"
     rm = RewardModel.from_pretrained(rm_path)
     set_seed(ctx.seed)
-    trainer = PPOTrainer(PolicyWithValueHead.from_pretrained(path), tokenizer,
+    model = PolicyWithValueHead.from_pretrained(path)
+    if p.lora is not None:
+        model.policy = add_lora(model.policy, p.lora)
+    trainer = PPOTrainer(model, tokenizer,
                          read_prompts(p.prompts_file, p.prompts, ctx, 20),
                          reward_scores(rm, load_tokenizer(rm_path)), p.ppo,
                          output_dir=out, callback=metrics_logger(ctx, run_id, out))
@@ -289,6 +294,7 @@ def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     rows = save_curves(out, ["reward", "kl", "beta", "policy_loss", "value_loss", "entropy", "clip_frac",
                              "approx_kl", "value_explained_variance", "answer_len"], "PPO")
     plots.plot_reward_kl(rows, out / "reward_kl.png", "PPO: reward-model score against KL")
+    trainer.model.policy = merged(trainer.model.policy)
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {"final_reward": rows[-1]["reward"], "final_kl": rows[-1]["kl"]}

@@ -180,7 +180,7 @@ def test_rlhf_ppo_pipeline_waits_for_people_then_trains(tmp_path):
     pipe["stages"][2]["params"].update(db=str(db), min_judgements=3, held_out=0.34)
     pipe["stages"][3]["params"]["reward"] = {"max_length": 64, "train": {"max_steps": 2, "batch_size": 2}}
     pipe["stages"][4]["params"].update(prompts_file=str(prompts), ppo={
-        "iterations": 2, "rollout_batch_size": 4, "minibatch_size": 2, "sampling": tiny})
+        "iterations": 2, "rollout_batch_size": 4, "minibatch_size": 2, "sampling": tiny}, lora={"r": 4, "alpha": 8})
     pipe["stages"][5]["params"].update(prompts=2, sampling=tiny)
     cfg["pipelines"] = {"rlhf-ppo": pipe}
     cfg["settings"].update(workdir=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

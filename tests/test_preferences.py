@@ -167,6 +167,7 @@ def pipeline_file(tmp_path, data_path, model_path):
     pipe["stages"][0]["params"]["name_or_path"] = str(model_path)
     pipe["stages"][1]["params"].update(path=str(data_path), held_out=0.25)
     pipe["stages"][2]["params"]["dpo"] = {"beta": 0.5, "max_length": 64, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3}}
+    pipe["stages"][2]["params"]["lora"] = {"r": 4, "alpha": 8}  # the evaluate stage loads the merged model
     pipe["stages"][3]["params"].update(prompts=4, sampling={"max_new_tokens": 8})
     cfg["pipelines"] = {"dpo-from-preferences": pipe}
     cfg["settings"].update(workdir=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
