@@ -46,6 +46,16 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from probs [B, V] by the inverse CDF: index of the first cumulative probability
+    above u * total, u ~ U[0, 1). Exactly the categorical distribution, with one uniform per row instead
+    of the V exponentials that torch.multinomial draws (those dominated a CPU decoding step). Returns [B]."""
+    cdf = probs.cumsum(-1)  # [B, V]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype, generator=generator)  # [B, 1]
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # [B]
+    return index.clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -62,7 +72,7 @@ def sample(
     """
     B, P = input_ids.shape
     device = input_ids.device
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     mask = attention_mask.long()
     position_ids = position_ids_from_mask(mask)
     step_ids = input_ids
@@ -88,7 +98,7 @@ def sample(
         else:
             filtered = params.top_k or params.top_p < 1.0
             sample_probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1) if filtered else probs
-            next_token = torch.multinomial(sample_probs, 1, generator=generator).squeeze(-1)  # [B]
+            next_token = draw(sample_probs, generator)  # [B]
         next_token = next_token.masked_fill(done, pad_token_id)
         tokens.append(next_token)
         # log pi(token) = log of its probability; a token drawn from probs (or from a top-k/p subset) has p > 0

@@ -100,3 +100,17 @@ def test_top_k_and_top_p_filtering_by_hand():
     # nucleus 0.7: 0.5 alone < 0.7, 0.5 + 0.3 >= 0.7 -> keep the first two
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist()[0] == [False, False, True, True]
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist()[0] == [False, False, False, True]
+
+
+def test_draw_follows_the_categorical_distribution():
+    from alignment.sampling import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([draw(probs.repeat(2000, 1)[::2], g) for _ in range(10)]).flatten()  # 20000 draws of row 0
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    # independent check: frequencies within 4 standard errors of p, and a zero-probability token never drawn
+    se = (probs[0] * (1 - probs[0]) / len(draws)).sqrt()
+    assert torch.all((freq - probs[0]).abs() <= 4 * se + 1e-9), freq
+    assert freq[1] == 0
+    assert draw(probs[1:].repeat(50, 1), g).eq(3).all()

@@ -35,13 +35,13 @@ class QuickstartConfig:
     world: WorldConfig = field(default_factory=WorldConfig)  # the sandbox world
     model: TinyModelConfig = field(default_factory=TinyModelConfig)  # size of the tiny policy
     sft_examples: int = 4000  # demonstrations in the SFT corpus
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20)))
-    sample_prompts: int = 1000  # prompts sampled for preference labeling
-    samples_per_prompt: int = 4  # answers per prompt (every two of them form a pair)
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20, group_by_length=False)))
+    sample_prompts: int = 500  # prompts sampled for preference labeling
+    samples_per_prompt: int = 8  # answers per prompt; every two of them form a pair (28 pairs a prompt)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0))
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=600, batch_size=16, lr=5e-4, warmup_steps=10)))
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=1200, batch_size=16, lr=5e-4, warmup_steps=10)))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=130, batch_size=32, lr=5e-4, warmup_steps=10), beta=0.5))
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=50, rollout_batch_size=64, minibatch_size=32, lr=3e-4, beta=0.2))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=25, rollout_batch_size=128, minibatch_size=32, lr=3e-4, beta=0.2))
     eval_prompts: int = 400  # held-out prompts for the final evaluation
     curve_points: int = 3  # evaluations during DPO and PPO training, for the reward-KL plot
     curve_prompts: int = 100  # prompts per evaluation during training
