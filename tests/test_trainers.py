@@ -204,3 +204,18 @@ def test_ppo_reward_model_with_its_own_tokenizer(sandbox_tokenizer):
     # each score is the RM's own reading of that text: re-tokenised with rm_tok, one at a time
     for p, a, s in list(zip(ps, answers, scores))[:4]:
         assert float(rm_fn([p], [a])[0]) == pytest.approx(float(s), abs=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_steps():
+    def run(checkpointing):
+        torch.manual_seed(0)
+        rm = RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1)))
+        cfg = RewardConfig(TrainConfig(max_steps=3, batch_size=6, lr=3e-3, gradient_checkpointing=checkpointing))
+        trainer = RewardTrainer(rm, PAIRS, 0, cfg)
+        return trainer, trainer.train()
+
+    plain, a = run(False)
+    ckpt, b = run(True)
+    assert ckpt.model.model.model.gradient_checkpointing and not plain.model.model.model.gradient_checkpointing
+    assert [h["loss"] for h in b] == pytest.approx([h["loss"] for h in a], abs=1e-6)
+    assert [h["grad_norm"] for h in b] == pytest.approx([h["grad_norm"] for h in a], rel=1e-5)

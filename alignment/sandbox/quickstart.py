@@ -41,7 +41,7 @@ class QuickstartConfig:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0))
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=1200, batch_size=16, lr=5e-4, warmup_steps=10)))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=130, batch_size=32, lr=5e-4, warmup_steps=10), beta=0.5))
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=25, rollout_batch_size=128, minibatch_size=32, lr=3e-4, beta=0.2))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=40, rollout_batch_size=128, minibatch_size=32, lr=3e-4, beta=0.3))
     eval_prompts: int = 400  # held-out prompts for the final evaluation
     curve_points: int = 3  # evaluations during DPO and PPO training, for the reward-KL plot
     curve_prompts: int = 100  # prompts per evaluation during training
