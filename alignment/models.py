@@ -104,10 +104,21 @@ class RewardModel(nn.Module):
     def from_pretrained(
         cls, name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
     ) -> "RewardModel":
-        """Load a trained reward model, or a pretrained LM with a freshly initialised scalar head."""
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        """Load a trained reward model, or a pretrained LM with a freshly initialised scalar head.
+
+        transformers' load report (score head "missing", LM head "unexpected") is expected for an LM
+        base and is not printed.
+        """
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(name_or_path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
         return cls(model)
 
     @property

@@ -16,6 +16,8 @@ import yaml
 
 # The temporary local Prefect server can take longer than its default 20 s to start on a busy 2-core box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# Offline machines: the temporary server's telemetry call can only fail and log an ERROR line.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger  # noqa: E402
 
 from alignment.sandbox.world import WorldConfig  # noqa: E402
