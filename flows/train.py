@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 from alignment.data import tokenize_pairs
@@ -54,8 +55,6 @@ def train(kind: str, model: str, data: str, out: Path, train_cfg: TrainConfig, m
         (merged(trainer.model) if kind == "dpo" else trainer.model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if (out / "model").exists():
-            import shutil
-
             shutil.rmtree(out / "model")
         tmp.rename(out / "model")
         (out / "train.json").write_text(json.dumps({
@@ -68,5 +67,5 @@ def train(kind: str, model: str, data: str, out: Path, train_cfg: TrainConfig, m
 
 
 def train_config(steps: int, batch_size: int, lr: float, seed: int, mixed_precision: str) -> TrainConfig:
-    return dataclasses.replace(TrainConfig(max_steps=steps), batch_size=batch_size, lr=lr, seed=seed,
-                               mixed_precision=mixed_precision, warmup_steps=min(10, steps // 10))
+    return TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed, mixed_precision=mixed_precision,
+                       warmup_steps=min(10, steps // 10))
