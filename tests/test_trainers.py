@@ -219,3 +219,13 @@ def test_gradient_checkpointing_gives_the_same_steps():
     assert ckpt.model.model.model.gradient_checkpointing and not plain.model.model.model.gradient_checkpointing
     assert [h["loss"] for h in b] == pytest.approx([h["loss"] for h in a], abs=1e-6)
     assert [h["grad_norm"] for h in b] == pytest.approx([h["grad_norm"] for h in a], rel=1e-5)
+
+
+def test_ppo_gradient_checkpointing_gives_the_same_update(sandbox_tokenizer):
+    runs = []
+    for checkpointing in (False, True):
+        model, prompts, reward_fn, cfg = ppo_setup(sandbox_tokenizer, iterations=2, gradient_checkpointing=checkpointing)
+        runs.append(PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg).train())
+    assert model.policy.model.gradient_checkpointing
+    for key in ("policy_loss", "value_loss", "kl", "reward"):
+        assert [h[key] for h in runs[1]] == pytest.approx([h[key] for h in runs[0]], abs=1e-5), key

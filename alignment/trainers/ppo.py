@@ -52,6 +52,7 @@ class PPOConfig:
     seed: int = 0  # prompt order and sampling noise
     checkpoint_every: int = 0  # save a resumable checkpoint every N iterations; 0 = only at the end
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (GPU)
+    gradient_checkpointing: bool = False  # recompute activations in the update's backward pass (less memory)
 
     def train_config(self) -> TrainConfig:
         """The optimizer settings: one optimizer step per minibatch, constant LR."""
@@ -59,6 +60,7 @@ class PPOConfig:
         return TrainConfig(
             max_steps=steps, batch_size=self.minibatch_size, lr=self.lr, lr_schedule="constant",
             max_grad_norm=self.max_grad_norm, seed=self.seed, mixed_precision=self.mixed_precision,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
 
