@@ -37,11 +37,6 @@ class SharedPrefixBatch:
     def to(self, device) -> "SharedPrefixBatch":
         return SharedPrefixBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
-    @property
-    def tokens(self) -> int:
-        """Real tokens in the batch (prompt once, both answers)."""
-        return int(self.attention_mask.diagonal(dim1=-2, dim2=-1).sum())
-
 
 def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int) -> SharedPrefixBatch:
     """Build the shared-prefix batch of a list of pairs (see the module docstring)."""

@@ -353,13 +353,15 @@ def train(
 
       accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli train dpo --model M --data prefs.jsonl --out runs/dpo
     """
-    from flows.train import train as run_training, train_config
+    from flows.train import KINDS, train as run_training, train_config
     from tasks.schemas import DataError
 
+    if kind not in KINDS:
+        fail(f"unknown trainer {kind!r}: use one of {', '.join(KINDS)}")
     try:
         run_training(kind, model, data, out, train_config(steps, batch_size, lr, seed, mixed_precision),
                      max_length, beta, lora_r, gradient_checkpointing)
-    except (DataError, ValueError) as err:
+    except DataError as err:
         fail(str(err))
 
 

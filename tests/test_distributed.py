@@ -66,3 +66,15 @@ def test_two_process_ddp_matches_one_process(workload, tmp_path, kind):
     w1, w2 = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     assert w1.keys() == w2.keys()
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_train_on_a_bad_preference_file_exits_2_and_writes_nothing(workload, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "user : hi assistant :", "chosen": "ok .", "rejected": "ok ."}\n{"prompt": "x", "chosen": 3\n')
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "dpo", "--model", str(workload / "model"),
+                           "--data", str(bad), "--out", str(out), "--steps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{bad}:line 1" in proc.stderr and f"{bad}:line 2" in proc.stderr  # file and line of each problem
+    assert not out.exists()

@@ -82,4 +82,3 @@ def test_shared_prefix_layout_and_mask():
     assert mask[5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]  # last chosen token: causal
     assert batch.source[0].tolist() == [[2, 3, 4], [2, 6, 0]]  # the last prompt position predicts both first tokens
     assert batch.chosen_last.tolist() == [5] and batch.rejected_last.tolist() == [7]
-    assert batch.tokens == 8
