@@ -64,11 +64,14 @@ def evaluate_policy(
     reward_fn: ScoreFn | None = None,
     gold_fn: ScoreFn | None = None,
     banned_fn: Callable[[str], bool] | None = None,
+    reference_answers: Sequence[str] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample from the policy and the reference on the same prompts and compare them.
 
     eval/kl = mean over answers of sum_t [log pi(y_t|..) - log pi_ref(y_t|..)] on policy samples (k1).
     eval/gold_win_rate = P(gold(policy answer) > gold(reference answer)), ties one half.
+    reference_answers: the reference's answers to these prompts, when they were sampled before (several
+    policies evaluated against one reference); sampled here with seed + 1 otherwise.
     Returns (metrics, rows): one row per prompt with both answers and their scores.
     """
     policy.eval()
@@ -85,7 +88,12 @@ def evaluate_policy(
         for row, r in zip(rows, rm):
             row["rm_reward"] = float(r)
     if gold_fn is not None:
-        ref_answers, _ = generate_answers(reference, tokenizer, prompts, params, seed + 1)
+        if reference_answers is None:
+            ref_answers, _ = generate_answers(reference, tokenizer, prompts, params, seed + 1)
+        else:
+            ref_answers = list(reference_answers)
+            if len(ref_answers) != len(prompts):
+                raise ValueError(f"{len(ref_answers)} reference answers for {len(prompts)} prompts")
         gold = gold_fn(prompts, answers).float().cpu()
         ref_gold = gold_fn(prompts, ref_answers).float().cpu()
         metrics["eval/gold_reward_mean"] = float(gold.mean())

@@ -125,31 +125,27 @@ class RewardModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, pairs=None):
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, shared=None):
         """input_ids, attention_mask: [B, T]. Returns rewards [B] (float32).
 
-        With pairs= an alignment.prefix.SharedPrefixBatch instead: returns (r(x, y_w) [B], r(x, y_l) [B])
-        with each prompt computed once (a keyword of forward, so DDP wrappers see the call).
+        With shared= an alignment.prefix.SharedPrefixBatch instead: returns the reward of every answer of
+        every row, [B, K], with each prompt computed once (a keyword of forward, so DDP wrappers see the call).
         """
-        if pairs is not None:
-            return self.pair_rewards(pairs)
-        hidden = self.model.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-        ).last_hidden_state  # [B, T, H]
-        last = last_token_index(attention_mask)  # [B]
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
-        return self.model.score(pooled).squeeze(-1).float()  # [B]
+        if shared is not None:
+            from alignment.prefix import shared_prefix_hidden
 
-    def pair_rewards(self, batch) -> tuple[Tensor, Tensor]:
-        """(r(x, y_w) [B], r(x, y_l) [B]) from one alignment.prefix.SharedPrefixBatch (prompt computed once)."""
-        from alignment.prefix import shared_prefix_hidden
-
-        hidden = shared_prefix_hidden(self.model.base_model, batch)  # [B, L, H]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = torch.cat([hidden[rows, batch.chosen_last], hidden[rows, batch.rejected_last]])  # [2B, H]
-        return self.model.score(pooled).squeeze(-1).float().chunk(2)
+            hidden = shared_prefix_hidden(self.model.base_model, shared)  # [B, L, H]
+            last = shared.answer_last  # [B, K]
+        else:
+            hidden = self.model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+            ).last_hidden_state  # [B, T, H]
+            last = last_token_index(attention_mask).unsqueeze(-1)  # [B, 1]
+        rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)  # [B, 1]
+        rewards = self.model.score(hidden[rows, last]).squeeze(-1).float()  # [B, K]
+        return rewards if shared is not None else rewards.squeeze(-1)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))

@@ -9,7 +9,7 @@ from transformers import (
 
 from alignment.data import PairExample
 from alignment.models import RewardModel
-from alignment.prefix import collate_shared_prefix, shared_prefix_logps
+from alignment.prefix import collate_groups, collate_shared_prefix, group_by_prompt, pair_values, shared_prefix_logps
 from conftest import tiny_llama_config
 
 PAIRS = [
@@ -53,7 +53,7 @@ def test_shared_prefix_logps_equal_separate_rows(family):
     torch.manual_seed(0)
     model = LMS[family]().eval()
     with torch.no_grad():
-        chosen, rejected = shared_prefix_logps(model, collate_shared_prefix(PAIRS, pad_id=0))
+        chosen, rejected = shared_prefix_logps(model, collate_shared_prefix(PAIRS, pad_id=0)).unbind(-1)
         for i, e in enumerate(PAIRS):
             assert chosen[i].item() == pytest.approx(alone_logp(model, e.prompt_ids, e.chosen_ids), abs=1e-4)
             assert rejected[i].item() == pytest.approx(alone_logp(model, e.prompt_ids, e.rejected_ids), abs=1e-4)
@@ -66,7 +66,7 @@ def test_shared_prefix_rewards_equal_separate_rows(family):
     torch.manual_seed(0)
     rm = RewardModel(CLASSIFIERS[family]()).eval()
     with torch.no_grad():
-        chosen, rejected = rm(pairs=collate_shared_prefix(PAIRS, pad_id=0))
+        chosen, rejected = rm(shared=collate_shared_prefix(PAIRS, pad_id=0)).unbind(-1)
         for i, e in enumerate(PAIRS):
             assert chosen[i].item() == pytest.approx(alone_reward(rm, e.prompt_ids, e.chosen_ids), abs=1e-5)
             assert rejected[i].item() == pytest.approx(alone_reward(rm, e.prompt_ids, e.rejected_ids), abs=1e-5)
@@ -81,4 +81,88 @@ def test_shared_prefix_layout_and_mask():
     assert mask[6].tolist() == [1, 1, 1, 0, 0, 0, 1, 0]  # first rejected token: prompt and itself, no chosen
     assert mask[5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]  # last chosen token: causal
     assert batch.source[0].tolist() == [[2, 3, 4], [2, 6, 0]]  # the last prompt position predicts both first tokens
-    assert batch.chosen_last.tolist() == [5] and batch.rejected_last.tolist() == [7]
+    assert batch.answer_last.tolist() == [[5, 7]]
+
+
+# Two prompts; the first has four distinct answers over five labeled pairs (one answer repeated across pairs).
+GROUPED = [
+    PairExample([1, 5, 6], [7, 8, 2], [9, 2]),
+    PairExample([1, 10], [11, 12, 2], [13, 2]),
+    PairExample([1, 5, 6], [9, 2], [14, 15, 16, 2]),
+    PairExample([1, 5, 6], [17, 2], [7, 8, 2]),
+    PairExample([1, 5, 6], [7, 8, 2], [14, 15, 16, 2]),
+    PairExample([1, 5, 6], [17, 2], [9, 2]),
+]
+
+
+def test_group_by_prompt_scores_each_answer_once_and_keeps_every_pair():
+    groups = group_by_prompt(GROUPED)
+    assert [g.prompt_ids for g in groups] == [(1, 5, 6), (1, 10)]
+    assert groups[0].answers == ((7, 8, 2), (9, 2), (14, 15, 16, 2), (17, 2))
+    assert groups[0].pairs == ((0, 1), (1, 2), (3, 0), (0, 2), (3, 1))
+    assert groups[1].pairs == ((0, 1),)
+    assert groups[0].tokens == 3 + 3 + 2 + 4 + 2
+    # a cap on answers per row splits a prompt's pairs over several groups, each pair in exactly one
+    capped = group_by_prompt(GROUPED, max_answers=3)
+    assert max(len(g.answers) for g in capped) == 3
+    labeled = sorted((g.prompt_ids, g.answers[w], g.answers[l]) for g in capped for w, l in g.pairs)
+    assert labeled == sorted((tuple(e.prompt_ids), tuple(e.chosen_ids), tuple(e.rejected_ids)) for e in GROUPED)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_grouped_rows_equal_separate_rows(family):
+    """Every answer of a group row gets the log-prob and the reward it gets alone after its prompt."""
+    torch.manual_seed(0)
+    model, rm = LMS[family]().eval(), RewardModel(CLASSIFIERS[family]()).eval()
+    groups = group_by_prompt(GROUPED)
+    batch = collate_groups(groups, pad_id=0)
+    with torch.no_grad():
+        logps, rewards = shared_prefix_logps(model, batch), rm(shared=batch)  # [2, 4]
+        for b, g in enumerate(groups):
+            for k, answer in enumerate(g.answers):
+                assert logps[b, k].item() == pytest.approx(alone_logp(model, list(g.prompt_ids), list(answer)), abs=1e-4)
+                assert rewards[b, k].item() == pytest.approx(alone_reward(rm, list(g.prompt_ids), list(answer)), abs=1e-5)
+        assert logps[1, 2:].abs().max() == 0  # the second prompt has two answers: the other slots are empty
+        chosen, rejected = pair_values(rewards, groups)
+    for i, (w, l) in enumerate([p for g in groups for p in g.pairs]):
+        assert chosen[i] == rewards[0 if i < 5 else 1, w] and rejected[i] == rewards[0 if i < 5 else 1, l]
+
+
+def test_grouped_reward_loss_is_the_bradley_terry_mean_over_all_pairs():
+    from alignment.trainers.common import TrainConfig
+    from alignment.trainers.reward import RewardConfig, RewardTrainer
+
+    torch.manual_seed(0)
+    rm = RewardModel(CLASSIFIERS["llama"]()).eval()
+    trainer = RewardTrainer(rm, GROUPED, 0, RewardConfig(TrainConfig(max_steps=1, batch_size=2), group_by_prompt=True))
+    assert len(trainer.groups) == 2 and trainer.sampler.n == 2  # a batch element is a prompt
+    with torch.no_grad():
+        loss, metrics = trainer.micro_loss([0, 1])
+        # independent: each pair scored in its own rows, -log sigma(r_w - r_l) averaged over the 6 pairs
+        diffs = [alone_reward(rm, e.prompt_ids, e.chosen_ids) - alone_reward(rm, e.prompt_ids, e.rejected_ids) for e in GROUPED]
+    expected = sum(-torch.nn.functional.logsigmoid(torch.tensor(d, dtype=torch.float64)) for d in diffs) / len(diffs)
+    assert loss.item() == pytest.approx(float(expected), abs=1e-5)
+    assert metrics["accuracy"].item() == pytest.approx(sum(d > 0 for d in diffs) / 6)
+
+
+def test_grouped_dpo_loss_equals_the_dpo_loss_of_each_pair():
+    from alignment.trainers.common import TrainConfig
+    from alignment.trainers.dpo import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    policy, reference = LMS["llama"]().eval(), LMS["llama"]().eval()  # two different random models
+    beta = 0.3
+    cfg = DPOConfig(TrainConfig(max_steps=1, batch_size=2), beta=beta, group_by_prompt=True)
+    trainer = DPOTrainer(policy, GROUPED, 0, cfg, ref_model=reference)
+    assert trainer.reference_logps.shape == (2, 4)  # precomputed per answer of each group
+    with torch.no_grad():
+        loss, metrics = trainer.micro_loss([1, 0])
+        margins = []
+        for e in GROUPED:  # independent: log-ratios of each answer in its own row, Eq. of DPO per pair
+            ratio_w = alone_logp(policy, e.prompt_ids, e.chosen_ids) - alone_logp(reference, e.prompt_ids, e.chosen_ids)
+            ratio_l = alone_logp(policy, e.prompt_ids, e.rejected_ids) - alone_logp(reference, e.prompt_ids, e.rejected_ids)
+            margins.append(beta * (ratio_w - ratio_l))
+    expected = sum(-torch.nn.functional.logsigmoid(torch.tensor(m, dtype=torch.float64)) for m in margins) / len(margins)
+    assert loss.item() == pytest.approx(float(expected), abs=1e-4)
+    assert metrics["rewards/margin"].item() == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert abs(float(expected) - 0.6931) > 1e-3  # the policy differs from the reference: not log 2 by construction

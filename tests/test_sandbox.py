@@ -93,3 +93,30 @@ def test_cli_help_and_unknown_pipeline():
     result = runner.invoke(app, ["run", "no-such-pipeline"])
     assert result.exit_code == 2
     assert "no pipeline 'no-such-pipeline'; defined: quickstart" in result.output
+
+
+def test_evaluation_against_reference_answers_sampled_once():
+    """Policies compared with one set of reference answers: the same figures as sampling them inside,
+    and the win rate is counted against exactly the answers given."""
+    from alignment.evaluation import evaluate_policy
+    from alignment.sampling import SamplingParams
+    from alignment.sandbox.assets import TinyModelConfig, build_model, build_tokenizer, world_texts
+    from alignment.sandbox.quickstart import gold_scores
+
+    world = World(WorldConfig())
+    tok = build_tokenizer(world_texts(world))
+    model = build_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64)).eval()
+    prompts, params = world.prompts(6, seed=1), SamplingParams(max_new_tokens=8)
+    m1, rows1 = evaluate_policy(model, model, tok, prompts, params, seed=3, gold_fn=gold_scores(world))
+    m2, _ = evaluate_policy(model, model, tok, prompts, params, seed=3, gold_fn=gold_scores(world),
+                            reference_answers=[r["reference_answer"] for r in rows1])
+    assert m1 == m2
+    given = [world.cfg.banned_words[0]] * 3 + [r["answer"] for r in rows1[3:]]  # 3 bad answers, 3 ties
+    m3, rows3 = evaluate_policy(model, model, tok, prompts, params, seed=3, gold_fn=gold_scores(world), reference_answers=given)
+    assert [r["reference_answer"] for r in rows3] == given
+    by_hand = [1.0 if r["gold_reward"] > world.gold_reward(p, g) else 0.5 if r["gold_reward"] == world.gold_reward(p, g) else 0.0
+               for r, p, g in zip(rows3, prompts, given)]
+    assert m3["eval/gold_win_rate"] == pytest.approx(sum(by_hand) / 6)
+    assert by_hand[3:] == [0.5] * 3
+    with pytest.raises(ValueError, match="5 reference answers for 6 prompts"):
+        evaluate_policy(model, model, tok, prompts, params, seed=3, gold_fn=gold_scores(world), reference_answers=given[:5])

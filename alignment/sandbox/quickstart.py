@@ -204,14 +204,17 @@ def run(cfg: QuickstartConfig, out: Path, log=print) -> dict:
     results["reward_model"] = rm_metrics
     log(f"reward model: {rm_metrics}")
     eval_prompts = world.prompts(cfg.eval_prompts, seed=cfg.seed + 999)
+    # every policy is compared with the same reference answers: sampled once (the seed evaluate_policy uses)
+    reference_answers, _ = generate_answers(reference, tokenizer, eval_prompts, cfg.sampling, seed=cfg.seed + 8)
+    scores = dict(reward_fn=reward_scores(rm, tokenizer), gold_fn=gold_scores(world))
     evaluate = lambda model: evaluate_policy(  # noqa: E731
-        model, reference, tokenizer, eval_prompts, cfg.sampling, seed=cfg.seed + 7,
-        reward_fn=reward_scores(rm, tokenizer), gold_fn=gold_scores(world), banned_fn=lambda a: world.banned_count(a) > 0,
+        model, reference, tokenizer, eval_prompts, cfg.sampling, seed=cfg.seed + 7, **scores,
+        banned_fn=lambda a: world.banned_count(a) > 0, reference_answers=reference_answers,
     )[0]
     curve_prompts = eval_prompts[: cfg.curve_prompts]
     quick_eval = lambda model: evaluate_policy(  # noqa: E731
-        model, reference, tokenizer, curve_prompts, cfg.sampling, seed=cfg.seed + 7,
-        reward_fn=reward_scores(rm, tokenizer), gold_fn=gold_scores(world),
+        model, reference, tokenizer, curve_prompts, cfg.sampling, seed=cfg.seed + 7, **scores,
+        reference_answers=reference_answers[: cfg.curve_prompts],
     )[0]
     results["sft"] = evaluate(policy)
     log(f"sft: {results['sft']}")

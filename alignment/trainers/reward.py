@@ -11,7 +11,7 @@ import torch
 from alignment.data import PairExample, collate_pairs
 from alignment.losses import reward_model_loss
 from alignment.models import RewardModel
-from alignment.prefix import collate_shared_prefix
+from alignment.prefix import collate_groups, collate_shared_prefix, group_by_prompt, pair_values
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -28,10 +28,14 @@ class RewardConfig:
     center_coef: float = 0.0  # eta of the centering term eta * E[(r_w + r_l)^2]
     max_length: int = 128  # prompt + answer tokens per sequence
     shared_prefix: bool = True  # one row prompt ++ chosen ++ rejected per pair (prompt computed once)
+    group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and
+    # every labeled pair among them (InstructGPT's K-way batches); train.batch_size then counts prompts
 
 
 class RewardTrainer:
-    """Data: PairExamples. Chosen and rejected go through the model in one batch."""
+    """Data: PairExamples. Chosen and rejected go through the model in one batch; with
+    cfg.group_by_prompt the pairs are gathered per prompt (alignment.prefix.group_by_prompt) and the loss
+    is the mean over all pairs of the prompts in a batch."""
 
     def __init__(
         self,
@@ -44,7 +48,9 @@ class RewardTrainer:
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
         self.opt = Optimization(model, cfg.train)
-        self.sampler = self.opt.sampler(len(self.examples), [e.tokens for e in self.examples])
+        self.groups = group_by_prompt(self.examples) if cfg.group_by_prompt else None
+        units = self.groups if cfg.group_by_prompt else self.examples
+        self.sampler = self.opt.sampler(len(units), [u.tokens for u in units])
         self.checkpointer = Checkpointer.under(output_dir)
 
     def rewards(self, examples: Sequence[PairExample], model=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,13 +58,17 @@ class RewardTrainer:
         model = model or self.opt.model
         if self.cfg.shared_prefix:
             batch = collate_shared_prefix(examples, self.pad_token_id).to(self.opt.device)
-            return model(pairs=batch)
+            return model(shared=batch).unbind(-1)
         input_ids, attention_mask, _ = (t.to(self.opt.device) for t in collate_pairs(examples, self.pad_token_id))
         rewards = model(input_ids, attention_mask)  # [2B]
         return rewards.chunk(2)
 
     def micro_loss(self, indices: list[int]):
-        chosen, rejected = self.rewards([self.examples[i] for i in indices])
+        if self.groups is not None:
+            groups = [self.groups[i] for i in indices]
+            chosen, rejected = pair_values(self.opt.model(shared=collate_groups(groups, self.pad_token_id).to(self.opt.device)), groups)
+        else:
+            chosen, rejected = self.rewards([self.examples[i] for i in indices])
         return reward_model_loss(chosen, rejected, self.cfg.margin, self.cfg.center_coef)
 
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
