@@ -65,7 +65,9 @@ class PPOParams:
     prompts: int = 2000  # how many prompts rollouts are drawn from
     prompts_file: str | None = None  # as for the sample stage; None = sandbox prompts
     ppo: PPOConfig = QS.ppo  # training
-    lora: LoRAConfig | None = None  # train LoRA adapters (and the value head) only; reference = adapters off
+    separate_value_model: bool = QS.separate_value_model  # value function on its own copy of the backbone,
+    # not a head on the policy's (value gradients then cannot disturb the policy; twice the weights)
+    lora: LoRAConfig | None = None  # LoRA adapters on the policy (reference = adapters off); the value model or head trains in full
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ def run_dpo(ctx, p: DPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")
     examples = to_examples(tokenizer, train, p.dpo.max_length)
     # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
-    ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length},
+    ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt},
                         {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
     ref_dir = ctx.store.final("reference_logps", ref_key)
     reference_logps = load_file(str(ref_dir / "logps.safetensors"))["logps"] if (ref_dir / "logps.safetensors").is_file() else None
@@ -283,7 +283,7 @@ def run_ppo(ctx, p: PPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     rm_path = Path(inputs["reward_model"].path) / "model"
     rm = RewardModel.from_pretrained(rm_path)
     set_seed(ctx.seed)
-    model = PolicyWithValueHead.from_pretrained(path)
+    model = PolicyWithValueHead.from_pretrained(path, separate_value_model=p.separate_value_model)
     if p.lora is not None:
         model.policy = add_lora(model.policy, p.lora)
     trainer = PPOTrainer(model, tokenizer,

@@ -229,3 +229,22 @@ def test_ppo_gradient_checkpointing_gives_the_same_update(sandbox_tokenizer):
     assert model.policy.model.gradient_checkpointing
     for key in ("policy_loss", "value_loss", "kl", "reward"):
         assert [h[key] for h in runs[1]] == pytest.approx([h[key] for h in runs[0]], abs=1e-5), key
+
+
+def test_ppo_missing_eos_penalty_lowers_the_return_of_cut_off_answers(sandbox_tokenizer):
+    """gamma = lam = 1: the return at the first answer token is the whole answer's reward, so the penalty
+    shows there exactly, on the answers that reached max_new_tokens without a stop token and no others."""
+    rollouts = []
+    for penalty in (None, 2.0):
+        model, prompts, reward_fn, cfg = ppo_setup(sandbox_tokenizer, iterations=1, gamma=1.0, lam=1.0,
+                                                   missing_eos_penalty=penalty, sampling=SamplingParams(max_new_tokens=4))
+        rollouts.append(PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg).rollout(prompts))
+    plain, penalised = rollouts
+    assert torch.equal(plain["sequences"], penalised["sequences"])  # the same samples
+    first = plain["mask"].argmax(-1)  # [B] first answer position
+    rows = torch.arange(len(first))
+    truncated = (plain["answer_len"] == 4) & ~(plain["sequences"][rows, first + 3] == sandbox_tokenizer.eos_token_id)
+    assert truncated.any()
+    assert torch.equal(penalised["truncated"].bool(), truncated)
+    diff = penalised["returns"][rows, first] - plain["returns"][rows, first]
+    assert torch.allclose(diff, -2.0 * truncated.float(), atol=1e-5)

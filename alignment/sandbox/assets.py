@@ -47,7 +47,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 @dataclass(frozen=True)
 class TinyModelConfig:
     hidden_size: int = 128  # width of the residual stream
-    num_layers: int = 4  # transformer blocks
+    num_layers: int = 3  # transformer blocks
     num_heads: int = 4  # attention heads
     intermediate_size: int = 384  # MLP width
     max_positions: int = 128  # longest prompt + answer, in tokens

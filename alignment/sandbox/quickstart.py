@@ -35,13 +35,18 @@ class QuickstartConfig:
     world: WorldConfig = field(default_factory=WorldConfig)  # the sandbox world
     model: TinyModelConfig = field(default_factory=TinyModelConfig)  # size of the tiny policy
     sft_examples: int = 4000  # demonstrations in the SFT corpus
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20, group_by_length=False)))
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20)))
     sample_prompts: int = 500  # prompts sampled for preference labeling
     samples_per_prompt: int = 8  # answers per prompt; every two of them form a pair (28 pairs a prompt)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=48, temperature=1.0))
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=1200, batch_size=16, lr=5e-4, warmup_steps=10)))
-    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=130, batch_size=32, lr=5e-4, warmup_steps=10), beta=0.5))
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=40, rollout_batch_size=128, minibatch_size=32, lr=3e-4, beta=0.3))
+    # reward model and DPO: batches of 8 / 4 prompts with all their answers and labeled pairs
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(TrainConfig(max_steps=150, batch_size=8, lr=1e-3, warmup_steps=10), group_by_prompt=True))
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(TrainConfig(max_steps=130, batch_size=4, lr=5e-4, warmup_steps=10), beta=0.5, group_by_prompt=True))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=30, rollout_batch_size=128, minibatch_size=32, lr=3e-4, beta=0.3, missing_eos_penalty=2.0))
+    # the value function on its own copy of the SFT backbone: with the value head on the policy's trunk,
+    # value-loss gradients (returns of -100 on a few garbled answers) swamped the policy's and PPO
+    # collapsed into word salad on some prompts (benchmarks/RESULTS.md)
+    separate_value_model: bool = True
     eval_prompts: int = 400  # held-out prompts for the final evaluation
     curve_points: int = 3  # evaluations during DPO and PPO training, for the reward-KL plot
     curve_prompts: int = 100  # prompts per evaluation during training
@@ -175,7 +180,7 @@ def stage_ppo(
 ):
     set_seed(cfg.seed)
     ppo = ppo or cfg.ppo
-    model = PolicyWithValueHead.from_pretrained(sft_dir)
+    model = PolicyWithValueHead.from_pretrained(sft_dir, separate_value_model=cfg.separate_value_model)
     every = ppo.iterations // cfg.curve_points if cfg.curve_points else 0
     holder = {}
     callback = curve_callback(lambda: holder["t"].model.policy, every, eval_fn, curve if curve is not None else [])

@@ -48,6 +48,8 @@ class PPOConfig:
     target_kl: float | None = None  # nats per answer; set it to adapt beta (Ziegler et al.); None = fixed
     kl_horizon: int = 10_000  # horizon of the adaptive controller, in samples
     whiten_advantages: bool = True  # normalise advantages over each rollout batch
+    missing_eos_penalty: float | None = None  # subtracted from the score of an answer cut off before a stop
+    # token (as TRL's option of that name): a reward model never saw such text and may score it well
     sampling: SamplingParams = field(default_factory=SamplingParams)  # how rollouts are sampled
     seed: int = 0  # prompt order and sampling noise
     checkpoint_every: int = 0  # save a resumable checkpoint every N iterations; 0 = only at the end
@@ -118,11 +120,13 @@ class PPOTrainer:
             [ids[m.bool()].tolist() for ids, m in zip(out.answer_ids, out.answer_mask)], skip_special_tokens=True
         )
         scores = self.reward_fn(prompts, answers).to(device).float()  # [B]
+        truncated = ~torch.isin(out.answer_ids, torch.tensor(self.stop_ids, device=device)).any(-1)  # [B]
+        shaped = scores - cfg.missing_eos_penalty * truncated.float() if cfg.missing_eos_penalty else scores
 
         kl = kl_penalty(logps, ref_logps, cfg.kl_estimator) * mask  # [B, P + N]
         rewards = -self.kl_ctl.value * kl
         last = out.prompt_length + out.answer_mask.sum(-1) - 1  # [B] index of the last answer token
-        rewards[torch.arange(len(prompts), device=device), last] += scores
+        rewards[torch.arange(len(prompts), device=device), last] += shaped
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -130,6 +134,7 @@ class PPOTrainer:
             "sequences": sequences, "attention_mask": attention_mask, "mask": mask,
             "logps": logps, "values": values * mask, "advantages": advantages, "returns": returns,
             "scores": scores, "kl": kl.sum(-1), "answer_len": out.answer_mask.sum(-1).float(),
+            "truncated": truncated.float(),
         }
 
     @torch.no_grad()
@@ -181,6 +186,7 @@ class PPOTrainer:
                 "kl": mean_kl,
                 "beta": self.kl_ctl.value,
                 "answer_len": float(batch["answer_len"].mean()),
+                "truncated": float(batch["truncated"].mean()),
                 "value_explained_variance": float(explained_variance(batch["values"], batch["returns"], batch["mask"])),
                 "advantage_mean": float(masked_mean(batch["advantages"], batch["mask"])),
             })
