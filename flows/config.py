@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.params import parse
 from tasks.stages import STAGE_TYPES
 
 StageType = Literal["model", "sft", "sample", "label", "import_preferences", "train_reward_model", "ppo", "dpo", "evaluate"]
@@ -147,7 +148,7 @@ def check_pipeline(pname: str, spec: PipelineSpec) -> list[str]:
         unknown = unknown_keys(stype.params, stage.params, f"{where}.params")
         problems += unknown
         try:
-            TypeAdapter(stype.params).validate_python(stage.params)
+            parse(stype.params, stage.params)
         except ValidationError as err:
             problems.append(_errors(err, f"{where}.params"))
         for slot in stage.inputs:

@@ -105,13 +105,12 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
 
 def preflight(spec, only: str | None) -> None:
     """Validate every preference file the pipeline imports (all problems at once) before any work."""
-    from pydantic import TypeAdapter
-
+    from tasks.params import parse
     from tasks.preferences import ImportParams, import_preferences
 
     for stage in spec.stages:
         if stage.type == "import_preferences" and (only is None or only == stage.name):
-            import_preferences(TypeAdapter(ImportParams).validate_python(stage.params))
+            import_preferences(parse(ImportParams, stage.params))
 
 
 def _raise_interrupt(signum, frame):

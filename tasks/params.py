@@ -1,11 +1,15 @@
 """The params of each stage type: the fields a stage accepts in pipelines.yaml, one comment each.
 
 Defaults are the sandbox quickstart's tuned values (alignment/sandbox/quickstart.py), kept in one place.
+`parse` merges what a stage gives onto them field by field, nested: `--set ppo.ppo.seed=1` changes the
+seed and keeps every other PPO default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from alignment.lora import LoRAConfig
 from alignment.sampling import SamplingParams
@@ -78,3 +82,30 @@ class EvaluateParams:
     max_kl: float | None = None  # gate: eval/kl must be <= this to register the policy
     min_win_rate: float | None = None  # gate: eval/gold_win_rate must be >= this
     register_as: str | None = None  # model-registry name; registered only when every gate passes
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = _merged(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value
+    return out
+
+
+def with_defaults(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """`given` (a stage's params from pipelines.yaml and --set) merged onto the defaults of the params
+    dataclass `cls`, nested dataclasses included; keys that are not fields are kept for the validator."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    defaults = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in defaults.items()}
+    return _merged(defaults, given)
+
+
+def parse(cls: type, given: dict[str, Any]):
+    """The params instance of a stage: `given` merged onto the defaults, validated by pydantic."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls).validate_python(with_defaults(cls, given))

@@ -17,7 +17,6 @@ from typing import Callable
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import TypeAdapter
 from safetensors.torch import load_file, save_file
 
 from alignment.evaluation import evaluate_policy, generate_answers
@@ -32,7 +31,7 @@ from alignment.trainers.reward import RewardTrainer
 from tasks import plots, schemas
 from tasks.labeling import LabelStore
 from tasks.params import (
-    DPOParams, EvaluateParams, LabelParams, ModelParams, PPOParams, RewardParams, SampleParams, SFTParams,
+    DPOParams, EvaluateParams, LabelParams, ModelParams, PPOParams, RewardParams, SampleParams, SFTParams, parse,
 )
 from tasks.preferences import ImportParams, import_preferences
 from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
@@ -353,7 +352,7 @@ def execute(ctx: StageContext, name: str, stage_type: str, raw_params: dict, inp
     if STOP.is_set():
         raise KeyboardInterrupt("stop requested")
     st = STAGE_TYPES[stage_type]
-    params = TypeAdapter(st.params).validate_python(raw_params)
+    params = parse(st.params, raw_params)
     params_dict = {"params": dataclasses.asdict(params), "seed": ctx.seed, "world": dataclasses.asdict(ctx.world)}
     # Hash what the input folders hold now (not what was recorded), so new contents re-run this stage.
     inputs = {slot: dataclasses.replace(o, content_hash=dir_hash(Path(o.path))) for slot, o in inputs.items()}

@@ -1,6 +1,7 @@
 """Pipelines end to end on a real Prefect (temporary local server) and a real MLflow sqlite store:
 metrics and lineage on every stage, the cache across runs, stage re-runs, bad config."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -93,6 +94,20 @@ def test_set_overrides_and_errors(tmp_path):
         load(write_config(tmp_path), "tiny", ["nope.x=1"])
     with pytest.raises(ConfigError, match="no pipeline 'other'"):
         load(write_config(tmp_path), "other")
+
+
+def test_a_partial_override_keeps_the_other_defaults():
+    """`--set ppo.ppo.seed=1` on a stage whose yaml gives no ppo params: the seed changes, the tuned
+    PPO settings stay (a bare PPOConfig would need `iterations` and lose the rest)."""
+    from tasks.params import QS, PPOParams, parse
+
+    shipped = Path(__file__).parent.parent / "flows" / "pipelines.yaml"
+    cfg, _ = load(shipped, "quickstart", ["ppo.ppo.seed=1", "dpo.dpo.train.lr=0.001"])
+    stages = {s.name: s for s in cfg.pipelines["quickstart"].stages}
+    ppo = parse(PPOParams, stages["ppo"].params)
+    assert ppo.ppo.seed == 1 and ppo.ppo == dataclasses.replace(QS.ppo, seed=1)
+    dpo = stages["dpo"].params["dpo"]
+    assert dpo["train"]["lr"] == 0.001 and dpo["train"]["max_steps"] == 130  # the yaml's own value stays
 
 
 def test_shipped_pipelines_file_is_valid():
@@ -308,7 +323,7 @@ def test_cli_runs_list_compare_and_lineage(env):
     compared = runner.invoke(app, ["runs", "compare", first, second, "-c", cfg])
     assert compared.exit_code == 0, compared.output
     beta_line = next(line for line in compared.output.splitlines() if "params.dpo.beta" in line)
-    assert beta_line.lstrip().startswith("*") and "0.1" in beta_line and "0.35" in beta_line
+    assert beta_line.lstrip().startswith("*") and "0.5" in beta_line and "0.35" in beta_line  # the default, then --set
     sft_lines = [line for line in compared.output.splitlines() if "params.sft.train.lr" in line]
     assert sft_lines and not sft_lines[0].lstrip().startswith("*")
     lineage = runner.invoke(app, ["lineage", second, "-c", cfg])
