@@ -48,6 +48,8 @@ class Settings(BaseModel):
     workdir: str = "runs"  # stage outputs (content-addressed cache) and MLflow artifacts
     world: dict[str, Any] = Field(default_factory=dict)  # sandbox WorldConfig overrides
     device: str = "auto"  # "auto", "cpu" or "cuda"; multi-GPU goes through `accelerate launch`
+    concurrent_stages: bool | None = None  # run independent stages (DPO and PPO) at the same time; None:
+    # only with 8 or more CPU cores (on fewer they share the cores and the pipeline got slower)
 
 
 class PipelinesFile(BaseModel):

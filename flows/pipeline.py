@@ -1,7 +1,8 @@
 """The Prefect flow that runs a pipeline of pipelines.yaml as a DAG of stage tasks.
 
 Stages start as soon as their inputs exist, so independent branches (PPO and DPO in the quickstart)
-run concurrently. The flow only chains tasks; the work is in tasks/stages.py.
+run concurrently where settings.concurrent_stages allows it (by default on 8 or more CPU cores), else
+one after the other in file order. The flow only chains tasks; the work is in tasks/stages.py.
 """
 
 from __future__ import annotations
@@ -82,11 +83,16 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
         if only:
             results = _run_only(ctx, spec, only, tracker, from_run, store)
         else:
+            concurrent = cfg.settings.concurrent_stages
+            if concurrent is None:
+                concurrent = (os.cpu_count() or 1) >= 8
             for stage in spec.stages:
                 inputs = {slot: futures[src] for slot, src in stage.inputs.items()}
                 futures[stage.name] = STAGE_TASKS[stage.type].with_options(name=stage.name).submit(
                     ctx, stage.name, stage.type, stage.params, inputs
                 )
+                if not concurrent:
+                    futures[stage.name].wait()
             results = {name: f.result() for name, f in futures.items()}
         tracker.set_tags(parent, {f"stage.{n}.run_id": o.run_id for n, o in results.items()})
         status = "FINISHED"

@@ -153,6 +153,16 @@ def children(tracker, parent):
     return {r.data.tags["alignflow.stage"]: r for r in tracker.runs(f"tags.mlflow.parentRunId = '{parent}'")}
 
 
+def test_stages_run_one_at_a_time_on_small_machines(env):
+    """settings.concurrent_stages null: below 8 CPU cores no two stage runs overlap in time (DPO and PPO
+    would share the cores and both run slower)."""
+    runs = sorted(children(env["tracker"], env["first"]["parent_run_id"]).values(), key=lambda r: r.info.start_time)
+    if (os.cpu_count() or 1) >= 8:
+        pytest.skip("8 or more cores: independent stages may run at once")
+    for before, after in zip(runs, runs[1:]):
+        assert before.info.end_time <= after.info.start_time, (before.data.tags["alignflow.stage"], after.data.tags["alignflow.stage"])
+
+
 def test_every_stage_run_has_metrics_params_and_lineage(env):
     tracker, first = env["tracker"], env["first"]
     runs = children(tracker, first["parent_run_id"])
