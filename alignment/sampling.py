@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from alignment.models import position_ids_from_mask
 
@@ -20,6 +20,10 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after one of these (it is kept)
     batch_size: int = 256  # prompts sampled together (PPO rollouts: rollout_batch_size instead)
+    cache: str = "dynamic"  # KV cache: "dynamic" grows a token at a time; "static" is allocated once for
+    # prompt + max_new_tokens, so every decoding step has the same shapes (what a compiled step needs)
+    compile: bool = False  # torch.compile the decoding step (static cache; CUDA graphs on a GPU). The first
+    # call compiles (a minute or more): for long rollouts on a GPU, not for short CPU runs
 
 
 @dataclass
@@ -72,22 +76,34 @@ def sample(
     """
     B, P = input_ids.shape
     device = input_ids.device
-    cache = DynamicCache(config=model.config)
-    mask = attention_mask.long()
-    position_ids = position_ids_from_mask(mask)
+    if params.cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', not {params.cache!r}")
+    static = params.cache == "static" or params.compile
+    if static:  # mask and cache span prompt + every new token from the start; positions not yet written are 0
+        cache = StaticCache(config=model.config, max_cache_len=P + params.max_new_tokens)
+        mask = torch.cat([attention_mask.long(), attention_mask.new_zeros(B, params.max_new_tokens, dtype=torch.long)], dim=1)
+    else:
+        cache = DynamicCache(config=model.config)
+        mask = attention_mask.long()
+    decode = _compiled(model) if params.compile else model
+    position_ids = position_ids_from_mask(attention_mask.long())
     step_ids = input_ids
     step_positions = position_ids
+    cache_position = torch.arange(P, device=device)
     stop = torch.tensor(params.stop_token_ids, device=device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps, alive = [], [], []
-    for _ in range(params.max_new_tokens):
-        out = model(
+    for t in range(params.max_new_tokens):
+        forward = model if t == 0 else decode  # the prompt pass has its own shape: not compiled
+        extra = {"cache_position": cache_position} if static else {}
+        out = forward(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=step_positions,
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **extra,
         )
         logits = out.logits[:, -1].float()  # [B, V]
         if params.temperature > 0:
@@ -110,7 +126,12 @@ def sample(
             break
         step_ids = next_token.unsqueeze(-1)  # [B, 1]
         step_positions = step_positions[:, -1:] + 1  # [B, 1]
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=-1)
+        cache_position = cache_position[-1:] + 1
+        if static:
+            mask = mask.clone()
+            mask[:, P + t] = 1
+        else:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=-1)
     answer_ids = torch.stack(tokens, dim=1)  # [B, N]
     answer_mask = torch.stack(alive, dim=1).long()  # [B, N]
     return SampleOutput(
@@ -121,3 +142,12 @@ def sample(
         answer_logps=torch.stack(logps, dim=1),
         prompt_length=P,
     )
+
+
+def _compiled(model):
+    """The model under torch.compile, built once per model (CUDA graphs on a GPU). Kept in the model's
+    __dict__, not as an attribute nn.Module would register (that would add its weights to state_dict)."""
+    if "_alignflow_compiled" not in model.__dict__:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+        model.__dict__["_alignflow_compiled"] = torch.compile(model, mode=mode)
+    return model.__dict__["_alignflow_compiled"]

@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="prompts sampled together")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache of our sampler")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our decoding step (the warm-up compiles)")
     args = parser.parse_args()
     w = Workload.gpu() if args.gpu_shape else Workload()
     new = args.new_tokens or (256 if args.gpu_shape else 64)
@@ -36,7 +38,7 @@ def main() -> None:
           f"{w.layers} layers; device {args.device}, {dtype}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     from alignment.sampling import SamplingParams, sample
 
-    params = SamplingParams(max_new_tokens=new, temperature=1.0)
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, cache=args.cache, compile=args.compile)
 
     def ours():
         sample(model, ids, mask, params, pad_token_id=0, generator=torch.Generator(device=args.device).manual_seed(1))
@@ -47,7 +49,8 @@ def main() -> None:
                            temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
 
     results = {}
-    for name, fn in [("alignflow sample (KV cache)", ours)] + ([("HF generate", hf)] if args.peer else []):
+    label = f"alignflow sample ({args.cache}{', compiled' if args.compile else ''})"
+    for name, fn in [(label, ours)] + ([("HF generate", hf)] if args.peer else []):
         fn()  # warm-up
         times = []
         for _ in range(args.repeats):

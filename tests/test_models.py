@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
@@ -114,3 +115,20 @@ def test_draw_follows_the_categorical_distribution():
     assert torch.all((freq - probs[0]).abs() <= 4 * se + 1e-9), freq
     assert freq[1] == 0
     assert draw(probs[1:].repeat(50, 1), g).eq(3).all()
+
+
+def test_static_cache_samples_what_the_dynamic_cache_samples(tiny_lm):
+    """The preallocated cache (fixed shapes for a compiled step) changes nothing: the same tokens, stops
+    and log-probs from the same seed, with left-padded prompts of different lengths."""
+    tiny_lm.eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7], [0, 1, 9, 8, 7]])
+    mask = (ids != 0).long()
+    for temperature in (0.0, 1.0):
+        outs = [sample(tiny_lm, ids, mask, SamplingParams(max_new_tokens=8, temperature=temperature, stop_token_ids=(2, 3), cache=c),
+                       0, torch.Generator().manual_seed(5)) for c in ("dynamic", "static")]
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+        assert torch.equal(outs[0].answer_mask, outs[1].answer_mask)
+        assert torch.allclose(outs[0].answer_logps, outs[1].answer_logps, atol=1e-5)
+    assert outs[0].answer_mask.sum() > 3  # real answers were drawn
+    with pytest.raises(ValueError, match="cache must be"):
+        sample(tiny_lm, ids, mask, SamplingParams(cache="paged"), 0)
