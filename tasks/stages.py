@@ -211,14 +211,16 @@ def label_sources(p: LabelParams) -> dict[str, str]:
     return {"judgements": LabelStore(p.db).fingerprint()} if p.labeler == "human" else {}
 
 
-def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> None:
-    """Before training: every pair must still differ after tokenising and truncating to max_length."""
+def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> list:
+    """The pairs tokenised for training; before any training, every pair must still differ after
+    tokenising and truncating to max_length (a DataError naming the rows otherwise)."""
     examples = to_examples(tokenizer, pairs, max_length)
     same = [i + 1 for i, e in enumerate(examples) if e.chosen_ids == e.rejected_ids]
     if same:
         raise schemas.DataError(
             f"{source}: {len(same)} pair(s) have chosen == rejected after truncation to max_length={max_length} "
             f"tokens (rows {same[:20]}{' ...' if len(same) > 20 else ''}); raise max_length or drop them")
+    return examples
 
 
 def read_preferences(inputs) -> pd.DataFrame:
@@ -234,9 +236,9 @@ def run_reward(ctx, p: RewardParams, inputs, out: Path, run_id: str) -> dict[str
     test = pairs[pairs["split"] == "test"].to_dict("records")
     base = Path(inputs["base"].path) / "model"
     tokenizer = load_tokenizer(base)
-    token_preflight(tokenizer, train, p.reward.max_length, f"{inputs['preferences'].name} (train split)")
+    examples = token_preflight(tokenizer, train, p.reward.max_length, f"{inputs['preferences'].name} (train split)")
     set_seed(ctx.seed)
-    trainer = RewardTrainer(RewardModel.from_pretrained(base), to_examples(tokenizer, train, p.reward.max_length),
+    trainer = RewardTrainer(RewardModel.from_pretrained(base), examples,
                             tokenizer.pad_token_id, p.reward, output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
     save_curves(out, ["loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "grad_norm"], "reward model")
@@ -251,8 +253,7 @@ def run_dpo(ctx, p: DPOParams, inputs, out: Path, run_id: str) -> dict[str, floa
     pairs = read_preferences(inputs)
     train = pairs[pairs["split"] == "train"].to_dict("records")
     policy, tokenizer = load_policy(inputs)
-    token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")
-    examples = to_examples(tokenizer, train, p.dpo.max_length)
+    examples = token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")
     # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
     ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt},
                         {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
