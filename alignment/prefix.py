@@ -44,10 +44,11 @@ class PromptGroup:
 
 
 def group_by_prompt(examples: Sequence[PairExample], max_answers: int = 16) -> list[PromptGroup]:
-    """The pairs gathered per prompt (first-seen order); identical answers are scored once.
+    """The pairs gathered per prompt; identical answers are scored once.
 
     A prompt whose pairs name more than `max_answers` distinct answers is split into several groups, so
-    no row grows beyond max_answers answers. Every pair lands in exactly one group.
+    no row grows beyond max_answers answers. Every pair lands in exactly one group. Order: groups closed
+    by that cap first, then the others in the order their prompts first appear.
     """
     if max_answers < 2:
         raise ValueError("max_answers must be at least 2")
