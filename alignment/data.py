@@ -1,13 +1,23 @@
-"""Tokenisation and batching of prompts, answers and preference pairs into padded tensors."""
+"""Tokenisation and batching of prompts, answers and preference pairs into padded tensors.
+
+A prompt is either plain text or a conversation (a list of {"role", "content"} messages). A conversation
+is rendered with the tokenizer's chat template (`add_generation_prompt=True`), so a chat model is trained
+and sampled on the format it is used with; plain text is tokenised as it is (TRL's standard format).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
 Tensor = torch.Tensor
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Prompt = Union[str, Sequence[Message]]
+log = logging.getLogger(__name__)
+_warned_no_template: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -22,13 +32,33 @@ class PairExample:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def render_prompt(tokenizer, prompt: Prompt) -> tuple[str, bool]:
+    """(text, templated): a conversation through the tokenizer's chat template with the generation prompt
+    appended; without a template (one warning per tokenizer) the turns as `role: content` lines."""
+    if isinstance(prompt, str):
+        return prompt, False
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if name not in _warned_no_template:
+        _warned_no_template.add(name)
+        log.warning("tokenizer %s has no chat template: conversations are rendered as plain 'role: content' lines", name)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", False
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt. A templated conversation already holds its special tokens (BOS among them),
+    so the tokenizer adds none: BOS appears once."""
+    text, templated = render_prompt(tokenizer, prompt)
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 def encode_answer(tokenizer, answer: str) -> list[int]:
-    """Answer tokens followed by EOS, so the model learns to stop."""
-    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Answer tokens followed by EOS once, so the model learns to stop (an answer that already ends in the
+    EOS token, as text rendered by a chat template may, gets no second one)."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
 
 def fit_to_length(
@@ -46,7 +76,7 @@ def fit_to_length(
 
 
 def tokenize_pairs(
-    tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], max_length: int
+    tokenizer, prompts: Sequence[Prompt], chosen: Sequence[str], rejected: Sequence[str], max_length: int
 ) -> list[PairExample]:
     out = []
     for p, c, r in zip(prompts, chosen, rejected, strict=True):
@@ -54,6 +84,17 @@ def tokenize_pairs(
             encode_prompt(tokenizer, p), [encode_answer(tokenizer, c), encode_answer(tokenizer, r)], max_length
         )
         out.append(PairExample(prompt_ids, c_ids, r_ids))
+    return out
+
+
+def tokenize_demonstrations(tokenizer, prompts: Sequence[Prompt], completions: Sequence[str], max_length: int
+                            ) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, completion_ids) per demonstration, truncated to max_length tokens; the SFT loss covers
+    the completion (the assistant's answer) only."""
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        prompt_ids, (answer_ids,) = fit_to_length(encode_prompt(tokenizer, p), [encode_answer(tokenizer, c)], max_length)
+        out.append((prompt_ids, answer_ids))
     return out
 
 

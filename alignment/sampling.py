@@ -14,7 +14,7 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 48  # answer length limit, in tokens
+    max_new_tokens: int = 256  # answer length limit, in tokens
     temperature: float = 1.0  # tau: logits / tau before softmax; 0 = greedy
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with probability >= top_p
     top_k: int = 0  # keep the k most likely tokens; 0 = all

@@ -21,11 +21,12 @@ label_app = typer.Typer(help="Collect human preferences: a labeling page, a term
 app.add_typer(label_app, name="label")
 DbOpt = typer.Option(Path("labels.db"), "--db", help="The SQLite label store.")
 
-SHIPPED = Path(__file__).parent / "pipelines.yaml"
-ConfigOpt = typer.Option(None, "--config", "-c", help="pipelines.yaml to use (default: ./pipelines.yaml, else the shipped one).")
+SHIPPED = Path(__file__).parent / "pipelines.yaml"  # the repository's pipelines.yaml, packaged
+ConfigOpt = typer.Option(None, "--config", "-c", help="pipelines.yaml to use (default: ./pipelines.yaml, else the packaged one).")
 
 
 def config_path(config: Path | None) -> Path:
+    """-c FILE when given, else ./pipelines.yaml, else the packaged copy of the shipped pipelines."""
     if config is not None:
         return config
     return Path("pipelines.yaml") if Path("pipelines.yaml").is_file() else SHIPPED
@@ -71,7 +72,7 @@ def run(
         fail("--only needs --from-run RUN_ID (see `alignflow runs list`)")
     try:
         preflight(cfg.pipelines[pipeline], only)  # bad data fails before Prefect, MLflow or any file
-        result = pipeline_flow(cfg.model_dump(), pipeline, resolved_yaml(raw), only=only, from_run=from_run)
+        result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run)
     except KeyboardInterrupt:
         fail("interrupted: the running stage was marked KILLED; run the same command again to resume", 130)
     except DataError as err:
@@ -93,7 +94,7 @@ def run(
 
 
 @app.command()
-def validate(config: Path = typer.Argument(SHIPPED, help="The pipelines.yaml to check.")) -> None:
+def validate(config: Path = typer.Argument(None, help="The pipelines.yaml to check (default: as for run).")) -> None:
     """Check a pipelines.yaml without running anything; prints its pipelines or every problem found.
 
     Example: alignflow validate pipelines.yaml
@@ -223,7 +224,7 @@ def build_deployment(pipeline: str, cron: str, config: Path | None, set_: list[s
     return pipeline_flow.to_deployment(
         name=f"alignflow-{pipeline}",
         cron=cron,
-        parameters={"cfg_dict": cfg.model_dump(), "pipeline": pipeline, "resolved_yaml": resolved_yaml(raw)},
+        parameters={"cfg": cfg.model_dump(mode="json"), "pipeline": pipeline, "resolved_yaml": resolved_yaml(raw)},
         description=cfg.pipelines[pipeline].description or f"alignflow pipeline {pipeline}",
         tags=["alignflow", pipeline],
     )
@@ -329,40 +330,6 @@ def label_export(out: Path = typer.Argument(..., help="Output .jsonl, .csv or .p
     tmp.replace(out)
     agreement = store.agreement()
     typer.echo(f"{len(df)} pair(s) -> {out}; agreement {agreement['agreement']:.3f} on {agreement['items_with_2plus']} doubly-labeled item(s)")
-
-
-@app.command()
-def train(
-    kind: str = typer.Argument(..., help="dpo or reward."),
-    model: str = typer.Option(..., help="Hugging Face model id or local folder to start from."),
-    data: str = typer.Option(..., help="Preference file (JSONL/CSV/Parquet/datasets folder; prompt, chosen, rejected)."),
-    out: Path = typer.Option(..., help="Output folder: model/ and history.jsonl."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    batch_size: int = typer.Option(8, help="GLOBAL pairs per step (split over the processes of accelerate launch)."),
-    lr: float = typer.Option(5e-6, help="Peak learning rate (cosine decay, short warm-up)."),
-    beta: float = typer.Option(0.1, help="DPO beta."),
-    max_length: int = typer.Option(512, help="Prompt + answer tokens per sequence."),
-    lora_r: int = typer.Option(0, help="LoRA rank for DPO (0 = full fine-tuning); the reference is the model with adapters off."),
-    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass to save memory."),
-    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (GPU)."),
-    seed: int = typer.Option(0, help="Seed of data order and initialisation."),
-) -> None:
-    """Train one DPO policy or reward model on a preference file: no Prefect, no MLflow.
-
-    Made for `accelerate launch` (DDP, FSDP, DeepSpeed configs in configs/accelerate/), e.g.
-
-      accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli train dpo --model M --data prefs.jsonl --out runs/dpo
-    """
-    from flows.train import KINDS, train as run_training, train_config
-    from tasks.schemas import DataError
-
-    if kind not in KINDS:
-        fail(f"unknown trainer {kind!r}: use one of {', '.join(KINDS)}")
-    try:
-        run_training(kind, model, data, out, train_config(steps, batch_size, lr, seed, mixed_precision),
-                     max_length, beta, lora_r, gradient_checkpointing)
-    except DataError as err:
-        fail(str(err))
 
 
 @app.command()

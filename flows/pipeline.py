@@ -21,11 +21,21 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger  # noqa: E402
 
-from alignment.sandbox.world import WorldConfig  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import task  # noqa: E402
+
 from flows.config import PipelinesFile  # noqa: E402
-from tasks.stages import STAGE_TASKS, STOP, StageContext  # noqa: E402
+from tasks.stage import STOP, StageContext, execute  # noqa: E402
+from tasks.stages import MODULES  # noqa: E402
 from tasks.store import StageOutput, Store  # noqa: E402
 from tasks.tracking import Tracker  # noqa: E402
+
+
+def run_stage(ctx: StageContext, stage, inputs: dict[str, StageOutput]) -> StageOutput:
+    return execute(ctx, stage, MODULES[stage.type], inputs)
+
+
+STAGE_TASK = task(run_stage, cache_policy=NO_CACHE, log_prints=True)  # training is never retried
 
 
 def make_tracker(cfg: PipelinesFile) -> Tracker:
@@ -49,9 +59,10 @@ def upstream_from_run(tracker: Tracker, from_run: str) -> dict[str, StageOutput]
 
 
 @flow(name="alignflow-pipeline", log_prints=True)
-def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str | None = None, from_run: str | None = None) -> dict:
+def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: str | None = None, from_run: str | None = None) -> dict:
     """Run `pipeline`; with `only`, run that one stage on the outputs of the pipeline run `from_run`."""
-    cfg = PipelinesFile.model_validate(cfg_dict)
+    if isinstance(cfg, dict):  # a deployment's parameters arrive as JSON: the dump of a validated config
+        cfg = PipelinesFile.model_validate(cfg)
     spec = cfg.pipelines[pipeline]
     logger = get_run_logger()
     preflight(spec, only)  # bad data fails here, before any run or file is written
@@ -73,13 +84,12 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
         except ValueError:  # not the main thread: leave signals alone
             previous = None
     try:
-        tracker.log_params(parent, {"pipeline": pipeline, "seed": cfg.settings.seed, "world": cfg.settings.world})
+        tracker.log_params(parent, {"pipeline": pipeline, "seed": cfg.settings.seed})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pipelines.resolved.yaml"
             path.write_text(resolved_yaml)
             tracker.log_artifact(parent, path)
-        world = WorldConfig(**{**cfg.settings.world, "seed": cfg.settings.seed})
-        ctx = StageContext(tracker, store, parent, cfg.settings.seed, world, log=logger.info)
+        ctx = StageContext(tracker, store, parent, log=logger.info)
         if only:
             results = _run_only(ctx, spec, only, tracker, from_run, store)
         else:
@@ -88,9 +98,7 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
                 concurrent = (os.cpu_count() or 1) >= 8
             for stage in spec.stages:
                 inputs = {slot: futures[src] for slot, src in stage.inputs.items()}
-                futures[stage.name] = STAGE_TASKS[stage.type].with_options(name=stage.name).submit(
-                    ctx, stage.name, stage.type, stage.params, inputs
-                )
+                futures[stage.name] = STAGE_TASK.with_options(name=stage.name).submit(ctx, stage, inputs)
                 if not concurrent:
                     futures[stage.name].wait()
             results = {name: f.result() for name, f in futures.items()}
@@ -110,13 +118,20 @@ def pipeline_flow(cfg_dict: dict, pipeline: str, resolved_yaml: str, only: str |
 
 
 def preflight(spec, only: str | None) -> None:
-    """Validate every preference file the pipeline imports (all problems at once) before any work."""
-    from tasks.params import parse
-    from tasks.preferences import ImportParams, import_preferences
+    """Validate every data file the pipeline reads (all problems at once) before any work."""
+    from tasks.data import read_prompt_file
+    from tasks.stages.import_preferences import import_preferences
+    from tasks.stages.sft import import_demonstrations
 
     for stage in spec.stages:
-        if stage.type == "import_preferences" and (only is None or only == stage.name):
-            import_preferences(parse(ImportParams, stage.params))
+        if only is not None and only != stage.name:
+            continue
+        if stage.type == "import_preferences":
+            import_preferences(stage.params)
+        elif stage.type == "sft" and stage.params.data:
+            import_demonstrations(stage.params)
+        if getattr(stage.params, "prompts_file", None):
+            read_prompt_file(stage.params.prompts_file)
 
 
 def _raise_interrupt(signum, frame):
@@ -138,7 +153,7 @@ def _run_only(ctx: StageContext, spec, only: str, tracker: Tracker, from_run: st
         if store.lookup(o.type, o.key) is None:
             raise ValueError(f"the output of stage {src!r} of run {from_run} is not in {store.root} any more")
         inputs[slot] = dataclasses.replace(o, path=str(store.final(o.type, o.key)))
-    result = STAGE_TASKS[stage.type].with_options(name=stage.name).submit(ctx, stage.name, stage.type, stage.params, inputs).result()
+    result = STAGE_TASK.with_options(name=stage.name).submit(ctx, stage, inputs).result()
     return {only: result}
 
 

@@ -21,10 +21,14 @@ def _non_blank(series: pd.Series) -> pd.Series:
 
 TEXT = [pa.Check(_non_blank, element_wise=False, error="empty or whitespace-only text")]
 
+MESSAGES = pa.Column(str)  # a conversation prompt as JSON [{role, content}, ...]; "" for a plain-text prompt
+
 SAMPLES = pa.DataFrameSchema(
     {
         "prompt": pa.Column(str, TEXT),
+        "messages": MESSAGES,
         "answer": pa.Column(str),  # a model may answer with nothing but EOS
+        "prompt_index": pa.Column(int, pa.Check.ge(0)),  # which prompt: the same text may be asked twice
         "sample": pa.Column(int, pa.Check.ge(0)),
     },
     name="samples",
@@ -33,18 +37,31 @@ SAMPLES = pa.DataFrameSchema(
 PREFERENCES = pa.DataFrameSchema(
     {
         "prompt": pa.Column(str, TEXT),
+        "messages": MESSAGES,
         "chosen": pa.Column(str, TEXT),
         "rejected": pa.Column(str, TEXT),
+        "split": pa.Column(str, pa.Check.isin(["train", "test"])),
     },
     checks=[pa.Check(lambda df: df["chosen"] != df["rejected"], error="chosen == rejected")],
     name="preference pairs",
+)
+
+DEMONSTRATIONS = pa.DataFrameSchema(
+    {"prompt": pa.Column(str, TEXT), "messages": MESSAGES, "completion": pa.Column(str, TEXT)},
+    name="demonstrations",
+)
+
+PROMPTS = pa.DataFrameSchema(
+    {"prompt": pa.Column(str, TEXT), "messages": MESSAGES, "split": pa.Column(str, pa.Check.isin(["train", "test"]))},
+    name="prompts",
 )
 
 EVALUATION = pa.DataFrameSchema(
     {
         "prompt": pa.Column(str, TEXT),
         "answer": pa.Column(str),
-        "kl": pa.Column(float),
+        "reference_answer": pa.Column(str),
+        "kl": pa.Column(float, pa.Check.ge(0)),
     },
     name="evaluation rows",
 )

@@ -6,33 +6,45 @@ import json
 import os
 from pathlib import Path
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
 from flows.config import ConfigError, load
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIGNFLOW = str(Path(sys.executable).parent / "alignflow")
 
 TINY = {
     "settings": {"seed": 0, "workdir": "runs", "experiment": "test"},
     "pipelines": {
         "tiny": {
             "stages": [
-                {"name": "sft", "type": "sft", "params": {
-                    "examples": 64, "model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
-                    "sft": {"train": {"max_steps": 4, "batch_size": 16, "lr": 0.003}}}},
-                {"name": "sample", "type": "sample", "inputs": {"policy": "sft"},
+                {"name": "world", "type": "world", "params": {
+                    "demonstrations": 64, "train_prompts": 48, "test_prompts": 16,
+                    "model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64}}},
+                {"name": "sft", "type": "sft", "inputs": {"policy": "world", "demonstrations": "world"},
+                 "params": {"sft": {"max_length": 128, "train": {"max_steps": 4, "batch_size": 16, "lr": 0.003}}}},
+                {"name": "sample", "type": "sample", "inputs": {"policy": "sft", "prompts": "world"},
                  "params": {"prompts": 24, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 12}}},
-                {"name": "label", "type": "label", "inputs": {"samples": "sample"}},
-                {"name": "reward_model", "type": "train_reward_model", "inputs": {"preferences": "label", "base": "sft"},
-                 "params": {"reward": {"train": {"max_steps": 3, "batch_size": 8}}}},
+                {"name": "label", "type": "label", "inputs": {"samples": "sample", "world": "world"},
+                 "params": {"labeler": "simulated"}},
+                {"name": "reward_model", "type": "train_reward_model", "inputs": {"preferences": "label", "base": "sft", "world": "world"},
+                 "params": {"reward": {"max_length": 128, "train": {"max_steps": 3, "batch_size": 8}}}},
                 {"name": "dpo", "type": "dpo", "inputs": {"preferences": "label", "policy": "sft"},
-                 "params": {"dpo": {"train": {"max_steps": 3, "batch_size": 8}}}},
-                {"name": "ppo", "type": "ppo", "inputs": {"policy": "sft", "reward_model": "reward_model"},
+                 "params": {"dpo": {"max_length": 128, "train": {"max_steps": 3, "batch_size": 8}}}},
+                {"name": "ppo", "type": "ppo", "inputs": {"policy": "sft", "reward_model": "reward_model", "prompts": "world"},
                  "params": {"prompts": 32, "ppo": {"iterations": 2, "rollout_batch_size": 8, "minibatch_size": 4,
                                                    "sampling": {"max_new_tokens": 12}}}},
-                {"name": "evaluate_dpo", "type": "evaluate", "inputs": {"policy": "dpo", "reference": "sft", "reward_model": "reward_model"},
-                 "params": {"prompts": 16, "sampling": {"max_new_tokens": 12}, "max_kl": 100.0, "register_as": "tiny-dpo"}},
-                {"name": "evaluate_ppo", "type": "evaluate", "inputs": {"policy": "ppo", "reference": "sft", "reward_model": "reward_model"},
-                 "params": {"prompts": 16, "sampling": {"max_new_tokens": 12}, "min_win_rate": 1.01, "register_as": "tiny-ppo"}},
+                {"name": "evaluate_dpo", "type": "evaluate",
+                 "inputs": {"policy": "dpo", "reference": "sft", "reward_model": "reward_model", "prompts": "world", "world": "world"},
+                 "params": {"prompts": 16, "sampling": {"max_new_tokens": 12}, "gates": {"eval/kl": "<= 100"}, "register_as": "tiny-dpo"}},
+                {"name": "evaluate_ppo", "type": "evaluate",
+                 "inputs": {"policy": "ppo", "reference": "sft", "reward_model": "reward_model", "prompts": "world", "world": "world"},
+                 "params": {"prompts": 16, "sampling": {"max_new_tokens": 12}, "gates": {"eval/gold_win_rate": ">= 1.01"},
+                            "register_as": "tiny-ppo"}},
             ]
         }
     },
@@ -61,71 +73,95 @@ def bad(tmp_path, mutate) -> str:
 
 def test_bad_param_names_its_key_path(tmp_path):
     def m(d):
-        d["pipelines"]["tiny"]["stages"][0]["params"]["sft"]["train"]["lr"] = "fast"
-    assert "pipelines.tiny.stages[0].params.sft.train.lr: Input should be a valid number" in bad(tmp_path, m)
+        d["pipelines"]["tiny"]["stages"][1]["params"]["sft"]["train"]["lr"] = "fast"
+    assert "pipelines.tiny.stages[1].params.sft.train.lr: Input should be a valid number" in bad(tmp_path, m)
 
 
 def test_unknown_param_and_stage_type(tmp_path):
     def typo_type(d):
-        d["pipelines"]["tiny"]["stages"][2]["type"] = "labell"
+        d["pipelines"]["tiny"]["stages"][3]["type"] = "labell"
 
-    assert "pipelines.tiny.stages[2].type: Input should be 'model', 'sft', 'sample'" in bad(tmp_path, typo_type)
+    msg = bad(tmp_path, typo_type)
+    assert "pipelines.tiny.stages[3]: Input tag 'labell' found using 'type' does not match any of the expected tags" in msg
+    assert "'world', 'model', 'sft'" in msg
 
     def typo_param(d):
-        d["pipelines"]["tiny"]["stages"][4]["params"]["dpo"]["betta"] = 0.1
+        d["pipelines"]["tiny"]["stages"][5]["params"]["dpo"]["betta"] = 0.1
 
-    assert "pipelines.tiny.stages[4].params.dpo.betta: unknown parameter; DPOConfig has" in bad(tmp_path, typo_param)
+    assert "pipelines.tiny.stages[5].params.dpo.betta: unknown parameter" in bad(tmp_path, typo_param)
+
+    def typo_stage_key(d):
+        d["pipelines"]["tiny"]["stages"][5]["input"] = {}
+
+    assert "pipelines.tiny.stages[5].input: unknown key" in bad(tmp_path, typo_stage_key)
 
 
 def test_inputs_must_name_earlier_stages_of_the_right_kind(tmp_path):
     def m(d):
-        d["pipelines"]["tiny"]["stages"][1]["inputs"] = {"policy": "label"}
-        d["pipelines"]["tiny"]["stages"][4]["inputs"] = {"preferences": "label", "policy": "sample"}
+        d["pipelines"]["tiny"]["stages"][2]["inputs"] = {"policy": "label", "prompts": "world"}
+        d["pipelines"]["tiny"]["stages"][5]["inputs"] = {"preferences": "label", "policy": "sample"}
     msg = bad(tmp_path, m)
-    assert "stages[1].inputs.policy: 'label' is not an earlier stage" in msg
-    assert "stages[4].inputs.policy: 'sample' gives a samples, dpo needs a policy" in msg
+    assert "stages[2].inputs.policy: 'label' is not an earlier stage" in msg
+    assert "stages[5].inputs.policy: 'sample' gives samples; dpo needs a policy" in msg
+
+
+def test_a_stage_that_needs_the_world_says_so(tmp_path):
+    def m(d):
+        del d["pipelines"]["tiny"]["stages"][3]["inputs"]["world"]
+    assert "labeler: simulated needs the sandbox world as inputs.world" in bad(tmp_path, m)
 
 
 def test_set_overrides_and_errors(tmp_path):
     cfg, raw = load(write_config(tmp_path), "tiny", ["dpo.dpo.beta=0.25", "settings.seed=3"])
-    assert cfg.pipelines["tiny"].stages[4].params["dpo"]["beta"] == 0.25
-    assert cfg.settings.seed == 3
+    dpo = cfg.pipelines["tiny"].stages[5].params.dpo
+    assert dpo.beta == 0.25
+    assert cfg.settings.seed == 3 and dpo.train.seed == 3  # settings.seed reaches DPO's data order
     with pytest.raises(ConfigError, match="has no stage 'nope'"):
         load(write_config(tmp_path), "tiny", ["nope.x=1"])
     with pytest.raises(ConfigError, match="no pipeline 'other'"):
         load(write_config(tmp_path), "other")
 
 
-def test_a_partial_override_keeps_the_other_defaults():
-    """`--set ppo.ppo.seed=1` on a stage whose yaml gives no ppo params: the seed changes, the tuned
-    PPO settings stay (a bare PPOConfig would need `iterations` and lose the rest)."""
-    from tasks.params import QS, PPOParams, parse
+def test_defaults_are_the_core_configs_and_a_partial_override_keeps_the_rest():
+    """A stage that gives `dpo: {train: {max_steps: 5}}` keeps DPO's own learning rate (TRL's 1e-6), not
+    TrainConfig's generic one; `--set ppo.ppo.seed=1` changes the seed and keeps the pipeline's PPO values;
+    a stage's own seed beats settings.seed."""
+    from alignment.trainers.dpo import DPOConfig
 
-    shipped = Path(__file__).parent.parent / "flows" / "pipelines.yaml"
-    cfg, _ = load(shipped, "quickstart", ["ppo.ppo.seed=1", "dpo.dpo.train.lr=0.001"])
-    stages = {s.name: s for s in cfg.pipelines["quickstart"].stages}
-    ppo = parse(PPOParams, stages["ppo"].params)
-    assert ppo.ppo.seed == 1 and ppo.ppo == dataclasses.replace(QS.ppo, seed=1)
-    dpo = stages["dpo"].params["dpo"]
-    assert dpo["train"]["lr"] == 0.001 and dpo["train"]["max_steps"] == 130  # the yaml's own value stays
-
-
-def test_shipped_pipelines_file_is_valid():
-    cfg, _ = load(Path(__file__).parent.parent / "flows" / "pipelines.yaml")
-    assert "quickstart" in cfg.pipelines
+    cfg, _ = load(ROOT / "pipelines.yaml", "quickstart", ["ppo.ppo.seed=1", "dpo.dpo.train.lr=0.001", "settings.seed=4"])
+    stages = {s.name: s.params for s in cfg.pipelines["quickstart"].stages}
+    assert stages["ppo"].ppo.seed == 1 and stages["ppo"].ppo.iterations == 30 and stages["ppo"].ppo.beta == 0.3
+    assert stages["dpo"].dpo.train.lr == 0.001 and stages["dpo"].dpo.train.max_steps == 130  # the yaml's own value stays
+    assert stages["dpo"].dpo.train.seed == 4 and stages["world"].world.seed == 4 and stages["sample"].seed == 4
+    real, _ = load(ROOT / "pipelines.yaml", "dpo-from-preferences")
+    dpo = {s.name: s.params for s in real.pipelines["dpo-from-preferences"].stages}["dpo"].dpo
+    assert dpo.beta == DPOConfig().beta == 0.1 and dpo.train.lr == DPOConfig().train.lr == 1e-6
+    assert dpo.train.max_steps == 500 and dpo.group_by_prompt is False
 
 
-def test_cli_bad_yaml_exits_2_and_writes_nothing(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
+def test_config_is_frozen_and_typed():
+    cfg, _ = load(ROOT / "pipelines.yaml", "quickstart")
+    stage = cfg.pipelines["quickstart"].stages[5]
+    with pytest.raises(Exception):
+        stage.params.dpo = None
+    assert type(stage.params.dpo).__name__ == "DPOConfig"
 
-    from flows.cli import app
 
-    monkeypatch.chdir(tmp_path)
+def test_shipped_pipelines_file_is_valid_and_packaged():
+    from flows.cli import SHIPPED
+
+    cfg, _ = load(ROOT / "pipelines.yaml")
+    assert {"quickstart", "dpo-from-preferences", "rlhf-ppo"} <= set(cfg.pipelines)
+    assert SHIPPED.resolve() == (ROOT / "pipelines.yaml").resolve()
+
+
+def test_cli_bad_yaml_exits_2_and_writes_nothing(tmp_path):
     path = write_config(tmp_path)
     path.write_text(path.read_text().replace("max_steps: 4", "max_steps: four"))
-    result = CliRunner().invoke(app, ["run", "tiny", "-c", str(path)])
-    assert result.exit_code == 2
-    assert "stages[0].params.sft.train.max_steps" in result.output
+    result = subprocess.run([ALIGNFLOW, "run", "tiny", "-c", str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "stages[1].params.sft.train.max_steps: Input should be a valid integer" in result.stderr
+    assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipelines.yaml"]
 
 
@@ -142,7 +178,7 @@ def env(tmp_path_factory):
 
     def run(overrides=(), **kw):
         cfg, raw = load(path, "tiny", list(overrides))
-        return pipeline_flow(cfg.model_dump(), "tiny", resolved_yaml(raw), **kw)
+        return pipeline_flow(cfg, "tiny", resolved_yaml(raw), **kw)
 
     first = run()
     cfg, _ = load(path)
@@ -166,12 +202,14 @@ def test_stages_run_one_at_a_time_on_small_machines(env):
 def test_every_stage_run_has_metrics_params_and_lineage(env):
     tracker, first = env["tracker"], env["first"]
     runs = children(tracker, first["parent_run_id"])
-    assert set(runs) == {"sft", "sample", "label", "reward_model", "dpo", "ppo", "evaluate_dpo", "evaluate_ppo"}
+    assert set(runs) == {"world", "sft", "sample", "label", "reward_model", "dpo", "ppo", "evaluate_dpo", "evaluate_ppo"}
     for name, r in runs.items():
         assert r.info.status == "FINISHED"
         assert r.data.tags["alignflow.cache"] == "miss"
         assert len(r.data.tags["alignflow.content_hash"]) == 64
-        assert r.data.params["seed"] == "0"
+        seeds = {k: v for k, v in r.data.params.items() if k.endswith("seed")}
+        assert all(v == "0" for v in seeds.values()), seeds  # settings.seed reached every seed of the stage
+        assert seeds, name  # every stage has a random stream
         assert r.data.tags["git_commit"]
     assert "train/loss" in runs["sft"].data.metrics and "train/reward" in runs["ppo"].data.metrics
     assert "eval/gold_accuracy" in runs["reward_model"].data.metrics
@@ -251,7 +289,7 @@ def test_deploy_builds_a_scheduled_deployment(tmp_path):
     assert deployment.name == "alignflow-tiny"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters["pipeline"] == "tiny"
-    assert deployment.parameters["cfg_dict"]["pipelines"]["tiny"]["stages"][4]["params"]["dpo"]["beta"] == 0.2
+    assert deployment.parameters["cfg"]["pipelines"]["tiny"]["stages"][5]["params"]["dpo"]["beta"] == 0.2
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -333,7 +371,7 @@ def test_cli_runs_list_compare_and_lineage(env):
     compared = runner.invoke(app, ["runs", "compare", first, second, "-c", cfg])
     assert compared.exit_code == 0, compared.output
     beta_line = next(line for line in compared.output.splitlines() if "params.dpo.beta" in line)
-    assert beta_line.lstrip().startswith("*") and "0.5" in beta_line and "0.35" in beta_line  # the default, then --set
+    assert beta_line.lstrip().startswith("*") and "0.1" in beta_line and "0.35" in beta_line  # the default, then --set
     sft_lines = [line for line in compared.output.splitlines() if "params.sft.train.lr" in line]
     assert sft_lines and not sft_lines[0].lstrip().startswith("*")
     lineage = runner.invoke(app, ["lineage", second, "-c", cfg])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,11 +26,13 @@ from alignment.trainers.common import (
 
 @dataclass(frozen=True)
 class DPOConfig:
-    train: TrainConfig  # optimisation settings
+    """Defaults as TRL's DPOConfig (beta 0.1, lr 1e-6, max_length 1024); train.batch_size counts pairs."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=1e-6))  # optimisation
     beta: float = 0.1  # strength of the implicit KL constraint to the reference
     loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
     label_smoothing: float = 0.0  # eps of conservative DPO: assumed probability that a label is flipped
-    max_length: int = 128  # prompt + answer tokens per sequence
+    max_length: int = 1024  # prompt + answer tokens per sequence
     precompute_ref_logps: bool = True  # reference log-probs computed once up front, not every step
     shared_prefix: bool = True  # chosen and rejected read one copy of their prompt (alignment.prefix)
     group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and

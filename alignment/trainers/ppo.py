@@ -31,11 +31,13 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
 @dataclass(frozen=True)
 class PPOConfig:
-    iterations: int  # rollout + update rounds
+    """Defaults as TRL's PPOConfig (lr 3e-6, 4 PPO epochs, KL coefficient 0.05, clip 0.2, vf_coef 0.1)."""
+
+    iterations: int = 100  # rollout + update rounds
     rollout_batch_size: int = 32  # prompts sampled together per iteration
     minibatch_size: int = 8  # rollouts per optimizer step
-    ppo_epochs: int = 2  # passes over each rollout batch
-    lr: float = 1e-5  # AdamW learning rate of policy and value head
+    ppo_epochs: int = 4  # passes over each rollout batch
+    lr: float = 3e-6  # AdamW learning rate of policy and value head
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     clip_eps: float = 0.2  # epsilon of the clipped ratio
     value_clip_eps: float | None = 0.2  # clip range of the value loss around the old values; None = off
@@ -51,10 +53,12 @@ class PPOConfig:
     missing_eos_penalty: float | None = None  # subtracted from the score of an answer cut off before a stop
     # token (as TRL's option of that name): a reward model never saw such text and may score it well
     sampling: SamplingParams = field(default_factory=SamplingParams)  # how rollouts are sampled
-    seed: int = 0  # prompt order and sampling noise
+    seed: int = 0  # prompt order and sampling noise (a pipeline sets settings.seed)
     checkpoint_every: int = 0  # save a resumable checkpoint every N iterations; 0 = only at the end
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (GPU)
     gradient_checkpointing: bool = False  # recompute activations in the update's backward pass (less memory)
+    separate_value_model: bool = False  # the value function on its own copy of the backbone, not a head on
+    # the policy's trunk (value gradients then cannot disturb the policy; twice the weights)
 
     def train_config(self) -> TrainConfig:
         """The optimizer settings: one optimizer step per minibatch, constant LR."""

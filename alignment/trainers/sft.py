@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +19,10 @@ from alignment.trainers.common import (
 
 @dataclass(frozen=True)
 class SFTConfig:
-    train: TrainConfig  # optimisation settings
-    max_length: int = 128  # prompt + answer tokens per example (longer ones are truncated)
+    """Defaults as TRL's SFTConfig (lr 2e-5, max_length 1024)."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=2e-5))  # optimisation
+    max_length: int = 1024  # prompt + answer tokens per example (longer ones are truncated)
 
 
 class SFTTrainer:

@@ -1,0 +1,217 @@
+"""The one lifecycle every stage shares, and what stage modules have in common.
+
+`execute`: cache lookup -> MLflow run with lineage tags -> the stage's body -> atomic publish ->
+artifacts -> FINISHED / FAILED / KILLED. A stage module (tasks/stages/<type>.py) holds only its
+`Params`, its `Stage` (the pipelines.yaml entry), INPUTS, OUTPUT and its `run` body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+from alignment.data import PairExample, tokenize_pairs
+from alignment.models import load_causal_lm, load_tokenizer
+from tasks import plots, schemas
+from tasks.data import prompt_of
+from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
+from tasks.tracking import Tracker
+
+HISTORY = "train_metrics.jsonl"
+STOP = threading.Event()  # set on Ctrl-C / SIGTERM: training stages stop at their next step, marked KILLED
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    out = {}
+    for name, f in model.model_fields.items():
+        if f.is_required():
+            continue
+        value = f.get_default(call_default_factory=True)
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _merged(defaults: Any, given: Any, seed: int | None) -> Any:
+    """`given` merged onto `defaults` key by key, nested; a `seed` the user did not give is the pipeline's."""
+    if not (isinstance(defaults, dict) and isinstance(given, dict)):
+        return given
+    out = {**defaults, **{k: _merged(defaults.get(k), v, seed) for k, v in given.items()}}
+    for k, v in defaults.items():
+        if k not in given and isinstance(v, dict):
+            out[k] = _merged(v, {}, seed)
+    if seed is not None and "seed" in defaults and "seed" not in given:
+        out["seed"] = seed
+    return out
+
+
+class StageParams(BaseModel):
+    """A stage's params: frozen, unknown keys are errors. What the yaml gives is merged onto the defaults
+    field by field (a partial `train: {max_steps: 10}` keeps the algorithm's learning rate), and every
+    `seed` left unset is settings.seed (the validation context's `seed`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _with_defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        seed = (info.context or {}).get("seed")
+        return _merged(_defaults(cls), data, seed)
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str  # unique within the pipeline; how later stages name this one in `inputs`
+    inputs: dict[str, str] = Field(default_factory=dict)  # input slot -> name of an earlier stage
+
+
+# -- what bodies share ------------------------------------------------------------------------------
+
+
+@dataclass
+class StageContext:
+    tracker: Tracker
+    store: Store
+    parent_run_id: str
+    log: Callable[[str], None] = print
+
+
+def metrics_logger(ctx: StageContext, run_id: str, out: Path):
+    """Per step: to MLflow (with the step) and to the stage's history file (kept across a crash)."""
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if STOP.is_set():
+            raise KeyboardInterrupt("stop requested")
+        ctx.tracker.log_metrics(run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+        with open(out / HISTORY, "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+
+    return log
+
+
+def save_curves(out: Path, keys: list[str], title: str) -> list[dict]:
+    rows = plots.finish_history(out / HISTORY)
+    plots.plot_curves(rows, keys, out / "training_curves.png", title)
+    return rows
+
+
+def model_dir(inputs: dict[str, StageOutput], slot: str) -> Path:
+    return Path(inputs[slot].path) / "model"
+
+
+def load_policy(inputs: dict[str, StageOutput], slot: str = "policy"):
+    path = model_dir(inputs, slot)
+    return load_causal_lm(path), load_tokenizer(path)
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+
+
+def read_table(inputs: dict[str, StageOutput], slot: str, file: str, schema) -> pd.DataFrame:
+    source = Path(inputs[slot].path) / file
+    return schemas.validate(pd.read_parquet(source), schema, source)
+
+
+def read_preferences(inputs: dict[str, StageOutput], split: str | None = None) -> list[dict]:
+    pairs = read_table(inputs, "preferences", "preferences.parquet", schemas.PREFERENCES)
+    return pairs[pairs["split"] == split].to_dict("records") if split else pairs.to_dict("records")
+
+
+def read_prompts(inputs: dict[str, StageOutput], split: str, n: int) -> list:
+    """The first n prompts of a split of a `prompts` input (the sandbox world, or any prompts table)."""
+    df = read_table(inputs, "prompts", "prompts.parquet", schemas.PROMPTS)
+    return [prompt_of(r) for r in df[df["split"] == split].head(n).to_dict("records")]
+
+
+def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> list[PairExample]:
+    """The pairs tokenised for training, checked before any training: BOS at most once at the start, EOS
+    once at the end of each answer, no answer truncated to nothing, and chosen != rejected after
+    truncation to max_length. A DataError names the rows otherwise."""
+    examples = tokenize_pairs(tokenizer, [prompt_of(p) for p in pairs], [p["chosen"] for p in pairs],
+                              [p["rejected"] for p in pairs], max_length)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    checks = {
+        "have chosen == rejected after truncation": lambda e: e.chosen_ids == e.rejected_ids,
+        "have an answer truncated to nothing (only EOS, or less, is left)": lambda e: min(len(e.chosen_ids), len(e.rejected_ids)) <= 1,
+        "start with BOS twice (the chat template and the tokenizer both add it)":
+            lambda e: bos is not None and e.prompt_ids[:2] == [bos, bos],
+        "end an answer with EOS twice": lambda e: any(a[-2:] == [eos, eos] for a in (e.chosen_ids, e.rejected_ids)),
+    }
+    for problem, bad in checks.items():
+        rows = [i + 1 for i, e in enumerate(examples) if bad(e)]
+        if rows:
+            raise schemas.DataError(
+                f"{source}: {len(rows)} pair(s) {problem} with max_length={max_length} tokens "
+                f"(rows {rows[:20]}{' ...' if len(rows) > 20 else ''}); raise max_length or drop them")
+    return examples
+
+
+# -- the lifecycle ----------------------------------------------------------------------------------
+
+
+def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) -> StageOutput:
+    """Cache lookup -> MLflow run with lineage -> body -> atomic publish -> artifacts -> status."""
+    if STOP.is_set():
+        raise KeyboardInterrupt("stop requested")
+    name, stage_type, params = stage.name, stage.type, stage.params
+    params_dict = {"params": params.model_dump(mode="json")}
+    # Hash what the input folders hold now (not what was recorded), so new contents re-run this stage.
+    inputs = {slot: dataclasses.replace(o, content_hash=dir_hash(Path(o.path))) for slot, o in inputs.items()}
+    hashes = {slot: o.content_hash for slot, o in inputs.items()}
+    if hasattr(module, "sources"):
+        hashes.update(module.sources(params))
+    key = stage_key(stage_type, params_dict, hashes)
+    lineage = {}
+    for slot, o in inputs.items():
+        lineage.update({
+            f"lineage.{slot}.stage": o.name, f"lineage.{slot}.run_id": o.run_id,
+            f"lineage.{slot}.content_hash": o.content_hash,
+            f"lineage.{slot}.artifact_uri": f"{ctx.tracker.artifact_uri(o.run_id)}/output",
+        })
+    tags = {"alignflow.stage": name, "alignflow.stage_type": stage_type, "alignflow.cache_key": key, **lineage}
+    run_id = ctx.tracker.start_run(name, tags, parent_id=ctx.parent_run_id)
+    try:
+        ctx.tracker.log_params(run_id, params_dict)
+        record = ctx.store.lookup(stage_type, key)
+        if record is not None:
+            ctx.log(f"[{name}] unchanged inputs, params and code: reusing {record['run_id']}")
+            ctx.tracker.set_tags(run_id, {"alignflow.cache": "hit", "alignflow.reused_run_id": record["run_id"],
+                                          "alignflow.content_hash": record["content_hash"]})
+            ctx.tracker.end_run(run_id)
+            return StageOutput(name, stage_type, str(ctx.store.final(stage_type, key)), key, record["content_hash"],
+                               record["run_id"], cached=True)
+        ctx.tracker.set_tags(run_id, {"alignflow.cache": "miss"})
+        out = ctx.store.partial(stage_type, key)
+        for slot, o in inputs.items():
+            for data in Path(o.path).glob("*.parquet"):
+                ctx.tracker.log_dataset(run_id, pd.read_parquet(data), source=str(data), name=f"{o.name}/{data.stem}",
+                                        digest=file_hash(data), context=slot)
+        metrics = module.run(ctx, params, inputs, out, run_id)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name})
+        ctx.tracker.log_metrics(run_id, metrics, step=0)
+        ctx.tracker.log_artifact(run_id, final, "output")
+        ctx.tracker.set_tags(run_id, {"alignflow.content_hash": content_hash})
+        ctx.tracker.end_run(run_id)
+        ctx.log(f"[{name}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return StageOutput(name, stage_type, str(final), key, content_hash, run_id)
+    except KeyboardInterrupt:
+        ctx.tracker.end_run(run_id, "KILLED")
+        raise
+    except BaseException as err:
+        ctx.tracker.set_tags(run_id, {"alignflow.error": f"{type(err).__name__}: {err}"[:5000]})
+        ctx.tracker.end_run(run_id, "FAILED")
+        raise

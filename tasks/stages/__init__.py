@@ -1,0 +1,12 @@
+"""One module per stage type. Each holds its `Params` (defaults from the core configs), its `Stage`
+(the pipelines.yaml entry: name, type, inputs, params), INPUTS (slot -> kind; `kind?` is optional),
+OUTPUT (the kinds it provides) and its `run` body. Adding a stage type is one module and one line here.
+"""
+
+from tasks.stages import (
+    dpo, evaluate, import_preferences, label, model, ppo, sample, sft, train_reward_model, world,
+)
+
+MODULES = {m.Stage.model_fields["type"].annotation.__args__[0]: m for m in (
+    world, model, sft, sample, label, import_preferences, train_reward_model, dpo, ppo, evaluate,
+)}

@@ -1,0 +1,52 @@
+"""The `dpo` stage: Direct Preference Optimization of a policy on the train split of preference pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from safetensors.torch import load_file, save_file
+
+from alignment.lora import LoRAConfig, add_lora, merged
+from alignment.trainers.common import set_seed
+from alignment.trainers.dpo import DPOConfig, DPOTrainer
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, save_curves, save_model, token_preflight
+from tasks.store import stage_key
+
+INPUTS = {"preferences": "preferences", "policy": "policy"}
+OUTPUT = ("policy",)
+
+
+class Params(StageParams):
+    dpo: DPOConfig = DPOConfig()  # training (TRL's defaults: beta 0.1, lr 1e-6, max_length 1024)
+    lora: LoRAConfig | None = None  # train LoRA adapters only; the reference is the model with them off
+
+
+class Stage(StageSpec):
+    type: Literal["dpo"]
+    params: Params = Params()
+
+
+def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    train = read_preferences(inputs, "train")
+    policy, tokenizer = load_policy(inputs)
+    examples = token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")
+    # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
+    ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt},
+                        {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
+    ref_file = ctx.store.final("reference_logps", ref_key) / "logps.safetensors"
+    reference_logps = load_file(str(ref_file))["logps"] if ref_file.is_file() else None
+    set_seed(p.dpo.train.seed)
+    if p.lora is not None:
+        policy = add_lora(policy, p.lora)
+    trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, p.dpo, reference_logps=reference_logps,
+                         output_dir=out, callback=metrics_logger(ctx, run_id, out))
+    if reference_logps is None:
+        tmp = ctx.store.partial("reference_logps", ref_key)
+        save_file({"logps": trainer.reference_logps.contiguous()}, str(tmp / "logps.safetensors"))
+        ctx.store.publish("reference_logps", ref_key, {"run_id": run_id})
+    ctx.tracker.set_tags(run_id, {"reference_logps.key": ref_key, "reference_logps.reused": reference_logps is not None})
+    trainer.train()
+    rows = save_curves(out, ["loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "grad_norm"], "DPO")
+    save_model(merged(trainer.model), tokenizer, out)
+    return {"final_loss": rows[-1]["loss"], "pairs": float(len(examples))}

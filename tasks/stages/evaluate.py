@@ -1,0 +1,127 @@
+"""The `evaluate` stage: did the policy get better than its reference, and how far did it move?
+
+On prompts (the `prompts` input's test split, a prompts file, or the test split's prompts of the
+preferences): KL (k3 headline, k1 beside it), length, distinct-n; with a reward model, its score of both
+answers and the policy's win rate; with the sandbox world, gold reward, gold win rate and banned words.
+On the held-out preference pairs: the policy's preference accuracy, DPO's implicit-reward accuracy and
+margin, and the reward model's accuracy. Gates bound any metric; a policy that passes them all is
+registered under `register_as`.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import field_validator, model_validator
+
+from alignment.evaluation import answer_pair_logps, evaluate_policy, pair_metrics
+from alignment.sampling import SamplingParams
+from tasks import schemas
+from tasks.data import prompt_of, read_prompt_file
+from tasks.stage import StageParams, StageSpec, load_policy, read_preferences, read_prompts
+from tasks.stages.sample import sources  # noqa: F401 - a prompts file is part of the key
+from tasks.stages.train_reward_model import examples, load_reward_fn
+
+INPUTS = {"policy": "policy", "reference": "policy", "reward_model": "reward_model?", "preferences": "preferences?",
+          "prompts": "prompts?", "world": "world?"}
+OUTPUT = ("evaluation",)
+GATE = re.compile(r"^\s*(>=|<=|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+class Params(StageParams):
+    prompts: int = 100  # how many prompts both policies answer
+    prompts_file: str | None = None  # prompts to evaluate on; None: the prompts input, else the preferences' test split
+    sampling: SamplingParams = SamplingParams()  # how answers are sampled
+    max_length: int = 1024  # prompt + answer tokens of a held-out pair
+    beta: float = 0.1  # beta of DPO's implicit reward beta * log(pi / pi_ref), for the pair metrics
+    gates: dict[str, str] = {}  # metric -> bound, e.g. {eval/rm_win_rate: ">= 0.6", eval/kl: "<= 6"}
+    register_as: str | None = None  # model-registry name; registered only when every gate passes
+    seed: int = 0  # sampling noise
+
+    @field_validator("gates")
+    @classmethod
+    def _bounds(cls, gates: dict[str, str]) -> dict[str, str]:
+        bad = [f"{k}: {v!r}" for k, v in gates.items() if not GATE.match(str(v))]
+        if bad:
+            raise ValueError(f"a gate is a comparison with a number, e.g. \">= 0.6\" or \"<= 6\"; got {', '.join(bad)}")
+        return gates
+
+
+class Stage(StageSpec):
+    type: Literal["evaluate"]
+    params: Params = Params()
+
+    @model_validator(mode="after")
+    def _has_prompts(self):
+        if self.params.prompts_file is None and not {"prompts", "preferences"} & set(self.inputs):
+            raise ValueError("evaluation needs prompts: params.prompts_file, inputs.prompts or inputs.preferences")
+        return self
+
+
+def check_gates(gates: dict[str, str], metrics: dict[str, float]) -> list[str]:
+    failed = []
+    for name, bound in gates.items():
+        op, value = GATE.match(bound).groups()
+        if name not in metrics:
+            failed.append(f"{name} was not computed (computed: {', '.join(sorted(metrics))})")
+        elif not OPS[op](metrics[name], float(value)):
+            failed.append(f"{name} = {metrics[name]:.4g}, needs {op} {value}")
+    return failed
+
+
+def rm_accuracy(reward_fn, pairs: list[dict], batch_size: int = 64) -> float:
+    """P(r(x, y_w) > r(x, y_l)) over held-out pairs, each prompt read by the reward model's own tokenizer."""
+    right = 0
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i : i + batch_size]
+        prompts = [prompt_of(r) for r in part]
+        right += int((reward_fn(prompts, [r["chosen"] for r in part]) > reward_fn(prompts, [r["rejected"] for r in part])).sum())
+    return right / len(pairs)
+
+
+def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    policy, tokenizer = load_policy(inputs)
+    reference, _ = load_policy(inputs, "reference")
+    test_pairs = read_preferences(inputs, "test") if "preferences" in inputs else []
+    if p.prompts_file:
+        prompts = read_prompt_file(p.prompts_file)[: p.prompts]
+    elif "prompts" in inputs:
+        prompts = read_prompts(inputs, "test", p.prompts)
+    else:
+        unique = {(r["prompt"], r["messages"]): r for r in test_pairs}
+        prompts = [prompt_of(r) for r in list(unique.values())[: p.prompts]]
+    if not prompts:
+        raise schemas.DataError(f"{inputs['preferences'].name}: the test split has no pairs to take prompts from; raise held_out")
+    scores = {}
+    if "reward_model" in inputs:
+        scores["reward_fn"] = load_reward_fn(inputs)[0]
+    if "world" in inputs:
+        from tasks.stages.world import gold_scores, has_banned_word, load_world
+
+        world = load_world(inputs)
+        scores.update(gold_fn=gold_scores(world), banned_fn=has_banned_word(world))
+    metrics, rows = evaluate_policy(policy, reference, tokenizer, prompts, p.sampling, seed=p.seed + 7, **scores)
+    if test_pairs:
+        pairs = examples(tokenizer, test_pairs, p.max_length)
+        metrics.update(pair_metrics(answer_pair_logps(policy, pairs, tokenizer.pad_token_id),
+                                    answer_pair_logps(reference, pairs, tokenizer.pad_token_id), p.beta))
+        if "reward_model" in inputs:
+            metrics["eval/rm_accuracy"] = rm_accuracy(scores["reward_fn"], test_pairs)
+    df = schemas.validate(pd.DataFrame(rows), schemas.EVALUATION, "evaluation")
+    schemas.write_parquet(df, out / "evaluation.parquet")
+    failed = check_gates(p.gates, metrics)
+    (out / "gates.json").write_text(json.dumps({"passed": not failed, "failed": failed}, indent=2))
+    tags = {"gates.passed": not failed, "gates.failed": "; ".join(failed) or "none"}
+    if failed:
+        ctx.log(f"EVALUATION GATE FAILED for {inputs['policy'].name}: " + "; ".join(failed) + " -> the policy is NOT registered")
+    elif p.register_as:
+        version = ctx.tracker.register(inputs["policy"].run_id, "output/model", p.register_as)
+        tags["registered"] = f"{p.register_as}/{version}"
+    ctx.tracker.set_tags(run_id, tags)
+    return metrics

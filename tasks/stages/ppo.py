@@ -1,0 +1,58 @@
+"""The `ppo` stage: PPO of a policy against a trained reward model, with a KL penalty to the start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+
+from alignment.lora import LoRAConfig, add_lora, merged
+from alignment.models import PolicyWithValueHead, load_tokenizer
+from alignment.trainers.common import set_seed
+from alignment.trainers.ppo import PPOConfig, PPOTrainer
+from tasks import plots
+from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, save_curves
+from tasks.stages.sample import prompts_for, sources  # noqa: F401 - a prompts file is part of the key
+from tasks.stages.train_reward_model import load_reward_fn
+
+INPUTS = {"policy": "policy", "reward_model": "reward_model", "prompts": "prompts?"}
+OUTPUT = ("policy",)
+
+
+class Params(StageParams):
+    prompts: int = 2000  # how many prompts rollouts are drawn from
+    prompts_file: str | None = None  # as for the sample stage; None: the prompts input (split train)
+    ppo: PPOConfig = PPOConfig()  # training (TRL's defaults: lr 3e-6, 4 epochs, KL coefficient 0.05)
+    lora: LoRAConfig | None = None  # LoRA adapters on the policy (reference = adapters off); the value model or head trains in full
+
+
+class Stage(StageSpec):
+    type: Literal["ppo"]
+    params: Params = Params()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.params.prompts_file is None) == ("prompts" not in self.inputs):
+            raise ValueError("give prompts either as params.prompts_file or as inputs.prompts, not both or neither")
+        return self
+
+
+def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    path = model_dir(inputs, "policy")
+    tokenizer = load_tokenizer(path)
+    reward_fn, _, _ = load_reward_fn(inputs)
+    set_seed(p.ppo.seed)
+    model = PolicyWithValueHead.from_pretrained(path, separate_value_model=p.ppo.separate_value_model)
+    if p.lora is not None:
+        model.policy = add_lora(model.policy, p.lora)
+    trainer = PPOTrainer(model, tokenizer, prompts_for(p, inputs), reward_fn, p.ppo,
+                         output_dir=out, callback=metrics_logger(ctx, run_id, out))
+    trainer.train()
+    rows = save_curves(out, ["reward", "kl", "beta", "policy_loss", "value_loss", "entropy", "clip_frac",
+                             "approx_kl", "value_explained_variance", "answer_len"], "PPO")
+    plots.plot_reward_kl(rows, out / "reward_kl.png", "PPO: reward-model score against KL")
+    trainer.model.policy = merged(trainer.model.policy)
+    trainer.model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"final_reward": rows[-1]["reward"], "final_kl": rows[-1]["kl"]}

@@ -1,0 +1,60 @@
+"""The `sample` stage: answers of a policy to prompts, several per prompt, for labeling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import model_validator
+
+from alignment.evaluation import generate_answers
+from alignment.sampling import SamplingParams
+from tasks import schemas
+from tasks.data import prompt_columns, read_prompt_file
+from tasks.stage import StageParams, StageSpec, load_policy, read_prompts
+from tasks.store import file_hash
+
+INPUTS = {"policy": "policy", "prompts": "prompts?"}
+OUTPUT = ("samples",)
+
+
+class Params(StageParams):
+    prompts: int = 500  # how many prompts to answer (the first ones)
+    prompts_file: str | None = None  # .txt (a question a line) or a table with a prompt / messages column; None: the prompts input
+    samples_per_prompt: int = 2  # answers per prompt
+    sampling: SamplingParams = SamplingParams()  # temperature, top-p, top-k, max new tokens
+    seed: int = 0  # sampling noise
+
+
+class Stage(StageSpec):
+    type: Literal["sample"]
+    params: Params = Params()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.params.prompts_file is None) == ("prompts" not in self.inputs):
+            raise ValueError("give prompts either as params.prompts_file or as inputs.prompts, not both or neither")
+        return self
+
+
+def prompts_for(p, inputs, split: str = "train") -> list:
+    """The first p.prompts prompts of p.prompts_file, or of the given split of the `prompts` input."""
+    return read_prompt_file(p.prompts_file)[: p.prompts] if p.prompts_file else read_prompts(inputs, split, p.prompts)
+
+
+def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    model, tokenizer = load_policy(inputs)
+    prompts = prompts_for(p, inputs)
+    rows = []
+    for k in range(p.samples_per_prompt):
+        answers, _ = generate_answers(model, tokenizer, prompts, p.sampling, seed=p.seed * 100 + k)
+        rows += [{**prompt_columns(q), "answer": a, "prompt_index": i, "sample": k} for i, (q, a) in enumerate(zip(prompts, answers))]
+    df = schemas.validate(pd.DataFrame(rows), schemas.SAMPLES, "samples")
+    schemas.write_parquet(df, out / "samples.parquet")
+    return {"samples": float(len(df)), "empty_answers": float((df["answer"].str.strip() == "").sum()),
+            "answer_words_mean": float(df["answer"].str.split().str.len().mean())}
+
+
+def sources(p) -> dict[str, str]:
+    return {"prompts": file_hash(Path(p.prompts_file))} if p.prompts_file and Path(p.prompts_file).is_file() else {}

@@ -1,0 +1,80 @@
+"""The `sft` stage: supervised fine-tuning of a policy on demonstrations, the loss on the answers only.
+
+Demonstrations come from a file (`data`: Alpaca, ShareGPT conversations, TRL `messages` or
+prompt/completion, auto-detected) or from an input that provides them (the sandbox world).
+Conversations are rendered with the policy tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import model_validator
+
+from alignment.data import tokenize_demonstrations
+from alignment.trainers.common import set_seed
+from alignment.trainers.sft import SFTConfig, SFTTrainer
+from tasks import schemas
+from tasks.data import DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_table, save_curves, save_model
+from tasks.store import dir_hash, file_hash
+
+INPUTS = {"policy": "policy", "demonstrations": "demonstrations?"}
+OUTPUT = ("policy",)
+
+
+class Params(StageParams):
+    data: str | None = None  # demonstrations file or `datasets` folder; None: the `demonstrations` input
+    format: Literal[DEMONSTRATION_FORMATS] = "auto"  # auto, alpaca, sharegpt, messages, prompt_completion
+    columns: dict[str, str] = {}  # the file's column -> ours, e.g. {question: instruction}
+    sft: SFTConfig = SFTConfig()  # training (TRL's defaults: lr 2e-5, max_length 1024)
+
+
+class Stage(StageSpec):
+    type: Literal["sft"]
+    params: Params = Params()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.params.data is None) == ("demonstrations" not in self.inputs):
+            raise ValueError("give demonstrations either as params.data (a file) or as inputs.demonstrations, not both or neither")
+        return self
+
+
+def import_demonstrations(p: Params) -> pd.DataFrame:
+    rows, problems = convert_rows(p.data, DEMO_LAYOUTS, detect_demo_layout, p.format, p.columns)
+    if problems:
+        raise schemas.DataError(f"{len(problems)} problem(s) in {p.data} (nothing was written):\n" + "\n".join(problems))
+    if not rows:
+        raise schemas.DataError(f"{p.data}: no demonstrations")
+    df = pd.DataFrame([{**prompt_columns(prompt), "completion": completion} for _, _, (prompt, completion) in rows])
+    return schemas.validate(df, schemas.DEMONSTRATIONS, p.data)
+
+
+def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    demos = import_demonstrations(p) if p.data else read_table(inputs, "demonstrations", "demonstrations.parquet", schemas.DEMONSTRATIONS)
+    set_seed(p.sft.train.seed)
+    policy, tokenizer = load_policy(inputs)
+    rows = demos.to_dict("records")
+    examples = tokenize_demonstrations(tokenizer, [prompt_of(r) for r in rows], [r["completion"] for r in rows], p.sft.max_length)
+    cut = [i + 1 for i, (_, answer) in enumerate(examples) if len(answer) <= 1]
+    if cut:
+        raise schemas.DataError(f"{len(cut)} demonstration(s) lose their whole answer to max_length={p.sft.max_length} "
+                                f"(rows {cut[:20]}); raise sft.max_length or shorten their prompts")
+    (out / "first_sequence.json").write_text(json.dumps({"ids": examples[0][0] + examples[0][1], "answer_start": len(examples[0][0]),
+                                                          "text": tokenizer.decode(examples[0][0] + examples[0][1])}, indent=1))
+    trainer = SFTTrainer(policy, examples, tokenizer.pad_token_id, p.sft, output_dir=out, callback=metrics_logger(ctx, run_id, out))
+    trainer.train()
+    rows = save_curves(out, ["loss", "lr", "grad_norm"], "SFT")
+    save_model(trainer.model, tokenizer, out)
+    return {"final_loss": rows[-1]["loss"], "demonstrations": float(len(examples))}
+
+
+def sources(p: Params) -> dict[str, str]:
+    if p.data is None:
+        return {}
+    path = Path(p.data)
+    return {"data": dir_hash(path) if path.is_dir() else file_hash(path) if path.exists() else p.data}

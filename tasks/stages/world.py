@@ -1,0 +1,99 @@
+"""The `world` stage: the sandbox world as a data source, and the evaluator of its gold reward.
+
+This module is the only one outside alignment/sandbox/ that imports the sandbox. The stage writes what
+other stages read as plain data: a tiny Llama with its word-level tokenizer (`model/`, a policy to
+fine-tune), SFT demonstrations (`demonstrations.parquet`), prompts (`prompts.parquet`, splits train and
+test) and the world's config (`world.json`). The simulated labeler and the gold metrics read that config
+through `load_world`; only stages that name the world among their inputs ever see it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import random
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+
+from alignment.sandbox.assets import TinyModelConfig, build_model, build_tokenizer, world_texts
+from alignment.sandbox.world import World, WorldConfig
+from tasks import schemas
+from tasks.stage import StageParams, StageSpec, save_model
+
+INPUTS: dict[str, str] = {}
+OUTPUT = ("world", "policy", "demonstrations", "prompts")
+
+
+class Params(StageParams):
+    world: WorldConfig = WorldConfig()  # the world: banned words, answer mixture, labeler noise, seed
+    model: TinyModelConfig = TinyModelConfig()  # size of the tiny Llama built from scratch (random weights)
+    demonstrations: int = 4000  # SFT demonstrations drawn from the world's corpus
+    train_prompts: int = 2000  # prompts for sampling and RL (split "train")
+    test_prompts: int = 400  # held-out prompts for evaluation (split "test")
+    seed: int = 0  # draws of the corpus, the prompts and the model's initial weights
+
+
+class Stage(StageSpec):
+    type: Literal["world"]
+    params: Params
+
+
+def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    world = World(p.world)
+    corpus = world.sft_corpus(p.demonstrations, seed=p.seed)
+    tokenizer = build_tokenizer(world_texts(world) + [q + " " + a for q, a in corpus])
+    save_model(build_model(tokenizer, p.model, seed=p.seed), tokenizer, out)
+    demos = pd.DataFrame({"prompt": [q for q, _ in corpus], "messages": "", "completion": [a for _, a in corpus]})
+    schemas.write_parquet(schemas.validate(demos, schemas.DEMONSTRATIONS, "world demonstrations"), out / "demonstrations.parquet")
+    train, test = world.prompts(p.train_prompts, seed=p.seed + 20), world.prompts(p.test_prompts, seed=p.seed + 999)
+    prompts = pd.DataFrame({"prompt": train + test, "messages": "", "split": ["train"] * len(train) + ["test"] * len(test)})
+    schemas.write_parquet(schemas.validate(prompts, schemas.PROMPTS, "world prompts"), out / "prompts.parquet")
+    (out / "world.json").write_text(json.dumps(dataclasses.asdict(p.world), indent=2))
+    return {"demonstrations": float(len(demos)), "vocab_size": float(len(tokenizer))}
+
+
+# -- the gold reward, for the stages that take a world input ----------------------------------------
+
+
+def load_world(inputs) -> World:
+    cfg = json.loads((Path(inputs["world"].path) / "world.json").read_text())
+    return World(WorldConfig(**{**cfg, "banned_words": tuple(cfg["banned_words"])}))
+
+
+def simulated_pairs(world: World, samples: pd.DataFrame, seed: int) -> tuple[list[dict], int]:
+    """Every two different answers of a prompt, labeled by sigma((g_a - g_b) / tau). Pairs with an empty
+    answer are left out and counted: an empty answer is a legitimate sample, not a preference."""
+    rng, pairs, empty = random.Random(seed), [], 0
+    for _, group in samples.groupby("prompt_index", sort=True):
+        for a, b in itertools.combinations(group.sort_values("sample")["answer"].tolist(), 2):
+            if a == b:
+                continue
+            if not a.strip() or not b.strip():
+                empty += 1
+                continue
+            prompt = group["prompt"].iloc[0]
+            chosen, rejected = (a, b) if world.label(prompt, a, b, rng) == 0 else (b, a)
+            pairs.append({"prompt": prompt, "messages": group["messages"].iloc[0], "chosen": chosen, "rejected": rejected})
+    return pairs, empty
+
+
+def gold_scores(world: World):
+    return lambda prompts, answers: torch.tensor([world.gold_reward(q, a) for q, a in zip(prompts, answers)])
+
+
+def has_banned_word(world: World):
+    return lambda answer: world.banned_count(answer) > 0
+
+
+def gold_ordered(world: World, pairs: list[dict]) -> list[dict]:
+    """The pairs ordered by the NOISELESS gold reward (pairs of equal gold left out): RM gold accuracy."""
+    out = []
+    for p in pairs:
+        ga, gb = world.gold_reward(p["prompt"], p["chosen"]), world.gold_reward(p["prompt"], p["rejected"])
+        if ga != gb:
+            out.append({**p, "chosen": p["chosen"] if ga > gb else p["rejected"], "rejected": p["rejected"] if ga > gb else p["chosen"]})
+    return out
