@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,47 +35,40 @@ class RowError(ValueError):
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _bad_utf8(path: Path) -> list[str]:
-    problems = []
+def _lines(path: Path) -> tuple[list[tuple[int, str]], list[str]]:
+    """(line number, text) of every line that is valid UTF-8, and a problem for each other line."""
+    lines, problems = [], []
     for i, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
-            raw.decode("utf-8")
+            lines.append((i, raw.decode("utf-8")))
         except UnicodeDecodeError as err:
             problems.append(f"{path}:line {i}: invalid UTF-8 ({err.reason} at byte {err.start}); save the file as UTF-8")
-    return problems
+    return lines, problems
 
 
-def _json_syntax(path: Path, text: str) -> tuple[list[str], list[int]]:
-    """JSON syntax problems with line and column, and the line where each row starts."""
-    decoder, problems, starts = json.JSONDecoder(), [], []
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # one JSON array
+def _json_rows(path: Path, lines: list[tuple[int, str]]) -> tuple[list[tuple[int, Any]], list[str]]:
+    """(line where each row starts, row) parsed with Python's json, and syntax problems with line and column."""
+    text = "\n".join(t for _, t in lines)
+    if text.lstrip().startswith("["):  # one JSON array
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            return [f"{path}:line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})"], []
-        pos = text.index("[") + 1
-        for _ in items:
+            return [], [f"{path}:line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})"]
+        decoder, pos, rows = json.JSONDecoder(), text.index("[") + 1, []
+        for item in items:
             while text[pos] in " \t\r\n,":
                 pos += 1
-            starts.append(text.count("\n", 0, pos) + 1)
+            rows.append((text.count("\n", 0, pos) + 1, item))
             pos = decoder.raw_decode(text, pos)[1]
-        if not all(isinstance(r, dict) for r in items):
-            problems += [f"{path}:line {s}: expected a JSON object (a row), found {type(r).__name__}"
-                         for s, r in zip(starts, items) if not isinstance(r, dict)]
-        return problems, starts
-    for i, line in enumerate(text.split("\n"), start=1):  # JSON lines
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:line {i}, column {err.colno}: not valid JSON ({err.msg})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{path}:line {i}: expected a JSON object (a row), found {type(row).__name__}")
-        starts.append(i)
-    return problems, starts
+        return rows, []
+    rows, problems = [], []
+    for i, line in lines:  # JSON lines
+        if line.strip():
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as err:
+                problems.append(f"{path}:line {i}, column {err.colno}: not valid JSON ({err.msg})")
+    return rows, problems
 
 
 def _load(builder: str, path: Path, **kwargs):
@@ -99,23 +93,28 @@ def read_rows(source: str | Path) -> tuple[list[tuple[str, str | None, dict]], l
         return [(f"{path}:row {i}", None, r) for i, r in enumerate(_load("parquet", path).to_list(), start=1)], []
     if suffix not in (".json", ".jsonl", ".csv"):
         raise DataError(f"{path}: unknown file type {suffix!r}; use .json, .jsonl, .csv, .parquet or a `datasets` folder")
-    problems = _bad_utf8(path)
-    if problems:
-        return [], problems
+    lines, problems = _lines(path)
     if suffix == ".csv":
-        rows = _load("csv", path, dtype=str, keep_default_na=False).to_list()
+        if problems:
+            return [], problems
+        import csv
+
+        import datasets
+
+        header = next(csv.reader([lines[0][1]])) if lines else []
+        text = datasets.Features({c: datasets.Value("string") for c in header})  # every cell as text, as written
+        rows = _load("csv", path, features=text, keep_default_na=False).to_list()
         return [(f"{path}:line {i}", None, r) for i, r in enumerate(rows, start=2)], []  # line 1: the header
-    problems, starts = _json_syntax(path, path.read_text(encoding="utf-8"))
-    if problems:
-        return [], problems
-    if not starts:
-        return [], []
-    try:
-        rows = _load("json", path).to_list()
-    except Exception:  # noqa: BLE001 - valid JSON that Arrow cannot hold in one table
-        raise DataError(f"{path}: the rows do not share one layout (a field is text in one row and a list or object "
-                        f"in another); convert them to one layout") from None
-    return [(f"{path}:line {s}", None, r) for s, r in zip(starts, rows)], []
+    parsed, syntax = _json_rows(path, lines)
+    problems += syntax
+    problems += [f"{path}:line {i}: expected a JSON object (a row), found {_kind(r)}" for i, r in parsed if not isinstance(r, dict)]
+    parsed = [(i, r) for i, r in parsed if isinstance(r, dict)]
+    if not problems and parsed:
+        try:
+            parsed = list(zip([i for i, _ in parsed], _load("json", path).to_list()))
+        except Exception:  # noqa: BLE001 - rows Arrow cannot hold in one table: the per-row checks say which
+            pass
+    return [(f"{path}:line {i}", None, r) for i, r in parsed], problems
 
 
 def _read_saved(path: Path) -> list[tuple[str, str | None, dict]]:
@@ -180,7 +179,7 @@ def messages_of(value: Any, column: str) -> list[dict]:
 
 def _answer(value: Any, column: str) -> str:
     """An answer: text, one assistant message, or a list of messages ending in the assistant's."""
-    if isinstance(value, str):
+    if not isinstance(value, (list, dict)):
         return _text(value, f"column {column!r}")
     last = messages_of(value, column)[-1]
     if last["role"] != "assistant":
@@ -195,7 +194,7 @@ def _conversation_prompt(messages: list[dict], column: str) -> list[dict]:
 
 
 def _hh_turns(transcript: str, column: str) -> list[dict]:
-    parts = re.split(r"\n\n(Human|Assistant):", "\n\n" + transcript.lstrip("\n") if not transcript.startswith("\n\n") else transcript)
+    parts = re.split(r"\n\n(Human|Assistant):", "\n\n" + transcript.lstrip("\n"))
     if len(parts) < 3 or parts[0].strip():
         raise RowError(f"column {column!r}: not an Anthropic-HH transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
     return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()} for who, text in zip(parts[1::2], parts[2::2])]
@@ -245,15 +244,15 @@ PAIR_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable]] = {
 
 
 def detect_pair_layout(row: dict) -> str | None:
-    keys = {k for k, v in row.items() if v is not None}
+    keys = set(row)
     if {"conversations", "chosen", "rejected"} <= keys:
         return "sharegpt"
     if {"prompt", "chosen", "rejected"} <= keys:
         if isinstance(row["prompt"], list):
             return "conversational"
-        return "standard" if isinstance(row["chosen"], str) else "ultrafeedback"
+        return "ultrafeedback" if isinstance(row["chosen"], (list, dict)) else "standard"
     if {"chosen", "rejected"} <= keys:
-        return "hh" if isinstance(row["chosen"], str) else "implicit"
+        return "implicit" if isinstance(row["chosen"], (list, dict)) else "hh"
     return None
 
 
@@ -291,27 +290,39 @@ DEMO_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable]] = {
 
 
 def detect_demo_layout(row: dict) -> str | None:
-    keys = {k for k, v in row.items() if v is not None}
+    keys = set(row)
     return next((name for name, (needed, _) in DEMO_LAYOUTS.items() if set(needed) <= keys), None)
 
 
 def convert_rows(source, layouts: dict, detect: Callable, fmt: str, columns: dict[str, str]):
-    """(converted [(where, split, values)], problems): each row by the layout `fmt` or the one it shows."""
+    """(converted [(where, split, values)], problems). Every row is read by one layout: `fmt`, or with
+    `auto` the one most rows show (a file has one layout; `datasets` gives absent keys as null, so a row
+    with a null field is still read by its file's layout and told which field is null)."""
     rows, problems = read_rows(source)
     names = ", ".join(layouts)
     if fmt != "auto" and fmt not in layouts:
         raise DataError(f"{source}: unknown format {fmt!r}; use auto or one of: {names}")
+    rows = [(where, split, {columns.get(k, k): v for k, v in row.items()}) for where, split, row in rows]
+    layout = fmt
+    if fmt == "auto":
+        found = Counter(detect({k: v for k, v in row.items() if v is not None}) for _, _, row in rows)
+        found.pop(None, None)
+        layout = found.most_common(1)[0][0] if found else None
     out = []
     for where, split, row in rows:
-        row = {columns.get(k, k): v for k, v in row.items()} if columns else row
-        layout = detect(row) if fmt == "auto" else fmt
+        keys = sorted(k for k, v in row.items() if v is not None)
         if layout is None:
-            problems.append(f"{where}: not a known format; keys: {sorted(row)}; known formats: {names} "
-                            f"(map other names with columns: {{prompt: ..., ...}})")
+            problems.append(f"{where}: not a known format; keys: {keys}; known formats: {names} "
+                            f"(map other names with columns: {{your_name: prompt, ...}})")
             continue
-        needed = [c for c in layouts[layout][0] if row.get(c) is None]
-        if needed:
-            problems.append(f"{where}: missing column(s) {needed} for format {layout!r}; found {sorted(row)}")
+        needed = layouts[layout][0]
+        missing = [c for c in needed if c not in row]
+        if missing:
+            problems.append(f"{where}: missing column(s) {missing} for the {layout} format; found {keys}")
+            continue
+        null = [c for c in needed if row[c] is None]
+        if null:
+            problems += [f"{where}: column {c!r}: null value" for c in null]
             continue
         try:
             out.append((where, split, layouts[layout][1](row)))

@@ -82,7 +82,7 @@ def test_terminal_mode_resumes(tmp_path):
 
 
 def test_label_stage_takes_human_judgements(tmp_path):
-    from tasks.stages import LabelParams, human_labels
+    from tasks.stages.label import Params as LabelParams, human_labels
 
     s = store(tmp_path)
     for annotator in ("alice",):

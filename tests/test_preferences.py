@@ -1,18 +1,23 @@
-"""Preference import: every format and source, hostile files, all errors in one pass, speed budget."""
+"""Preference import: every layout users have and every source, hostile files, all errors in one pass
+with file and line, duplicates dropped and counted, no Python exception text in any message."""
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tasks.preferences import ImportParams, import_preferences, split_hh
 from tasks.schemas import DataError
+from tasks.stages.import_preferences import Params as ImportParams, import_preferences
 
 GOOD = [
     {"prompt": "how do i cook rice ?", "chosen": "rinse it first .", "rejected": "figure it out ."},
     {"prompt": "how can i sleep better ?", "chosen": "keep the room dark .", "rejected": "stay up late ."},
 ]
+LEAKS = ("object has no attribute", "KeyError", "TypeError", "'role'\n", "Traceback", "NoneType")
 
 
 def jsonl(path, rows):
@@ -20,54 +25,123 @@ def jsonl(path, rows):
     return path
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def pairs(clean: pd.DataFrame) -> list[dict]:
+    return clean[["prompt", "chosen", "rejected"]].to_dict("records")
+
+
+def conversation(clean: pd.DataFrame, i: int = 0) -> list[dict]:
+    return json.loads(clean.iloc[i]["messages"])
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
 def test_standard_format_from_each_file_type(tmp_path, suffix):
     path = tmp_path / f"prefs.{suffix}"
     df = pd.DataFrame(GOOD)
-    {"jsonl": lambda: jsonl(path, GOOD), "csv": lambda: df.to_csv(path, index=False),
-     "parquet": lambda: df.to_parquet(path)}[suffix]()
+    {"jsonl": lambda: jsonl(path, GOOD), "json": lambda: path.write_text(json.dumps(GOOD, indent=2)),
+     "csv": lambda: df.to_csv(path, index=False), "parquet": lambda: df.to_parquet(path)}[suffix]()
     clean, rejects, counts = import_preferences(ImportParams(path=str(path)))
-    assert clean.to_dict("records") == GOOD
-    assert counts == {"rows_read": 2, "rows_kept": 2, "rows_invalid": 0}
+    assert pairs(clean) == GOOD and list(clean["messages"]) == ["", ""]
+    assert counts == {"rows_read": 2, "rows_kept": 2, "rows_duplicate": 0, "rows_invalid": 0}
 
 
-def test_datasets_save_to_disk_folder(tmp_path):
-    import pyarrow as pa
+def test_datasets_folder_keeps_its_splits(tmp_path):
+    import datasets
 
-    folder = tmp_path / "ds"
-    folder.mkdir()
-    table = pa.Table.from_pandas(pd.DataFrame(GOOD), preserve_index=False)
-    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    clean, _, _ = import_preferences(ImportParams(path=str(folder)))
-    assert clean.to_dict("records") == GOOD
+    more = [{"prompt": f"question {i} ?", "chosen": f"good {i} .", "rejected": f"bad {i} ."} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(more), "test": datasets.Dataset.from_list(GOOD)}).save_to_disk(tmp_path / "dd")
+    clean, _, _ = import_preferences(ImportParams(path=str(tmp_path / "dd"), held_out=0.9))
+    assert list(clean["split"]) == ["train"] * 3 + ["test"] * 2  # the folder's own split, not held_out
+    assert pairs(clean[clean["split"] == "test"]) == GOOD
+    datasets.Dataset.from_list(GOOD).save_to_disk(tmp_path / "one")
+    assert pairs(import_preferences(ImportParams(path=str(tmp_path / "one")))[0]) == GOOD
 
 
 def test_column_mapping(tmp_path):
     rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in GOOD]
     clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "m.jsonl", rows)),
-                                                  columns={"prompt": "question", "chosen": "good", "rejected": "bad"}))
-    assert clean.to_dict("records") == GOOD
+                                                  columns={"question": "prompt", "good": "chosen", "bad": "rejected"}))
+    assert pairs(clean) == GOOD
 
 
-def test_anthropic_hh_splits_the_shared_prompt(tmp_path):
-    prompt = "\n\nHuman: how do i cook rice ?\n\nAssistant: what kind ?\n\nHuman: white rice\n\nAssistant:"
-    assert split_hh(prompt + " rinse it .", prompt + " no .") == (prompt, "rinse it .", "no .")
-    rows = [{"chosen": prompt + " rinse it .", "rejected": prompt + " no ."}]
-    clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "hh.jsonl", rows))))
-    assert clean.iloc[0].to_dict() == {"prompt": prompt, "chosen": "rinse it .", "rejected": "no ."}
+def test_sharegpt_json_array_with_system_turn_multi_turn_and_a_duplicate(tmp_path):
+    """The layout of the public file from the issue: one JSON array, from/value messages, multi-turn
+    prompts, a system turn, chosen/rejected as one message (or a list), and a duplicate pair."""
+    def row(i, chosen_as_list=False):
+        chosen = {"from": "gpt", "value": f"The answer is {i}."}
+        return {"conversations": [{"from": "system", "value": "You are a helpful assistant."},
+                                  {"from": "human", "value": f"What is {i} + 0?"},
+                                  {"from": "gpt", "value": "Do you want the working?"},
+                                  {"from": "human", "value": "Just the number."}],
+                "chosen": [chosen] if chosen_as_list else chosen, "rejected": {"from": "gpt", "value": "No."}}
+    data = [row(1), row(2, chosen_as_list=True), row(3), row(1)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data, indent=2))
+    clean, rejects, counts = import_preferences(ImportParams(path=str(path)))
+    assert counts == {"rows_read": 4, "rows_kept": 3, "rows_duplicate": 1, "rows_invalid": 0}
+    assert conversation(clean) == [{"role": "system", "content": "You are a helpful assistant."},
+                                   {"role": "user", "content": "What is 1 + 0?"},
+                                   {"role": "assistant", "content": "Do you want the working?"},
+                                   {"role": "user", "content": "Just the number."}]
+    assert list(clean["chosen"]) == ["The answer is 1.", "The answer is 2.", "The answer is 3."]
+    # the duplicate is named with the line where its object starts in the JSON array
+    starts = [i for i, line in enumerate(path.read_text().splitlines(), start=1) if line == "  {"]
+    assert rejects["problem"].tolist() == [f"{path}:line {starts[3]}: duplicate of the pair at line {starts[0]}"]
 
 
-def test_ultrafeedback_and_conversational(tmp_path):
-    uf = [{"prompt": "how do i cook rice ?",
-           "chosen": [{"role": "user", "content": "how do i cook rice ?"}, {"role": "assistant", "content": "rinse it ."}],
-           "rejected": [{"role": "user", "content": "how do i cook rice ?"}, {"role": "assistant", "content": "no ."}]}]
-    clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "uf.jsonl", uf))))
-    assert clean.iloc[0].to_dict() == {"prompt": "how do i cook rice ?", "chosen": "rinse it .", "rejected": "no ."}
-    conv = [{"prompt": [{"role": "user", "content": "how do i cook rice ?"}],
-             "chosen": [{"role": "assistant", "content": "rinse it ."}], "rejected": [{"role": "assistant", "content": "no ."}]}]
+def test_trl_conversational_hh_ultrafeedback_and_implicit_prompt(tmp_path):
+    user = {"role": "user", "content": "how do i cook rice ?"}
+    conv = [{"prompt": [user], "chosen": [{"role": "assistant", "content": "rinse it ."}],
+             "rejected": [{"role": "assistant", "content": "no ."}]}]
     clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "c.jsonl", conv))))
-    assert clean.iloc[0].to_dict() == {"prompt": "user: how do i cook rice ?", "chosen": "rinse it .", "rejected": "no ."}
+    assert conversation(clean) == [user] and pairs(clean)[0]["chosen"] == "rinse it ."
+    uf = [{"prompt": "how do i cook rice ?", "chosen": [user, {"role": "assistant", "content": "rinse it ."}],
+           "rejected": [user, {"role": "assistant", "content": "no ."}]}]
+    clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "uf.jsonl", uf))))
+    assert pairs(clean) == [{"prompt": "how do i cook rice ?", "chosen": "rinse it .", "rejected": "no ."}]
+    implicit = [{"chosen": [user, {"role": "assistant", "content": "rinse it ."}], "rejected": [user, {"role": "assistant", "content": "no ."}]}]
+    clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "i.jsonl", implicit))))
+    assert conversation(clean) == [user] and (clean.iloc[0]["chosen"], clean.iloc[0]["rejected"]) == ("rinse it .", "no .")
+    prompt = "\n\nHuman: how do i cook rice ?\n\nAssistant: what kind ?\n\nHuman: white rice\n\nAssistant:"
+    hh = [{"chosen": prompt + " rinse it .", "rejected": prompt + " no ."}]
+    clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "hh.jsonl", hh))))
+    assert conversation(clean) == [user, {"role": "assistant", "content": "what kind ?"}, {"role": "user", "content": "white rice"}]
+    assert (clean.iloc[0]["chosen"], clean.iloc[0]["rejected"]) == ("rinse it .", "no .")
+
+
+def test_unknown_and_malformed_rows_get_plain_messages(tmp_path):
+    """What the issue's user met (`'dict' object has no attribute 'rfind'`, a bare `'role'`): every row
+    says, in words, what is wrong and what is expected."""
+    def problems(name, rows):
+        with pytest.raises(DataError) as err:
+            import_preferences(ImportParams(path=str(jsonl(tmp_path / name, rows))))
+        assert not any(leak in str(err.value) for leak in LEAKS), str(err.value)
+        return str(err.value)
+
+    path = tmp_path / "unknown.jsonl"
+    assert (f"{path}:line 1: not a known format; keys: ['answer', 'question']; known formats: standard, conversational, "
+            "ultrafeedback, sharegpt, hh, implicit") in problems("unknown.jsonl", [{"question": "q", "answer": "a"}])
+    answer = {"from": "gpt", "value": "a"}
+    msg = problems("sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": "hi"}], "chosen": answer, "rejected": {"from": "gpt", "value": "b"}},
+        {"conversations": [{"speaker": "human", "text": "hi"}], "chosen": answer, "rejected": {"from": "gpt", "value": "b"}},
+        {"conversations": [{"from": "narrator", "value": "hi"}], "chosen": answer, "rejected": {"from": "gpt", "value": "b"}},
+        {"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "human", "value": "a"}, "rejected": answer},
+        {"conversations": [{"from": "human", "value": "hi"}], "chosen": None, "rejected": answer},
+    ])
+    path = tmp_path / "sharegpt.jsonl"
+    assert f"{path}:line 2: column 'conversations': message 1 has no 'role' (or ShareGPT 'from'); keys: ['speaker', 'text']" in msg
+    assert f"{path}:line 3: column 'conversations': message 1 has role 'narrator'; use system, user or assistant" in msg
+    assert f"{path}:line 4: column 'chosen': the last message is from 'user'; it must be the assistant's answer" in msg
+    assert f"{path}:line 5: column 'chosen': null value" in msg and "line 1:" not in msg
+    msg = problems("hh.jsonl", [{"chosen": "no transcript here", "rejected": "nor here"}])
+    assert "hh.jsonl:line 1: column 'chosen': not an Anthropic-HH transcript" in msg
+
+
+def test_json_syntax_errors_name_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"prompt": "a", "chosen": "b", "rejected": "c"},\n  {"prompt": "a" "chosen": "b"}\n]\n')
+    with pytest.raises(DataError, match=r"broken.json:line 3, column 18: not valid JSON \(Expecting ',' delimiter\)"):
+        import_preferences(ImportParams(path=str(path)))
 
 
 def hostile(tmp_path):
@@ -98,28 +172,28 @@ def test_hostile_file_reports_every_problem_with_line_and_column(tmp_path):
         f"{path}:line 3: column 'rejected': chosen == rejected",
         f"{path}:line 4: column 'prompt': null value",
         f"{path}:line 5: column 'chosen': expected text",
-        f"{path}:line 6: not valid JSON",
-        f"{path}:line 7: duplicate of the pair at line 1",
+        f"{path}:line 6, column 2: not valid JSON",
         f"{path}:line 8: column 'chosen': repeats the prompt",
         f"{path}:line 9: column 'chosen': prompt + answer longer than max_chars=120",
         f"{path}:line 10: invalid UTF-8",
     ]
     for e in expected:
         assert e in msg, e
-    assert "line 1:" not in msg
+    assert "line 1:" not in msg and "line 7:" not in msg  # an exact duplicate is dropped, not an error
     assert "nothing was written" in msg
+    assert not any(leak in msg for leak in LEAKS), msg
 
 
 def test_drop_invalid_keeps_the_clean_rows(tmp_path):
     clean, rejects, counts = import_preferences(ImportParams(path=str(hostile(tmp_path)), max_chars=120, drop_invalid=True))
-    assert clean.to_dict("records") == [GOOD[0]]
-    assert counts == {"rows_read": 10, "rows_kept": 1, "rows_invalid": 9}
+    assert pairs(clean) == [GOOD[0]]
+    assert counts == {"rows_read": 10, "rows_kept": 1, "rows_duplicate": 1, "rows_invalid": 8}
     assert len(rejects) == 9
 
 
 def test_missing_columns_named(tmp_path):
     path = jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "chosen": "a"}])
-    with pytest.raises(DataError, match=r"missing column\(s\) \['rejected'\]"):
+    with pytest.raises(DataError, match=r"line 1: not a known format; keys: \['chosen', 'prompt'\]"):
         import_preferences(ImportParams(path=str(path)))
 
 
@@ -137,82 +211,28 @@ def test_100k_rows_validate_quickly(tmp_path):
     print(f"100k rows validated in {elapsed:.2f} s")  # the figure; the budget is 10 s (see benchmarks/RESULTS.md)
 
 
-# -- the dpo-from-preferences pipeline on a local Hugging Face model folder ----------------------
 
 
-def local_model(tmp_path):
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from alignment.sandbox.assets import build_tokenizer, world_texts
-    from alignment.sandbox.world import World
-    from conftest import tiny_llama_config
-
-    tok = build_tokenizer(world_texts(World()))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok)))
-    folder = tmp_path / "local-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def pipeline_file(tmp_path, data_path, model_path):
+def test_bad_preference_file_exits_2_and_writes_nothing(tmp_path):
     import yaml
 
-    from flows.cli import SHIPPED
-
-    cfg = yaml.safe_load(SHIPPED.read_text())
-    pipe = cfg["pipelines"]["dpo-from-preferences"]
-    pipe["stages"][0]["params"]["name_or_path"] = str(model_path)
-    pipe["stages"][1]["params"].update(path=str(data_path), held_out=0.25)
-    pipe["stages"][2]["params"]["dpo"] = {"beta": 0.5, "max_length": 64, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3}}
-    pipe["stages"][2]["params"]["lora"] = {"r": 4, "alpha": 8}  # the evaluate stage loads the merged model
-    pipe["stages"][3]["params"].update(prompts=4, sampling={"max_new_tokens": 8})
-    cfg["pipelines"] = {"dpo-from-preferences": pipe}
-    cfg["settings"].update(workdir=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    path = tmp_path / "pipelines.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def test_dpo_from_preferences_on_a_local_hf_model(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    rows = [{"prompt": f"user : {q} assistant :", "chosen": "happy to help ! rinse the rice and use two cups of water .",
-             "rejected": "ugh , fine . do not be stupid ."}
-            for q in ["how do i cook rice ?", "how can i sleep better ?", "how do i make a budget ?", "how do i grow tomatoes ?"] * 2]
-    rows = [dict(r, chosen=r["chosen"] + f" good luck ! {'!' * i}") for i, r in enumerate(rows)]
-    data = jsonl(tmp_path / "prefs.jsonl", rows)
-    path = pipeline_file(tmp_path, data, local_model(tmp_path))
-    cli = str(Path(sys.executable).parent / "alignflow")
-    result = subprocess.run([cli, "run", "dpo-from-preferences", "-c", str(path)], capture_output=True, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"}, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "evaluate" in result.stdout and "eval/kl=" in result.stdout
-
-
-def test_bad_preference_file_exits_2_and_writes_nothing(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
     data = hostile(tmp_path)
-    path = pipeline_file(tmp_path, data, tmp_path / "no-model-needed")
+    cfg = {"settings": {"workdir": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+           "pipelines": {"p": {"stages": [{"name": "prefs", "type": "import_preferences", "params": {"path": str(data)}}]}}}
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = CliRunner().invoke(app, ["run", "dpo-from-preferences", "-c", str(path)])
-    assert result.exit_code == 2, result.output
-    assert f"{data}:line 3: column 'rejected': chosen == rejected" in result.output
+    cli = str(Path(sys.executable).parent / "alignflow")
+    result = subprocess.run([cli, "run", "p", "-c", str(tmp_path / "pipelines.yaml")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"{data}:line 3: column 'rejected': chosen == rejected" in result.stderr
+    assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow.db, no runs/
 
 
 def test_token_preflight_finds_pairs_equal_after_truncation():
     from alignment.sandbox.assets import build_tokenizer, world_texts
     from alignment.sandbox.world import World
-    from tasks.stages import token_preflight
+    from tasks.stage import token_preflight
 
     tok = build_tokenizer(world_texts(World()))
     prompt = "user : how do i cook rice ? assistant :"  # 9 tokens + <bos>
@@ -221,12 +241,13 @@ def test_token_preflight_finds_pairs_equal_after_truncation():
              {"prompt": prompt, "chosen": "good luck !", "rejected": "not my problem ."}]
     examples = token_preflight(tok, pairs, max_length=64, source="prefs")  # all differ: passes
     assert [e.chosen_ids for e in examples] == [tok(p["chosen"])["input_ids"][1:] + [tok.eos_token_id] for p in pairs]
-    with pytest.raises(DataError, match=r"1 pair\(s\) have chosen == rejected after truncation to max_length=14 tokens \(rows \[1\]\)"):
+    with pytest.raises(DataError, match=r"1 pair\(s\) have chosen == rejected after truncation with max_length=14 tokens \(rows \[1\]\)"):
         token_preflight(tok, pairs, max_length=14, source="prefs")  # prompt cut to 7, answers to their shared 7
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="no-such-org/no-such-set"):
+    with pytest.raises(DataError, match="no-such-org/no-such-set: could not load this hub data set") as err:
         import_preferences(ImportParams(path="no-such-org/no-such-set"))
+    assert not any(leak in str(err.value) for leak in LEAKS)

@@ -176,7 +176,7 @@ def test_ppo_reward_model_with_its_own_tokenizer(sandbox_tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     from alignment.sandbox.assets import world_texts
-    from alignment.sandbox.quickstart import reward_scores
+    from alignment.evaluation import reward_scores
     from alignment.sandbox.world import World
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -187,7 +187,7 @@ def test_ppo_reward_model_with_its_own_tokenizer(sandbox_tokenizer):
     assert rm_tok(text)["input_ids"] != sandbox_tokenizer(text)["input_ids"]  # really different tokenizers
     torch.manual_seed(0)
     rm = RewardModel(LlamaForSequenceClassification(tiny_llama_config(vocab_size=len(rm_tok), num_labels=1))).eval()
-    rm_fn = reward_scores(rm, rm_tok)
+    rm_fn = reward_scores(rm, rm_tok, max_length=128)
     seen = []
 
     def reward_fn(prompts, answers):

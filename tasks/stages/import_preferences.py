@@ -63,7 +63,7 @@ def import_preferences(p: Params) -> tuple[pd.DataFrame, pd.DataFrame, dict[str,
         cols = prompt_columns(prompt)
         key = (cols["messages"] or cols["prompt"], chosen, rejected)
         if key in seen:
-            duplicates.append(f"{where}: duplicate of the pair at {seen[key]}")
+            duplicates.append(f"{where}: duplicate of the pair at {seen[key].rsplit(':', 1)[-1]}")
             continue
         seen[key] = where
         clean.append({**cols, "chosen": chosen, "rejected": rejected, "from_split": split})

@@ -47,7 +47,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
         rows, empty = simulated_pairs(load_world(inputs), samples, p.seed)
         pairs, metrics["pairs_with_empty_answer"] = pd.DataFrame(rows), float(empty)
     else:
-        pairs = human_labels(ctx, p, samples, inputs["samples"].content_hash[:16])
+        pairs = human_labels(ctx, p, samples, inputs["samples"].content_hash[:16]).drop(columns="annotators")
         messages = dict(zip(samples["prompt"], samples["messages"]))
         pairs["messages"] = pairs["prompt"].map(messages).fillna("")
     n_train = int(len(pairs) * (1 - p.held_out))
@@ -70,7 +70,7 @@ def human_labels(ctx, p: Params, samples: pd.DataFrame, batch: str) -> pd.DataFr
     pairs = store.export(batch)
     if pairs.empty:
         raise schemas.DataError(f"{p.db}: no usable judgements yet for batch {batch} (ties and skips do not count)")
-    return pairs.drop(columns="annotators")
+    return pairs
 
 
 def sources(p: Params) -> dict[str, str]:
