@@ -106,6 +106,12 @@ def save_curves(out: Path, keys: list[str], title: str) -> list[dict]:
     return rows
 
 
+def write_first_sequence(out: Path, tokenizer, prompt_ids: list[int], answer_ids: list[int]) -> None:
+    """The first training sequence as the model reads it (`first_sequence.json`): check the chat template."""
+    (out / "first_sequence.json").write_text(json.dumps(
+        {"text": tokenizer.decode(prompt_ids + answer_ids), "ids": prompt_ids + answer_ids, "answer_start": len(prompt_ids)}, indent=1))
+
+
 def model_dir(inputs: dict[str, StageOutput], slot: str) -> Path:
     return Path(inputs[slot].path) / "model"
 

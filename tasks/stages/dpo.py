@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from alignment.lora import LoRAConfig, add_lora, merged
 from alignment.trainers.common import set_seed
 from alignment.trainers.dpo import DPOConfig, DPOTrainer
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, save_curves, save_model, token_preflight
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, save_curves, save_model, token_preflight, write_first_sequence
 from tasks.store import stage_key
 
 INPUTS = {"preferences": "preferences", "policy": "policy"}
@@ -31,6 +31,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     train = read_preferences(inputs, "train")
     policy, tokenizer = load_policy(inputs)
     examples = token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")
+    write_first_sequence(out, tokenizer, examples[0].prompt_ids, examples[0].chosen_ids)
     # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
     ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt},
                         {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})

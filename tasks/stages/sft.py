@@ -7,7 +7,6 @@ Conversations are rendered with the policy tokenizer's chat template.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +18,7 @@ from alignment.trainers.common import set_seed
 from alignment.trainers.sft import SFTConfig, SFTTrainer
 from tasks import schemas
 from tasks.data import DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_table, save_curves, save_model
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_table, save_curves, save_model, write_first_sequence
 from tasks.store import dir_hash, file_hash
 
 INPUTS = {"policy": "policy", "demonstrations": "demonstrations?"}
@@ -64,8 +63,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     if cut:
         raise schemas.DataError(f"{len(cut)} demonstration(s) lose their whole answer to max_length={p.sft.max_length} "
                                 f"(rows {cut[:20]}); raise sft.max_length or shorten their prompts")
-    (out / "first_sequence.json").write_text(json.dumps({"ids": examples[0][0] + examples[0][1], "answer_start": len(examples[0][0]),
-                                                          "text": tokenizer.decode(examples[0][0] + examples[0][1])}, indent=1))
+    write_first_sequence(out, tokenizer, *examples[0])
     trainer = SFTTrainer(policy, examples, tokenizer.pad_token_id, p.sft, output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
     rows = save_curves(out, ["loss", "lr", "grad_norm"], "SFT")

@@ -15,7 +15,7 @@ from alignment.models import RewardModel, load_tokenizer
 from alignment.trainers.common import set_seed
 from alignment.trainers.reward import RewardConfig, RewardTrainer
 from tasks.data import prompt_of
-from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, save_curves, save_model, token_preflight
+from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, save_curves, save_model, token_preflight, write_first_sequence
 
 INPUTS = {"preferences": "preferences", "base": "policy", "world": "world?"}
 OUTPUT = ("reward_model",)
@@ -40,6 +40,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     base = model_dir(inputs, "base")
     tokenizer = load_tokenizer(base)
     train_examples = token_preflight(tokenizer, train, p.reward.max_length, f"{inputs['preferences'].name} (train split)")
+    write_first_sequence(out, tokenizer, train_examples[0].prompt_ids, train_examples[0].chosen_ids)
     set_seed(p.reward.train.seed)
     trainer = RewardTrainer(RewardModel.from_pretrained(base), train_examples, tokenizer.pad_token_id, p.reward,
                             output_dir=out, callback=metrics_logger(ctx, run_id, out))
