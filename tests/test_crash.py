@@ -18,17 +18,19 @@ CONFIG = {
     "pipelines": {
         "crash": {
             "stages": [
-                {"name": "sft", "type": "sft", "params": {
-                    "examples": 64, "model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
-                    "sft": {"train": {"max_steps": 4, "batch_size": 16}}}},
-                {"name": "sample", "type": "sample", "inputs": {"policy": "sft"},
+                {"name": "world", "type": "world", "params": {
+                    "demonstrations": 64, "train_prompts": 64, "test_prompts": 8,
+                    "model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64}}},
+                {"name": "sft", "type": "sft", "inputs": {"policy": "world", "demonstrations": "world"},
+                 "params": {"sft": {"max_length": 128, "train": {"max_steps": 4, "batch_size": 16, "lr": 0.003}}}},
+                {"name": "sample", "type": "sample", "inputs": {"policy": "sft", "prompts": "world"},
                  "params": {"prompts": 16, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 10}}},
-                {"name": "label", "type": "label", "inputs": {"samples": "sample"}},
+                {"name": "label", "type": "label", "inputs": {"samples": "sample", "world": "world"}, "params": {"labeler": "simulated"}},
                 {"name": "reward_model", "type": "train_reward_model", "inputs": {"preferences": "label", "base": "sft"},
-                 "params": {"reward": {"train": {"max_steps": 2, "batch_size": 8}}}},
-                {"name": "ppo", "type": "ppo", "inputs": {"policy": "sft", "reward_model": "reward_model"},
-                 "params": {"prompts": 64, "ppo": {"iterations": 40, "rollout_batch_size": 16, "minibatch_size": 8,
-                                                   "checkpoint_every": 1, "sampling": {"max_new_tokens": 24}}}},
+                 "params": {"reward": {"max_length": 128, "train": {"max_steps": 2, "batch_size": 8}}}},
+                {"name": "ppo", "type": "ppo", "inputs": {"policy": "sft", "reward_model": "reward_model", "prompts": "world"},
+                 "params": {"prompts": 64, "ppo": {"iterations": 40, "rollout_batch_size": 16, "minibatch_size": 8, "lr": 1e-5,
+                                                   "ppo_epochs": 2, "checkpoint_every": 1, "sampling": {"max_new_tokens": 24}}}},
             ]
         }
     },
@@ -83,7 +85,7 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     [second] = client.search_runs([exp.experiment_id], "tags.`alignflow.pipeline` = 'crash' and attributes.status = 'FINISHED'")
     stages = {r.data.tags["alignflow.stage"]: r for r in client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{second.info.run_id}'")}
-    assert {s for s, r in stages.items() if r.data.tags["alignflow.cache"] == "hit"} == {"sft", "sample", "label", "reward_model"}
+    assert {s for s, r in stages.items() if r.data.tags["alignflow.cache"] == "hit"} == {"world", "sft", "sample", "label", "reward_model"}
     steps = [m.step for m in client.get_metric_history(stages["ppo"].info.run_id, "train/reward")]
     assert steps[0] > 1 and steps[-1] == 40  # resumed after the checkpoint, not from iteration 1
     assert ppo_output(crash)["content_hash"] == ppo_output(straight)["content_hash"]

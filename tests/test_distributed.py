@@ -15,9 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignment.sandbox.assets import build_tokenizer, world_texts
 from alignment.sandbox.world import World
-from flows.train import train, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("ddp_worker.py")
 STEPS, BATCH = 3, 8
 
 
@@ -47,16 +47,17 @@ def history(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["dpo", "reward"])
 def test_two_process_ddp_matches_one_process(workload, tmp_path, kind):
-    one = tmp_path / "one"
-    train(kind, str(workload / "model"), str(workload / "prefs.jsonl"), one, train_config(STEPS, BATCH, 1e-3, 0, "no"), 128)
-    two = tmp_path / "two"
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    args = [kind, str(workload / "model"), str(workload / "prefs.jsonl")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = subprocess.run([sys.executable, str(WORKER), *args, str(one), str(STEPS), str(BATCH)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           "-m", "flows.cli", "train", kind, "--model", str(workload / "model"), "--data", str(workload / "prefs.jsonl"),
-           "--out", str(two), "--steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "1e-3", "--max-length", "128"]
+           str(WORKER), *args, str(two), str(STEPS), str(BATCH)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((two / "train.json").read_text())["processes"] == 2
+    assert (two / "processes").read_text() == "2"
     h1, h2 = history(one), history(two)
     assert len(h1) == len(h2) == STEPS
     for a, b in zip(h1, h2):
@@ -66,15 +67,3 @@ def test_two_process_ddp_matches_one_process(workload, tmp_path, kind):
     w1, w2 = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     assert w1.keys() == w2.keys()
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
-
-
-def test_train_on_a_bad_preference_file_exits_2_and_writes_nothing(workload, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "user : hi assistant :", "chosen": "ok .", "rejected": "ok ."}\n{"prompt": "x", "chosen": 3\n')
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "dpo", "--model", str(workload / "model"),
-                           "--data", str(bad), "--out", str(out), "--steps", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"{bad}:line 1" in proc.stderr and f"{bad}:line 2" in proc.stderr  # file and line of each problem
-    assert not out.exists()

@@ -1,6 +1,7 @@
 """Human labeling: the transactional store, the web page driven by keyboard in real headless
 Chromium (Playwright), a server killed mid-session, the terminal mode, and the pipeline's label stage."""
 
+import json
 import os
 import shutil
 import signal
@@ -165,23 +166,26 @@ def test_rlhf_ppo_pipeline_waits_for_people_then_trains(tmp_path):
     person (here a loop over the label store) has given min_judgements, then trains RM and PPO."""
     import yaml
 
+    from chat_model import build_chat_model
     from flows.cli import SHIPPED
-    from test_preferences import local_model
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("user : how do i cook rice ? assistant :\nuser : how can i sleep better ? assistant :\n"
-                       "user : how do i make a budget ? assistant :\nuser : how do i grow tomatoes ? assistant :\n")
+    prompts.write_text("How do I cook rice?\nWhat is the capital of France?\nWrite a haiku about autumn.\nNo.\n")
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                             for q, a in [("How do I cook rice?", "Rinse the rice."), ("What is the capital of France?", "Paris.")]))
     cfg = yaml.safe_load(SHIPPED.read_text())
     pipe = cfg["pipelines"]["rlhf-ppo"]
     db = tmp_path / "labels.db"
     tiny = {"max_new_tokens": 8}
-    pipe["stages"][0]["params"]["name_or_path"] = str(local_model(tmp_path))
-    pipe["stages"][1]["params"].update(prompts_file=str(prompts), prompts=4, samples_per_prompt=2, sampling=tiny)
-    pipe["stages"][2]["params"].update(db=str(db), min_judgements=3, held_out=0.34)
-    pipe["stages"][3]["params"]["reward"] = {"max_length": 64, "train": {"max_steps": 2, "batch_size": 2}}
-    pipe["stages"][4]["params"].update(prompts_file=str(prompts), ppo={
+    pipe["stages"][0]["params"]["name_or_path"] = str(build_chat_model(tmp_path / "chat-model"))
+    pipe["stages"][1]["params"].update(data=str(demos), sft={"max_length": 64, "train": {"max_steps": 2, "batch_size": 2}})
+    pipe["stages"][2]["params"].update(prompts_file=str(prompts), prompts=4, samples_per_prompt=2, sampling=tiny)
+    pipe["stages"][3]["params"].update(db=str(db), min_judgements=3, held_out=0.34)
+    pipe["stages"][4]["params"]["reward"] = {"max_length": 64, "train": {"max_steps": 2, "batch_size": 2}}
+    pipe["stages"][5]["params"].update(prompts_file=str(prompts), ppo={
         "iterations": 2, "rollout_batch_size": 4, "minibatch_size": 2, "sampling": tiny}, lora={"r": 4, "alpha": 8})
-    pipe["stages"][5]["params"].update(prompts=2, sampling=tiny)
+    pipe["stages"][6]["params"].update(prompts=2, max_length=64, sampling=tiny, gates={})
     cfg["pipelines"] = {"rlhf-ppo": pipe}
     cfg["settings"].update(workdir=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
