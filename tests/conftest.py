@@ -17,3 +17,12 @@ def tiny_llama_config(vocab_size: int = 40, **kw) -> LlamaConfig:
 def tiny_lm():
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config())
+
+
+@pytest.fixture(scope="session")
+def sandbox_tokenizer():
+    """The sandbox world's word-level tokenizer (adds <bos> to every text, no chat template)."""
+    from alignment.sandbox.assets import build_tokenizer, world_texts
+    from alignment.sandbox.world import World
+
+    return build_tokenizer(world_texts(World()))

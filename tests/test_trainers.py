@@ -105,14 +105,6 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
 
 
-@pytest.fixture(scope="module")
-def sandbox_tokenizer():
-    from alignment.sandbox.assets import build_tokenizer, world_texts
-    from alignment.sandbox.world import World
-
-    return build_tokenizer(world_texts(World()))
-
-
 def ppo_setup(tokenizer, seed=0, **kw):
     torch.manual_seed(seed)
     model = PolicyWithValueHead(LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2)))

@@ -1,0 +1,66 @@
+"""Prompts rendered with the tokenizer's chat template, BOS once, EOS once, and the pre-flight checks."""
+
+import logging
+
+import pytest
+
+from alignment.data import encode_answer, encode_prompt, render_prompt, tokenize_demonstrations
+from tasks.schemas import DataError
+from tasks.stage import token_preflight
+
+USER = [{"role": "user", "content": "how do i cook rice ?"}]
+
+
+def test_chatml_prompt_and_answer(tmp_path):
+    from chat_model import build_chat_model
+    from alignment.models import load_tokenizer
+
+    tok = load_tokenizer(build_chat_model(tmp_path / "m"))
+    system = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "How do I cook rice?"}]
+    assert tok.decode(encode_prompt(tok, system)) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                                                      "<|im_start|>user\nHow do I cook rice?<|im_end|>\n<|im_start|>assistant\n")
+    answer = encode_answer(tok, "Rinse the rice.")
+    assert answer[-1] == tok.eos_token_id and answer.count(tok.eos_token_id) == 1
+    assert encode_answer(tok, "Rinse the rice.<|im_end|>") == answer  # text that already ends in EOS gets no second one
+    assert tok.decode(encode_prompt(tok, "plain text")) == "plain text"  # TRL's standard format: as it is
+
+
+def test_bos_once_when_the_template_writes_it(sandbox_tokenizer):
+    """A Llama-style template writes BOS itself; the tokenizer must not add a second one."""
+    tok = sandbox_tokenizer
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] + ' : ' + m['content'] + ' ' }}{% endfor %}assistant :"
+    try:
+        ids = encode_prompt(tok, USER)
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        assert tok.decode(ids, skip_special_tokens=True).split() == "user : how do i cook rice ? assistant :".split()
+        assert encode_prompt(tok, "user : hi")[:1] == [tok.bos_token_id]  # plain text: the tokenizer's BOS
+    finally:
+        tok.chat_template = None
+
+
+def test_no_template_falls_back_to_plain_text_with_one_warning(sandbox_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="alignment.data"):
+        first = encode_prompt(sandbox_tokenizer, USER)
+        encode_prompt(sandbox_tokenizer, USER)
+    assert render_prompt(sandbox_tokenizer, USER) == ("user: how do i cook rice ?\nassistant:", False)
+    assert first == sandbox_tokenizer("user: how do i cook rice ?\nassistant:")["input_ids"]
+    assert sum("has no chat template" in r.message for r in caplog.records) <= 1
+
+
+def test_preflight_names_the_rows_it_rejects(sandbox_tokenizer):
+    tok = sandbox_tokenizer
+    prompt = "user : how do i cook rice ? assistant :"  # 9 tokens + <bos>
+    shared = "rinse the rice and use two cups of water ."  # 10 tokens
+    pairs = [{"prompt": prompt, "messages": "", "chosen": shared + " good luck !", "rejected": shared + " not my problem ."}]
+    assert token_preflight(tok, pairs, max_length=64, source="prefs")  # all differ: passes
+    with pytest.raises(DataError, match=r"prefs: 1 pair\(s\) have chosen == rejected after truncation with max_length=14"):
+        token_preflight(tok, pairs, max_length=14, source="prefs")
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    try:
+        doubled = [{**pairs[0], "prompt": "<bos> " + prompt}]  # a text prompt that already holds BOS
+        with pytest.raises(DataError, match=r"start with BOS twice"):
+            token_preflight(tok, doubled, max_length=64, source="prefs")
+    finally:
+        tok.chat_template = None
+    demos = tokenize_demonstrations(tok, [prompt], ["rinse the rice ."], max_length=64)
+    assert demos[0][1][-1] == tok.eos_token_id and demos[0][0][0] == tok.bos_token_id
