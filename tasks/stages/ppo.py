@@ -13,7 +13,7 @@ from alignment.trainers.common import set_seed
 from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from tasks import plots
 from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, save_curves
-from tasks.stages.sample import prompts_for, sources  # noqa: F401 - a prompts file is part of the key
+from tasks.stages.sample import one_prompt_source, prompts_for, sources  # noqa: F401 - sources: a prompts file is in the key
 from tasks.stages.train_reward_model import load_reward_fn
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model", "prompts": "prompts?"}
@@ -30,12 +30,7 @@ class Params(StageParams):
 class Stage(StageSpec):
     type: Literal["ppo"]
     params: Params = Params()
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.params.prompts_file is None) == ("prompts" not in self.inputs):
-            raise ValueError("give prompts either as params.prompts_file or as inputs.prompts, not both or neither")
-        return self
+    _one_source = model_validator(mode="after")(one_prompt_source)
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:

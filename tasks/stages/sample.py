@@ -27,15 +27,17 @@ class Params(StageParams):
     seed: int = 0  # sampling noise
 
 
+def one_prompt_source(stage):
+    """A stage that reads prompts takes them from params.prompts_file or from inputs.prompts."""
+    if (stage.params.prompts_file is None) == ("prompts" not in stage.inputs):
+        raise ValueError("give prompts either as params.prompts_file or as inputs.prompts, not both or neither")
+    return stage
+
+
 class Stage(StageSpec):
     type: Literal["sample"]
     params: Params = Params()
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.params.prompts_file is None) == ("prompts" not in self.inputs):
-            raise ValueError("give prompts either as params.prompts_file or as inputs.prompts, not both or neither")
-        return self
+    _one_source = model_validator(mode="after")(one_prompt_source)
 
 
 def prompts_for(p, inputs, split: str = "train") -> list:
