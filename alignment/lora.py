@@ -6,17 +6,11 @@ CUDA GPU: not wired yet.)
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 from torch import nn
 
+from alignment.config import LoRAConfig  # noqa: F401 - re-exported
 
-@dataclass(frozen=True)
-class LoRAConfig:
-    r: int = 16  # rank of each adapter
-    alpha: int = 32  # scaling lora_alpha; the update is (alpha / r) * B A
-    dropout: float = 0.0  # dropout on the adapter input
-    target_modules: str | tuple[str, ...] = "all-linear"  # module names, or every linear layer but the head
 
 
 def _peft():

@@ -7,23 +7,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
+from alignment.config import SamplingParams  # noqa: F401 - re-exported
 from alignment.models import position_ids_from_mask
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256  # answer length limit, in tokens
-    temperature: float = 1.0  # tau: logits / tau before softmax; 0 = greedy
-    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with probability >= top_p
-    top_k: int = 0  # keep the k most likely tokens; 0 = all
-    stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after one of these (it is kept)
-    batch_size: int = 256  # prompts sampled together (PPO rollouts: rollout_batch_size instead)
-    cache: str = "dynamic"  # KV cache: "dynamic" grows a token at a time; "static" is allocated once for
-    # prompt + max_new_tokens, so every decoding step has the same shapes (what a compiled step needs)
-    compile: bool = False  # torch.compile the decoding step (static cache; CUDA graphs on a GPU). The first
-    # call compiles (a minute or more): for long rollouts on a GPU, not for short CPU runs
 
 
 @dataclass

@@ -64,12 +64,11 @@ def run(
 
       alignflow run quickstart --only dpo --from-run 3f2a...
     """
-    from flows.pipeline import pipeline_flow, preflight, resolved_yaml
-    from tasks.schemas import DataError
-
-    cfg, raw = load_or_exit(config, pipeline, set_)
+    cfg, raw = load_or_exit(config, pipeline, set_)  # a mistake in the file is reported before anything heavy loads
     if only and not from_run:
         fail("--only needs --from-run RUN_ID (see `alignflow runs list`)")
+    from flows.pipeline import pipeline_flow, preflight, resolved_yaml
+    from tasks.data import DataError
     try:
         preflight(cfg.pipelines[pipeline], only)  # bad data fails before Prefect, MLflow or any file
         result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run)

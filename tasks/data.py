@@ -19,9 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-import pandas as pd
 
-from tasks.schemas import DataError
+class DataError(ValueError):
+    """Bad input data. The message lists every problem with its place (file and line or row) and what to do."""
+
 
 PREFERENCE_FORMATS = ("auto", "standard", "conversational", "sharegpt", "hh", "ultrafeedback", "implicit")
 DEMONSTRATION_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")

@@ -12,17 +12,17 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from alignment.data import PairExample, tokenize_pairs
-from alignment.models import load_causal_lm, load_tokenizer
-from tasks import plots, schemas
-from tasks.data import prompt_of
+from tasks.data import DataError, prompt_of
 from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
-from tasks.tracking import Tracker
+
+if TYPE_CHECKING:  # torch, transformers, pandas and MLflow are imported where a stage runs, so that loading
+    import pandas as pd  # and validating pipelines.yaml (every stage module's Params) takes a fraction of a second
+
+    from tasks.tracking import Tracker
 
 HISTORY = "train_metrics.jsonl"
 STOP = threading.Event()  # set on Ctrl-C / SIGTERM: training stages stop at their next step, marked KILLED
@@ -81,7 +81,7 @@ class StageSpec(BaseModel):
 
 @dataclass
 class StageContext:
-    tracker: Tracker
+    tracker: "Tracker"
     store: Store
     parent_run_id: str
     log: Callable[[str], None] = print
@@ -101,6 +101,8 @@ def metrics_logger(ctx: StageContext, run_id: str, out: Path):
 
 
 def save_curves(out: Path, keys: list[str], title: str) -> list[dict]:
+    from tasks import plots
+
     rows = plots.finish_history(out / HISTORY)
     plots.plot_curves(rows, keys, out / "training_curves.png", title)
     return rows
@@ -117,6 +119,8 @@ def model_dir(inputs: dict[str, StageOutput], slot: str) -> Path:
 
 
 def load_policy(inputs: dict[str, StageOutput], slot: str = "policy"):
+    from alignment.models import load_causal_lm, load_tokenizer
+
     path = model_dir(inputs, slot)
     return load_causal_lm(path), load_tokenizer(path)
 
@@ -126,26 +130,36 @@ def save_model(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out / "model")
 
 
-def read_table(inputs: dict[str, StageOutput], slot: str, file: str, schema) -> pd.DataFrame:
+def read_table(inputs: dict[str, StageOutput], slot: str, file: str, schema) -> "pd.DataFrame":
+    import pandas as pd
+
+    from tasks import schemas
+
     source = Path(inputs[slot].path) / file
     return schemas.validate(pd.read_parquet(source), schema, source)
 
 
 def read_preferences(inputs: dict[str, StageOutput], split: str | None = None) -> list[dict]:
+    from tasks import schemas
+
     pairs = read_table(inputs, "preferences", "preferences.parquet", schemas.PREFERENCES)
     return pairs[pairs["split"] == split].to_dict("records") if split else pairs.to_dict("records")
 
 
 def read_prompts(inputs: dict[str, StageOutput], split: str, n: int) -> list:
     """The first n prompts of a split of a `prompts` input (the sandbox world, or any prompts table)."""
+    from tasks import schemas
+
     df = read_table(inputs, "prompts", "prompts.parquet", schemas.PROMPTS)
     return [prompt_of(r) for r in df[df["split"] == split].head(n).to_dict("records")]
 
 
-def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> list[PairExample]:
+def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> list:
     """The pairs tokenised for training, checked before any training: BOS at most once at the start, EOS
     once at the end of each answer, no answer truncated to nothing, and chosen != rejected after
-    truncation to max_length. A DataError names the rows otherwise."""
+    truncation to max_length. A DataError names the rows otherwise. Returns the PairExamples."""
+    from alignment.data import tokenize_pairs
+
     examples = tokenize_pairs(tokenizer, [prompt_of(p) for p in pairs], [p["chosen"] for p in pairs],
                               [p["rejected"] for p in pairs], max_length)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -159,7 +173,7 @@ def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) 
     for problem, bad in checks.items():
         rows = [i + 1 for i, e in enumerate(examples) if bad(e)]
         if rows:
-            raise schemas.DataError(
+            raise DataError(
                 f"{source}: {len(rows)} pair(s) {problem} with max_length={max_length} tokens "
                 f"(rows {rows[:20]}{' ...' if len(rows) > 20 else ''}); raise max_length or drop them")
     return examples
@@ -170,6 +184,8 @@ def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) 
 
 def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) -> StageOutput:
     """Cache lookup -> MLflow run with lineage -> body -> atomic publish -> artifacts -> status."""
+    import pandas as pd
+
     if STOP.is_set():
         raise KeyboardInterrupt("stop requested")
     name, stage_type, params = stage.name, stage.type, stage.params

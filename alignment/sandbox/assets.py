@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 from alignment.sandbox.world import (
     BANNED_NOUN_TEMPLATES,
     BANNED_TEMPLATES,
@@ -30,8 +27,11 @@ def world_texts(world: World) -> list[str]:
     return texts
 
 
-def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: list[str]):
     """Word-level tokenizer trained on `texts`; prompts get <bos> prepended, answers end in <eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
@@ -53,8 +53,10 @@ class TinyModelConfig:
     max_positions: int = 128  # longest prompt + answer, in tokens
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, seed: int = 0) -> LlamaForCausalLM:
+def build_model(tokenizer, cfg: TinyModelConfig, seed: int = 0):
+    """A tiny Llama with random weights (seeded) for the tokenizer's vocabulary."""
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from alignment.models import MODEL_BUILD_LOCK
 

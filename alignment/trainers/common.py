@@ -11,7 +11,6 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,29 +19,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from alignment.config import TrainConfig  # noqa: F401 - re-exported
+
 Tensor = torch.Tensor
 MetricsCallback = Callable[[int, dict[str, float]], None]
 """Called as callback(step, metrics) after every optimizer step; the library itself logs nowhere."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by the SFT, reward-model, DPO and PPO trainers."""
-
-    max_steps: int  # number of optimizer steps (PPO: per whole run, over all iterations)
-    batch_size: int = 8  # examples per optimizer step (split into grad_accum_steps micro-batches)
-    grad_accum_steps: int = 1  # micro-batches accumulated before each optimizer step
-    lr: float = 1e-4  # peak learning rate of AdamW
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
-    lr_schedule: str = "cosine"  # after warm-up: "constant", "linear" or "cosine" decay to 0
-    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 = off
-    seed: int = 0  # seed of the data order, initialisation noise and sampling
-    checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps; 0 = never
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; used on GPU)
-    group_by_length: bool = True  # batches of similar length (less padding): see StepSampler
-    compile: bool = False  # torch.compile the trained module (dynamic shapes); pays off on long GPU runs
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
 
 
 class NonFiniteLossError(RuntimeError):

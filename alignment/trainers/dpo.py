@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from alignment.config import DPOConfig  # noqa: F401 - re-exported
 from alignment.data import PairExample, collate_pairs
 from alignment.logprobs import sequence_logprobs
 from alignment.losses import dpo_loss
@@ -19,24 +19,8 @@ from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
-    TrainConfig,
     train_steps,
 )
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    """Defaults as TRL's DPOConfig (beta 0.1, lr 1e-6, max_length 1024); train.batch_size counts pairs."""
-
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=1e-6))  # optimisation
-    beta: float = 0.1  # strength of the implicit KL constraint to the reference
-    loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
-    label_smoothing: float = 0.0  # eps of conservative DPO: assumed probability that a label is flipped
-    max_length: int = 1024  # prompt + answer tokens per sequence
-    precompute_ref_logps: bool = True  # reference log-probs computed once up front, not every step
-    shared_prefix: bool = True  # chosen and rejected read one copy of their prompt (alignment.prefix)
-    group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and
-    # every labeled pair among them; train.batch_size then counts prompts (alignment.prefix.group_by_prompt)
 
 
 def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device, shared_prefix: bool = True):

@@ -9,65 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from alignment.config import PPOConfig  # noqa: F401 - re-exported
 from alignment.advantages import AdaptiveKLController, FixedKLController, explained_variance, gae, whiten
 from alignment.data import encode_prompt, pad
 from alignment.logprobs import sequence_logprobs
 from alignment.lora import has_adapters, reference_mode
 from alignment.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
-from alignment.sampling import SamplingParams, sample
-from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler, TrainConfig
+from alignment.sampling import sample
+from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """reward_fn(prompts, answers) -> scores [B]; text in, so the reward model may use its own tokenizer."""
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """Defaults as TRL's PPOConfig (lr 3e-6, 4 PPO epochs, KL coefficient 0.05, clip 0.2, vf_coef 0.1)."""
-
-    iterations: int = 100  # rollout + update rounds
-    rollout_batch_size: int = 32  # prompts sampled together per iteration
-    minibatch_size: int = 8  # rollouts per optimizer step
-    ppo_epochs: int = 4  # passes over each rollout batch
-    lr: float = 3e-6  # AdamW learning rate of policy and value head
-    max_grad_norm: float = 1.0  # gradient clipping by global norm
-    clip_eps: float = 0.2  # epsilon of the clipped ratio
-    value_clip_eps: float | None = 0.2  # clip range of the value loss around the old values; None = off
-    vf_coef: float = 0.1  # c_v, weight of the value loss
-    ent_coef: float = 0.0  # c_e, weight of the entropy bonus
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE lambda
-    beta: float = 0.05  # initial KL coefficient; 0 switches the KL penalty off
-    kl_estimator: str = "k1"  # per-token KL estimator in the reward: k1, k2 or k3
-    target_kl: float | None = None  # nats per answer; set it to adapt beta (Ziegler et al.); None = fixed
-    kl_horizon: int = 10_000  # horizon of the adaptive controller, in samples
-    whiten_advantages: bool = True  # normalise advantages over each rollout batch
-    missing_eos_penalty: float | None = None  # subtracted from the score of an answer cut off before a stop
-    # token (as TRL's option of that name): a reward model never saw such text and may score it well
-    sampling: SamplingParams = field(default_factory=SamplingParams)  # how rollouts are sampled
-    seed: int = 0  # prompt order and sampling noise (a pipeline sets settings.seed)
-    checkpoint_every: int = 0  # save a resumable checkpoint every N iterations; 0 = only at the end
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (GPU)
-    gradient_checkpointing: bool = False  # recompute activations in the update's backward pass (less memory)
-    separate_value_model: bool = False  # the value function on its own copy of the backbone, not a head on
-    # the policy's trunk (value gradients then cannot disturb the policy; twice the weights)
-
-    def train_config(self) -> TrainConfig:
-        """The optimizer settings: one optimizer step per minibatch, constant LR."""
-        steps = self.iterations * self.ppo_epochs * -(-self.rollout_batch_size // self.minibatch_size)
-        return TrainConfig(
-            max_steps=steps, batch_size=self.minibatch_size, lr=self.lr, lr_schedule="constant",
-            max_grad_norm=self.max_grad_norm, seed=self.seed, mixed_precision=self.mixed_precision,
-            gradient_checkpointing=self.gradient_checkpointing,
-        )
 
 
 class PPOTrainer:

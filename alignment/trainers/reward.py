@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from alignment.config import RewardConfig  # noqa: F401 - re-exported
 from alignment.data import PairExample, collate_pairs
 from alignment.losses import reward_model_loss
 from alignment.models import RewardModel
@@ -16,22 +16,8 @@ from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
-    TrainConfig,
     train_steps,
 )
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """Defaults as TRL's RewardConfig (lr 1e-4, max_length 1024); train.batch_size counts pairs."""
-
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=1e-4))  # optimisation
-    margin: float = 0.0  # m in -log sigma(r_w - r_l - m)
-    center_coef: float = 0.0  # eta of the centering term eta * E[(r_w + r_l)^2]
-    max_length: int = 1024  # prompt + answer tokens per sequence
-    shared_prefix: bool = True  # one row prompt ++ chosen ++ rejected per pair (prompt computed once)
-    group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and
-    # every labeled pair among them (InstructGPT's K-way batches); train.batch_size then counts prompts
 
 
 class RewardTrainer:

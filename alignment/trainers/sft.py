@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from alignment.config import SFTConfig  # noqa: F401 - re-exported
 from alignment.data import collate_answers
 from alignment.logprobs import sequence_logprobs
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
-    TrainConfig,
     train_steps,
 )
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """Defaults as TRL's SFTConfig (lr 2e-5, max_length 1024)."""
-
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=2e-5))  # optimisation
-    max_length: int = 1024  # prompt + answer tokens per example (longer ones are truncated)
 
 
 class SFTTrainer:

@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from safetensors.torch import load_file, save_file
 
-from alignment.lora import LoRAConfig, add_lora, merged
-from alignment.trainers.common import set_seed
-from alignment.trainers.dpo import DPOConfig, DPOTrainer
+from alignment.config import DPOConfig, LoRAConfig
 from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, save_curves, save_model, token_preflight, write_first_sequence
 from tasks.store import stage_key
 
@@ -28,6 +25,12 @@ class Stage(StageSpec):
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from safetensors.torch import load_file, save_file
+
+    from alignment.lora import add_lora, merged
+    from alignment.trainers.common import set_seed
+    from alignment.trainers.dpo import DPOTrainer
+
     train = read_preferences(inputs, "train")
     policy, tokenizer = load_policy(inputs)
     examples = token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")

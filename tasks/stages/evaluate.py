@@ -16,16 +16,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import pandas as pd
 from pydantic import field_validator, model_validator
 
-from alignment.evaluation import answer_pair_logps, evaluate_policy, pair_metrics
-from alignment.sampling import SamplingParams
-from tasks import schemas
-from tasks.data import prompt_of, read_prompt_file
+from alignment.config import SamplingParams
+from tasks.data import DataError, prompt_of, read_prompt_file
 from tasks.stage import StageParams, StageSpec, load_policy, read_preferences, read_prompts
 from tasks.stages.sample import sources  # noqa: F401 - a prompts file is part of the key
-from tasks.stages.train_reward_model import examples, load_reward_fn
 
 INPUTS = {"policy": "policy", "reference": "policy", "reward_model": "reward_model?", "preferences": "preferences?",
           "prompts": "prompts?", "world": "world?"}
@@ -86,6 +82,12 @@ def rm_accuracy(reward_fn, pairs: list[dict], batch_size: int = 64) -> float:
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    import pandas as pd
+
+    from alignment.evaluation import answer_pair_logps, evaluate_policy, pair_metrics
+    from tasks import schemas
+    from tasks.stages.train_reward_model import examples, load_reward_fn
+
     policy, tokenizer = load_policy(inputs)
     reference, _ = load_policy(inputs, "reference")
     test_pairs = read_preferences(inputs, "test") if "preferences" in inputs else []
@@ -97,7 +99,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
         unique = {(r["prompt"], r["messages"]): r for r in test_pairs}
         prompts = [prompt_of(r) for r in list(unique.values())[: p.prompts]]
     if not prompts:
-        raise schemas.DataError(f"{inputs['preferences'].name}: the test split has no pairs to take prompts from; raise held_out")
+        raise DataError(f"{inputs['preferences'].name}: the test split has no pairs to take prompts from; raise held_out")
     scores = {}
     if "reward_model" in inputs:
         scores["reward_fn"] = load_reward_fn(inputs)[0]

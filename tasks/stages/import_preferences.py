@@ -10,10 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 
-from tasks import schemas
-from tasks.data import PAIR_LAYOUTS, PREFERENCE_FORMATS, convert_rows, detect_pair_layout, prompt_columns
+from tasks.data import DataError, PAIR_LAYOUTS, PREFERENCE_FORMATS, convert_rows, detect_pair_layout, prompt_columns
 from tasks.stage import StageParams, StageSpec
 from tasks.store import dir_hash, file_hash
 
@@ -49,9 +47,11 @@ def check_pair(prompt: Any, chosen: str, rejected: str, max_chars: int) -> list[
     return problems
 
 
-def import_preferences(p: Params) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+def import_preferences(p: Params) -> tuple:
     """(clean pairs with their split, rejected rows with their reasons, counts). Raises DataError listing
     every problem unless p.drop_invalid."""
+    import pandas as pd
+
     rows, problems = convert_rows(p.path, PAIR_LAYOUTS, detect_pair_layout, p.format, p.columns)
     read = len(rows) + len(problems)
     clean, seen, duplicates = [], {}, []
@@ -68,9 +68,9 @@ def import_preferences(p: Params) -> tuple[pd.DataFrame, pd.DataFrame, dict[str,
         seen[key] = where
         clean.append({**cols, "chosen": chosen, "rejected": rejected, "from_split": split})
     if problems and not p.drop_invalid:
-        raise schemas.DataError(f"{len(problems)} problem(s) in {p.path} (nothing was written):\n" + "\n".join(problems))
+        raise DataError(f"{len(problems)} problem(s) in {p.path} (nothing was written):\n" + "\n".join(problems))
     if not clean:
-        raise schemas.DataError(f"{p.path}: no usable preference pairs")
+        raise DataError(f"{p.path}: no usable preference pairs")
     df = pd.DataFrame(clean)
     if df["from_split"].notna().any():
         df["split"] = ["test" if s in TEST_SPLITS else "train" for s in df["from_split"]]
@@ -83,6 +83,8 @@ def import_preferences(p: Params) -> tuple[pd.DataFrame, pd.DataFrame, dict[str,
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from tasks import schemas
+
     clean, rejects, counts = import_preferences(p)
     clean = schemas.validate(clean, schemas.PREFERENCES, p.path)
     schemas.write_parquet(clean, out / "preferences.parquet")

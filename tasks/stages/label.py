@@ -7,11 +7,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import pandas as pd
 from pydantic import model_validator
 
-from tasks import schemas
-from tasks.labeling import LabelStore
+from tasks.data import DataError
 from tasks.stage import StageParams, StageSpec, read_table
 
 INPUTS = {"samples": "samples", "world": "world?"}
@@ -39,6 +37,10 @@ class Stage(StageSpec):
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    import pandas as pd
+
+    from tasks import schemas
+
     samples = read_table(inputs, "samples", "samples.parquet", schemas.SAMPLES)
     metrics = {}
     if p.labeler == "simulated":
@@ -57,8 +59,10 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     return {**metrics, "pairs": float(len(pairs)), "train_pairs": float(n_train)}
 
 
-def human_labels(ctx, p: Params, samples: pd.DataFrame, batch: str) -> pd.DataFrame:
+def human_labels(ctx, p: Params, samples, batch: str):
     """Create the labeling batch, wait for min_judgements if asked, and take the judgements present."""
+    from tasks.labeling import LabelStore
+
     store = LabelStore(p.db)
     added = store.add_batch(samples, batch)
     ctx.log(f"[label] {added} new item(s) in {p.db}; label them with `alignflow label serve --db {p.db}`")
@@ -69,10 +73,12 @@ def human_labels(ctx, p: Params, samples: pd.DataFrame, batch: str) -> pd.DataFr
         time.sleep(5.0)
     pairs = store.export(batch)
     if pairs.empty:
-        raise schemas.DataError(f"{p.db}: no usable judgements yet for batch {batch} (ties and skips do not count)")
+        raise DataError(f"{p.db}: no usable judgements yet for batch {batch} (ties and skips do not count)")
     return pairs
 
 
 def sources(p: Params) -> dict[str, str]:
     """Human labels change without any input changing: the judgements are part of the key."""
+    from tasks.labeling import LabelStore
+
     return {"judgements": LabelStore(p.db).fingerprint()} if p.labeler == "human" else {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from alignment.models import load_causal_lm, load_tokenizer
 from tasks.stage import StageParams, StageSpec, save_model
 from tasks.store import dir_hash
 
@@ -24,6 +23,8 @@ class Stage(StageSpec):
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from alignment.models import load_causal_lm, load_tokenizer
+
     model = load_causal_lm(p.name_or_path, trust_remote_code=p.trust_remote_code)
     tokenizer = load_tokenizer(p.name_or_path, trust_remote_code=p.trust_remote_code)
     save_model(model, tokenizer, out)

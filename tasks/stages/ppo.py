@@ -7,14 +7,9 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from alignment.lora import LoRAConfig, add_lora, merged
-from alignment.models import PolicyWithValueHead, load_tokenizer
-from alignment.trainers.common import set_seed
-from alignment.trainers.ppo import PPOConfig, PPOTrainer
-from tasks import plots
+from alignment.config import LoRAConfig, PPOConfig
 from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, save_curves
 from tasks.stages.sample import one_prompt_source, prompts_for, sources  # noqa: F401 - sources: a prompts file is in the key
-from tasks.stages.train_reward_model import load_reward_fn
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model", "prompts": "prompts?"}
 OUTPUT = ("policy",)
@@ -34,6 +29,13 @@ class Stage(StageSpec):
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from alignment.lora import add_lora, merged
+    from alignment.models import PolicyWithValueHead, load_tokenizer
+    from alignment.trainers.common import set_seed
+    from alignment.trainers.ppo import PPOTrainer
+    from tasks import plots
+    from tasks.stages.train_reward_model import load_reward_fn
+
     path = model_dir(inputs, "policy")
     tokenizer = load_tokenizer(path)
     reward_fn, _, _ = load_reward_fn(inputs)

@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import pandas as pd
 from pydantic import model_validator
 
-from alignment.evaluation import generate_answers
-from alignment.sampling import SamplingParams
-from tasks import schemas
+from alignment.config import SamplingParams
 from tasks.data import prompt_columns, read_prompt_file
 from tasks.stage import StageParams, StageSpec, load_policy, read_prompts
 from tasks.store import file_hash
@@ -46,6 +43,11 @@ def prompts_for(p, inputs, split: str = "train") -> list:
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    import pandas as pd
+
+    from alignment.evaluation import generate_answers
+    from tasks import schemas
+
     model, tokenizer = load_policy(inputs)
     prompts = prompts_for(p, inputs)
     rows = []

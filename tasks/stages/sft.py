@@ -10,14 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import pandas as pd
 from pydantic import model_validator
 
-from alignment.data import tokenize_demonstrations
-from alignment.trainers.common import set_seed
-from alignment.trainers.sft import SFTConfig, SFTTrainer
-from tasks import schemas
-from tasks.data import DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of
+from alignment.config import SFTConfig
+from tasks.data import DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of
 from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_table, save_curves, save_model, write_first_sequence
 from tasks.store import dir_hash, file_hash
 
@@ -43,17 +39,27 @@ class Stage(StageSpec):
         return self
 
 
-def import_demonstrations(p: Params) -> pd.DataFrame:
+def import_demonstrations(p: Params):
+    """The demonstrations of p.data as a validated table; a DataError lists every problem."""
+    import pandas as pd
+
+    from tasks import schemas
+
     rows, problems = convert_rows(p.data, DEMO_LAYOUTS, detect_demo_layout, p.format, p.columns)
     if problems:
-        raise schemas.DataError(f"{len(problems)} problem(s) in {p.data} (nothing was written):\n" + "\n".join(problems))
+        raise DataError(f"{len(problems)} problem(s) in {p.data} (nothing was written):\n" + "\n".join(problems))
     if not rows:
-        raise schemas.DataError(f"{p.data}: no demonstrations")
+        raise DataError(f"{p.data}: no demonstrations")
     df = pd.DataFrame([{**prompt_columns(prompt), "completion": completion} for _, _, (prompt, completion) in rows])
     return schemas.validate(df, schemas.DEMONSTRATIONS, p.data)
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from alignment.data import tokenize_demonstrations
+    from alignment.trainers.common import set_seed
+    from alignment.trainers.sft import SFTTrainer
+    from tasks import schemas
+
     demos = import_demonstrations(p) if p.data else read_table(inputs, "demonstrations", "demonstrations.parquet", schemas.DEMONSTRATIONS)
     set_seed(p.sft.train.seed)
     policy, tokenizer = load_policy(inputs)
@@ -61,7 +67,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     examples = tokenize_demonstrations(tokenizer, [prompt_of(r) for r in rows], [r["completion"] for r in rows], p.sft.max_length)
     cut = [i + 1 for i, (_, answer) in enumerate(examples) if len(answer) <= 1]
     if cut:
-        raise schemas.DataError(f"{len(cut)} demonstration(s) lose their whole answer to max_length={p.sft.max_length} "
+        raise DataError(f"{len(cut)} demonstration(s) lose their whole answer to max_length={p.sft.max_length} "
                                 f"(rows {cut[:20]}); raise sft.max_length or shorten their prompts")
     write_first_sequence(out, tokenizer, *examples[0])
     trainer = SFTTrainer(policy, examples, tokenizer.pad_token_id, p.sft, output_dir=out, callback=metrics_logger(ctx, run_id, out))

@@ -10,10 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from alignment.data import tokenize_pairs
-from alignment.models import RewardModel, load_tokenizer
-from alignment.trainers.common import set_seed
-from alignment.trainers.reward import RewardConfig, RewardTrainer
+from alignment.config import RewardConfig
 from tasks.data import prompt_of
 from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, save_curves, save_model, token_preflight, write_first_sequence
 
@@ -32,10 +29,16 @@ class Stage(StageSpec):
 
 
 def examples(tokenizer, pairs: list[dict], max_length: int):
+    from alignment.data import tokenize_pairs
+
     return tokenize_pairs(tokenizer, [prompt_of(p) for p in pairs], [p["chosen"] for p in pairs], [p["rejected"] for p in pairs], max_length)
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    from alignment.models import RewardModel, load_tokenizer
+    from alignment.trainers.common import set_seed
+    from alignment.trainers.reward import RewardTrainer
+
     train, test = read_preferences(inputs, "train"), read_preferences(inputs, "test")
     base = model_dir(inputs, "base")
     tokenizer = load_tokenizer(base)
@@ -60,6 +63,8 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
 def load_reward_fn(inputs, slot: str = "reward_model"):
     """reward_fn(prompts, answers) of a trained reward model, reading text as it was trained to."""
+    from alignment.models import RewardModel, load_tokenizer
+
     from alignment.evaluation import reward_scores
 
     path = model_dir(inputs, slot)

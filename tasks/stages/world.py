@@ -16,12 +16,9 @@ import random
 from pathlib import Path
 from typing import Literal
 
-import pandas as pd
-import torch
 
-from alignment.sandbox.assets import TinyModelConfig, build_model, build_tokenizer, world_texts
+from alignment.sandbox.assets import TinyModelConfig
 from alignment.sandbox.world import World, WorldConfig
-from tasks import schemas
 from tasks.stage import StageParams, StageSpec, save_model
 
 INPUTS: dict[str, str] = {}
@@ -43,6 +40,11 @@ class Stage(StageSpec):
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
+    import pandas as pd
+
+    from alignment.sandbox.assets import build_model, build_tokenizer, world_texts
+    from tasks import schemas
+
     world = World(p.world)
     corpus = world.sft_corpus(p.demonstrations, seed=p.seed)
     tokenizer = build_tokenizer(world_texts(world) + [q + " " + a for q, a in corpus])
@@ -64,7 +66,7 @@ def load_world(inputs) -> World:
     return World(WorldConfig(**{**cfg, "banned_words": tuple(cfg["banned_words"])}))
 
 
-def simulated_pairs(world: World, samples: pd.DataFrame, seed: int) -> tuple[list[dict], int]:
+def simulated_pairs(world: World, samples, seed: int) -> tuple[list[dict], int]:
     """Every two different answers of a prompt, labeled by sigma((g_a - g_b) / tau). Pairs with an empty
     answer are left out and counted: an empty answer is a legitimate sample, not a preference."""
     rng, pairs, empty = random.Random(seed), [], 0
@@ -82,6 +84,8 @@ def simulated_pairs(world: World, samples: pd.DataFrame, seed: int) -> tuple[lis
 
 
 def gold_scores(world: World):
+    import torch
+
     return lambda prompts, answers: torch.tensor([world.gold_reward(q, a) for q, a in zip(prompts, answers)])
 
 

@@ -1,0 +1,127 @@
+"""Every core config in one light module (dataclasses only, no torch): what a stage can set, with its
+default, one comment a field. Defaults are what a TRL user expects for a real model; the sandbox
+quickstart writes its own tuned values in pipelines.yaml. The trainers take these as explicit arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the SFT, reward-model, DPO and PPO trainers."""
+
+    max_steps: int  # number of optimizer steps (PPO: per whole run, over all iterations)
+    batch_size: int = 8  # examples per optimizer step (split into grad_accum_steps micro-batches)
+    grad_accum_steps: int = 1  # micro-batches accumulated before each optimizer step
+    lr: float = 1e-4  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
+    lr_schedule: str = "cosine"  # after warm-up: "constant", "linear" or "cosine" decay to 0
+    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 = off
+    seed: int = 0  # seed of the data order, initialisation noise and sampling
+    checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps; 0 = never
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; used on GPU)
+    group_by_length: bool = True  # batches of similar length (less padding): see StepSampler
+    compile: bool = False  # torch.compile the trained module (dynamic shapes); pays off on long GPU runs
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256  # answer length limit, in tokens
+    temperature: float = 1.0  # tau: logits / tau before softmax; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with probability >= top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after one of these (it is kept)
+    batch_size: int = 256  # prompts sampled together (PPO rollouts: rollout_batch_size instead)
+    cache: str = "dynamic"  # KV cache: "dynamic" grows a token at a time; "static" is allocated once for
+    # prompt + max_new_tokens, so every decoding step has the same shapes (what a compiled step needs)
+    compile: bool = False  # torch.compile the decoding step (static cache; CUDA graphs on a GPU). The first
+    # call compiles (a minute or more): for long rollouts on a GPU, not for short CPU runs
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 16  # rank of each adapter
+    alpha: int = 32  # scaling lora_alpha; the update is (alpha / r) * B A
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: str | tuple[str, ...] = "all-linear"  # module names, or every linear layer but the head
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Defaults as TRL's SFTConfig (lr 2e-5, max_length 1024)."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=2e-5))  # optimisation
+    max_length: int = 1024  # prompt + answer tokens per example (longer ones are truncated)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Defaults as TRL's RewardConfig (lr 1e-4, max_length 1024); train.batch_size counts pairs."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=1e-4))  # optimisation
+    margin: float = 0.0  # m in -log sigma(r_w - r_l - m)
+    center_coef: float = 0.0  # eta of the centering term eta * E[(r_w + r_l)^2]
+    max_length: int = 1024  # prompt + answer tokens per sequence
+    shared_prefix: bool = True  # one row prompt ++ chosen ++ rejected per pair (prompt computed once)
+    group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and
+    # every labeled pair among them (InstructGPT's K-way batches); train.batch_size then counts prompts
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Defaults as TRL's DPOConfig (beta 0.1, lr 1e-6, max_length 1024); train.batch_size counts pairs."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=1e-6))  # optimisation
+    beta: float = 0.1  # strength of the implicit KL constraint to the reference
+    loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
+    label_smoothing: float = 0.0  # eps of conservative DPO: assumed probability that a label is flipped
+    max_length: int = 1024  # prompt + answer tokens per sequence
+    precompute_ref_logps: bool = True  # reference log-probs computed once up front, not every step
+    shared_prefix: bool = True  # chosen and rejected read one copy of their prompt (alignment.prefix)
+    group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and
+    # every labeled pair among them; train.batch_size then counts prompts (alignment.prefix.group_by_prompt)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Defaults as TRL's PPOConfig (lr 3e-6, 4 PPO epochs, KL coefficient 0.05, clip 0.2, vf_coef 0.1)."""
+
+    iterations: int = 100  # rollout + update rounds
+    rollout_batch_size: int = 32  # prompts sampled together per iteration
+    minibatch_size: int = 8  # rollouts per optimizer step
+    ppo_epochs: int = 4  # passes over each rollout batch
+    lr: float = 3e-6  # AdamW learning rate of policy and value head
+    max_grad_norm: float = 1.0  # gradient clipping by global norm
+    clip_eps: float = 0.2  # epsilon of the clipped ratio
+    value_clip_eps: float | None = 0.2  # clip range of the value loss around the old values; None = off
+    vf_coef: float = 0.1  # c_v, weight of the value loss
+    ent_coef: float = 0.0  # c_e, weight of the entropy bonus
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    beta: float = 0.05  # initial KL coefficient; 0 switches the KL penalty off
+    kl_estimator: str = "k1"  # per-token KL estimator in the reward: k1, k2 or k3
+    target_kl: float | None = None  # nats per answer; set it to adapt beta (Ziegler et al.); None = fixed
+    kl_horizon: int = 10_000  # horizon of the adaptive controller, in samples
+    whiten_advantages: bool = True  # normalise advantages over each rollout batch
+    missing_eos_penalty: float | None = None  # subtracted from the score of an answer cut off before a stop
+    # token (as TRL's option of that name): a reward model never saw such text and may score it well
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # how rollouts are sampled
+    seed: int = 0  # prompt order and sampling noise (a pipeline sets settings.seed)
+    checkpoint_every: int = 0  # save a resumable checkpoint every N iterations; 0 = only at the end
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (GPU)
+    gradient_checkpointing: bool = False  # recompute activations in the update's backward pass (less memory)
+    separate_value_model: bool = False  # the value function on its own copy of the backbone, not a head on
+    # the policy's trunk (value gradients then cannot disturb the policy; twice the weights)
+
+    def train_config(self) -> TrainConfig:
+        """The optimizer settings: one optimizer step per minibatch, constant LR."""
+        steps = self.iterations * self.ppo_epochs * -(-self.rollout_batch_size // self.minibatch_size)
+        return TrainConfig(
+            max_steps=steps, batch_size=self.minibatch_size, lr=self.lr, lr_schedule="constant",
+            max_grad_norm=self.max_grad_norm, seed=self.seed, mixed_precision=self.mixed_precision,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
