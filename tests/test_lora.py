@@ -9,7 +9,7 @@ from alignment.lora import LoRAConfig, add_lora, merged
 from alignment.trainers.common import TrainConfig
 from alignment.trainers.dpo import DPOConfig, DPOTrainer, pair_logps
 from alignment.trainers.ppo import PPOTrainer
-from test_trainers import PAIRS, lm, ppo_setup, sandbox_tokenizer  # noqa: F401 (fixture)
+from test_trainers import PAIRS, lm, ppo_setup
 
 pytest.importorskip("peft")
 
