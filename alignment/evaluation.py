@@ -144,14 +144,18 @@ def evaluate_policy(
 
 
 @torch.no_grad()
-def answer_pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """(log pi(y_w|x), log pi(y_l|x)) of every pair: [N, 2], on the CPU."""
-    from alignment.trainers.dpo import pair_logps
+def answer_pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, batch_size: int = 16) -> torch.Tensor:
+    """(log pi(y_w|x), log pi(y_l|x)) of every pair: [N, 2], on the CPU. Each distinct answer of a prompt is
+    scored once (alignment.prefix.group_by_prompt); rows come in group order, the same for any model."""
+    from alignment.prefix import group_by_prompt, pair_values
+    from alignment.trainers.dpo import group_logps
 
     model.eval()
     device = next(model.parameters()).device
-    rows = [torch.stack(pair_logps(model, examples[i : i + batch_size], pad_token_id, device), -1).float().cpu()
-            for i in range(0, len(examples), batch_size)]
+    groups, rows = group_by_prompt(examples), []
+    for i in range(0, len(groups), batch_size):
+        part = groups[i : i + batch_size]
+        rows.append(torch.stack(pair_values(group_logps(model, part, pad_token_id, device), part), -1).float().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 2)
 
 

@@ -60,3 +60,19 @@ def test_gates_take_any_metric_with_a_bound():
                       "eval/x was not computed (computed: eval/kl, eval/rm_win_rate)"]
     with pytest.raises(ValueError, match='a gate is a comparison with a number, e.g. ">= 0.6"'):
         Params(gates={"eval/kl": "small"})
+
+
+def test_rm_accuracy_scores_each_distinct_answer_once_and_counts_by_hand():
+    from tasks.stages.evaluate import rm_accuracy
+
+    calls = []
+
+    def by_length(prompts, answers):  # a reward function: longer answers score higher
+        calls.append(len(answers))
+        return torch.tensor([float(len(a)) for a in answers])
+
+    pairs = [{"prompt": "p", "messages": "", "chosen": "long answer", "rejected": "short"},     # right
+             {"prompt": "p", "messages": "", "chosen": "short", "rejected": "long answer"},     # wrong
+             {"prompt": "q", "messages": "", "chosen": "long answer", "rejected": "tiny"}]      # right
+    assert rm_accuracy(by_length, pairs) == pytest.approx(2 / 3)
+    assert sum(calls) == 4  # (p, long), (p, short), (q, long), (q, tiny)

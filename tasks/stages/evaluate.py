@@ -72,13 +72,20 @@ def check_gates(gates: dict[str, str], metrics: dict[str, float]) -> list[str]:
 
 
 def rm_accuracy(reward_fn, pairs: list[dict], batch_size: int = 64) -> float:
-    """P(r(x, y_w) > r(x, y_l)) over held-out pairs, each prompt read by the reward model's own tokenizer."""
-    right = 0
-    for i in range(0, len(pairs), batch_size):
-        part = pairs[i : i + batch_size]
-        prompts = [prompt_of(r) for r in part]
-        right += int((reward_fn(prompts, [r["chosen"] for r in part]) > reward_fn(prompts, [r["rejected"] for r in part])).sum())
-    return right / len(pairs)
+    """P(r(x, y_w) > r(x, y_l)) over held-out pairs, each prompt read by the reward model's own tokenizer
+    and each distinct (prompt, answer) scored once."""
+    index: dict[tuple, int] = {}
+    for r in pairs:
+        for answer in (r["chosen"], r["rejected"]):
+            index.setdefault((r["prompt"], r["messages"], answer), len(index))
+    keys = list(index)
+    scores = []
+    for i in range(0, len(keys), batch_size):
+        part = keys[i : i + batch_size]
+        scores += reward_fn([prompt_of({"prompt": p, "messages": m}) for p, m, _ in part], [a for _, _, a in part]).tolist()
+    right = [scores[index[(r["prompt"], r["messages"], r["chosen"])]] > scores[index[(r["prompt"], r["messages"], r["rejected"])]]
+             for r in pairs]
+    return sum(right) / len(pairs)
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
