@@ -29,7 +29,7 @@ def config_path(config: Path | None) -> Path:
     """-c FILE when given, else ./pipelines.yaml, else the packaged copy of the shipped pipelines."""
     if config is not None:
         return config
-    return Path("pipelines.yaml") if Path("pipelines.yaml").is_file() else SHIPPED
+    return Path("pipelines.yaml") if Path("pipelines.yaml").is_file() else SHIPPED.resolve()
 
 
 def fail(message: str, code: int = 2) -> None:

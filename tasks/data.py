@@ -86,7 +86,8 @@ def read_rows(source: str | Path) -> tuple[list[tuple[str, str | None, dict]], l
     if not path.exists():
         if len(path.parts) == 2 and not path.suffix:  # org/name: a hub data set
             return _read_hub(str(source)), []
-        raise DataError(f"{path}: no such file or folder")
+        raise DataError(f"{path}: no such file or folder (a relative path is read from the working directory "
+                        f"{Path.cwd()}); give the right path in pipelines.yaml or with --set STAGE.PARAM=PATH")
     if path.is_dir():
         return _read_saved(path), []
     suffix = path.suffix.lower()
