@@ -259,19 +259,23 @@ def detect_pair_layout(row: dict) -> str | None:
 
 
 def _alpaca(r):
+    """One demonstration: [(prompt, completion)], as every demonstration layout returns a list."""
     user = _text(r["instruction"], "column 'instruction'")
     if isinstance(r.get("input"), str) and r["input"].strip():
         user += "\n\n" + r["input"]
     system = [{"role": "system", "content": r["system"]}] if isinstance(r.get("system"), str) and r["system"].strip() else []
-    return system + [{"role": "user", "content": user}], _text(r["output"], "column 'output'")
+    return [(system + [{"role": "user", "content": user}], _text(r["output"], "column 'output'"))]
 
 
 def _demo_conversation(column: str):
     def convert(r):
+        """Every assistant turn is an answer to learn, its conversation so far the prompt (TRL's
+        assistant-only loss): one demonstration per assistant turn."""
         messages = messages_of(r[column], column)
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise RowError(f"column {column!r}: must end with the assistant's answer, after at least one user turn")
-        return _conversation_prompt(messages[:-1], column), messages[-1]["content"]
+        return [(_conversation_prompt(messages[:t], column), m["content"])
+                for t, m in enumerate(messages) if m["role"] == "assistant" and t > 0 and messages[t - 1]["role"] != "assistant"]
 
     return convert
 
@@ -280,7 +284,7 @@ def _prompt_completion(r):
     prompt = r["prompt"] if isinstance(r["prompt"], str) else _conversation_prompt(messages_of(r["prompt"], "prompt"), "prompt")
     if isinstance(prompt, str):
         _text(prompt, "column 'prompt'")
-    return prompt, _answer(r["completion"], "completion")
+    return [(prompt, _answer(r["completion"], "completion"))]
 
 
 DEMO_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable]] = {

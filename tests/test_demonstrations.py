@@ -27,8 +27,9 @@ def test_every_layout(tmp_path):
         ([USER], "Rinse it.")]
     sharegpt = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
                                    {"from": "human", "value": "How do I cook rice?"}, {"from": "gpt", "value": "Rinse it."}]}]
-    assert read(tmp_path, "sharegpt.jsonl", sharegpt) == [([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                                                           USER], "Rinse it.")]
+    hi = {"role": "user", "content": "Hi"}
+    assert read(tmp_path, "sharegpt.jsonl", sharegpt) == [  # every assistant turn is learned, in its context
+        ([hi], "Hello!"), ([hi, {"role": "assistant", "content": "Hello!"}, USER], "Rinse it.")]
     messages = [{"messages": [USER, {"role": "assistant", "content": "Rinse it."}]}]
     assert read(tmp_path, "messages.jsonl", messages) == [([USER], "Rinse it.")]
     pc = [{"prompt": "How do I cook rice?", "completion": "Rinse it."},

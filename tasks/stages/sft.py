@@ -2,7 +2,9 @@
 
 Demonstrations come from a file (`data`: Alpaca, ShareGPT conversations, TRL `messages` or
 prompt/completion, auto-detected) or from an input that provides them (the sandbox world).
-Conversations are rendered with the policy tokenizer's chat template.
+Conversations are rendered with the policy tokenizer's chat template; each assistant turn of a
+conversation is a demonstration of its own (its conversation so far as the prompt), so the loss covers
+every assistant turn and nothing else.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def import_demonstrations(p: Params):
         raise DataError(f"{len(problems)} problem(s) in {p.data} (nothing was written):\n" + "\n".join(problems))
     if not rows:
         raise DataError(f"{p.data}: no demonstrations")
-    df = pd.DataFrame([{**prompt_columns(prompt), "completion": completion} for _, _, (prompt, completion) in rows])
+    df = pd.DataFrame([{**prompt_columns(prompt), "completion": completion}
+                       for _, _, demos in rows for prompt, completion in demos])  # a conversation: one per assistant turn
     return schemas.validate(df, schemas.DEMONSTRATIONS, p.data)
 
 
