@@ -109,7 +109,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
         raise DataError(f"{inputs['preferences'].name}: the test split has no pairs to take prompts from; raise held_out")
     scores = {}
     if "reward_model" in inputs:
-        scores["reward_fn"] = load_reward_fn(inputs)[0]
+        scores["reward_fn"] = load_reward_fn(inputs)
     if "world" in inputs:
         from tasks.stages.world import gold_scores, has_banned_word, load_world
 

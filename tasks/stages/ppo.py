@@ -38,7 +38,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
     path = model_dir(inputs, "policy")
     tokenizer = load_tokenizer(path)
-    reward_fn, _, _ = load_reward_fn(inputs)
+    reward_fn = load_reward_fn(inputs)
     set_seed(p.ppo.seed)
     model = PolicyWithValueHead.from_pretrained(path, separate_value_model=p.ppo.separate_value_model)
     if p.lora is not None:

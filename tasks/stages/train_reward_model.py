@@ -63,11 +63,9 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
 def load_reward_fn(inputs, slot: str = "reward_model"):
     """reward_fn(prompts, answers) of a trained reward model, reading text as it was trained to."""
-    from alignment.models import RewardModel, load_tokenizer
-
     from alignment.evaluation import reward_scores
+    from alignment.models import RewardModel, load_tokenizer
 
     path = model_dir(inputs, slot)
     max_length = json.loads((path / CONFIG_FILE).read_text())["max_length"]
-    tokenizer = load_tokenizer(path)
-    return reward_scores(RewardModel.from_pretrained(path), tokenizer, max_length), tokenizer, max_length
+    return reward_scores(RewardModel.from_pretrained(path), load_tokenizer(path), max_length)
