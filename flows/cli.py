@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def run(
     from tasks.data import DataError
     try:
         preflight(cfg.pipelines[pipeline], only)  # bad data fails before Prefect, MLflow or any file
-        result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run)
+        result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run, overrides=set_)
     except KeyboardInterrupt:
         fail("interrupted: the running stage was marked KILLED; run the same command again to resume", 130)
     except DataError as err:
@@ -126,32 +127,50 @@ def runs_list(config: Path = ConfigOpt, limit: int = typer.Option(20, help="How 
         typer.echo(f"{r.info.run_id}  {r.info.status:9s} {r.data.tags.get('alignflow.pipeline', ''):14s} {started}  {r.info.run_name}")
 
 
-def _stage_metrics(tracker, parent_id: str) -> dict[str, dict]:
-    out = {}
-    for r in tracker.runs(f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500):
-        stage = r.data.tags.get("alignflow.stage", r.info.run_name)
-        src = r.data.tags.get("alignflow.reused_run_id")
-        data = tracker.client.get_run(src).data if src else r.data
-        out[stage] = {"params": data.params, "metrics": data.metrics}
-    return out
-
-
 @runs_app.command("compare")
-def runs_compare(run_a: str, run_b: str, config: Path = ConfigOpt) -> None:
-    """Params and metrics of two pipeline runs side by side, stage by stage (differences marked *).
+def runs_compare(
+    run_a: str = typer.Argument(..., help="A pipeline run id (`alignflow runs list`)."),
+    run_b: str = typer.Argument(..., help="Another pipeline run id."),
+    all_params: bool = typer.Option(False, "--all", help="Also show the params that are equal."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Two pipeline runs side by side, as MLflow's compare view shows them: the params that differ
+    (`<stage>.<param>`) and every result (`<stage>/<metric>`); differences are marked *.
 
     Example: alignflow runs compare 3f2a... 9c1b...
     """
     tracker = tracker_for(config)
-    a, b = _stage_metrics(tracker, run_a), _stage_metrics(tracker, run_b)
-    for stage in sorted(set(a) | set(b)):
-        typer.secho(f"[{stage}]", bold=True)
-        for kind in ("params", "metrics"):
-            keys = sorted(set(a.get(stage, {}).get(kind, {})) | set(b.get(stage, {}).get(kind, {})))
-            for k in keys:
-                va, vb = a.get(stage, {}).get(kind, {}).get(k, "-"), b.get(stage, {}).get(kind, {}).get(k, "-")
-                mark = "*" if va != vb else " "
-                typer.echo(f" {mark} {kind[:-1]:6s} {k:40s} {str(va):>20s} {str(vb):>20s}")
+    try:
+        a, b = tracker.client.get_run(run_a).data, tracker.client.get_run(run_b).data
+    except Exception:  # noqa: BLE001 - MLflow's RestException for an unknown id
+        fail(f"no run {run_a!r} or {run_b!r} in {tracker.uri}; `alignflow runs list` shows the pipeline runs")
+    width = max([len(k) for k in (*a.params, *b.params, *a.metrics, *b.metrics)] + [10])
+    typer.echo(f"  {'':{width}s} {run_a[:8]:>14s} {run_b[:8]:>14s}")
+    for title, x, y in (("params", a.params, b.params), ("metrics", a.metrics, b.metrics)):
+        keys = [k for k in sorted(set(x) | set(y)) if all_params or title == "metrics" or x.get(k) != y.get(k)]
+        typer.secho(title + ("" if all_params or title == "metrics" else " that differ (--all: every param)"), bold=True)
+        for k in keys:
+            va, vb = _shown(x.get(k)), _shown(y.get(k))
+            typer.echo(f"{'*' if va != vb else ' '} {k:{width}s} {va:>14s} {vb:>14s}")
+
+
+def _shown(value) -> str:
+    """A param as stored; a metric rounded as MLflow's UI rounds it (its Utils.formatMetric), so that the
+    numbers here are the numbers in the compare view."""
+    if value is None:
+        return "-"
+    if not isinstance(value, float):
+        return str(value)
+    if value == 0:
+        return "0"
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("-" if value < 0 else "") + "Infinity"
+    if abs(value) < 1e-3:  # JavaScript's toExponential(3): 2.539e-9
+        mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 1
+    rounded = math.floor(value * 10**digits + 0.5) / 10**digits  # Math.round: halves go up
+    return f"{rounded:.{digits}f}".rstrip("0").rstrip(".")
 
 
 @app.command()
@@ -223,7 +242,8 @@ def build_deployment(pipeline: str, cron: str, config: Path | None, set_: list[s
     return pipeline_flow.to_deployment(
         name=f"alignflow-{pipeline}",
         cron=cron,
-        parameters={"cfg": cfg.model_dump(mode="json"), "pipeline": pipeline, "resolved_yaml": resolved_yaml(raw)},
+        parameters={"cfg": cfg.model_dump(mode="json"), "pipeline": pipeline, "resolved_yaml": resolved_yaml(raw),
+                    "overrides": list(set_)},
         description=cfg.pipelines[pipeline].description or f"alignflow pipeline {pipeline}",
         tags=["alignflow", pipeline],
     )

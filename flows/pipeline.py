@@ -28,7 +28,7 @@ from flows.config import PipelinesFile  # noqa: E402
 from tasks.stage import STOP, StageContext, execute  # noqa: E402
 from tasks.stages import MODULES  # noqa: E402
 from tasks.store import StageOutput, Store  # noqa: E402
-from tasks.tracking import Tracker  # noqa: E402
+from tasks.tracking import NOTE, Tracker  # noqa: E402
 
 
 def run_stage(ctx: StageContext, stage, inputs: dict[str, StageOutput]) -> StageOutput:
@@ -40,7 +40,62 @@ STAGE_TASK = task(run_stage, cache_policy=NO_CACHE, log_prints=True)  # training
 
 def make_tracker(cfg: PipelinesFile) -> Tracker:
     workdir = Path(cfg.settings.workdir)
-    return Tracker(cfg.settings.tracking_uri, cfg.settings.experiment, artifact_root=workdir / "mlartifacts")
+    return Tracker(cfg.settings.tracking_uri, cfg.settings.experiment, artifact_root=workdir / "mlartifacts",
+                   description=experiment_description(cfg))
+
+
+def experiment_description(cfg: PipelinesFile) -> str:
+    """What MLflow's UI shows above the runs table: the pipelines, and how their runs are laid out."""
+    lines = [
+        "alignflow pipelines (pipelines.yaml). One parent run per pipeline run, named `<pipeline> <run id>`: its "
+        "params are every stage's params as `<stage>.<param>` (e.g. `dpo.dpo.beta`), its metrics every stage's "
+        "results as `<stage>/<metric>` (e.g. `evaluate_dpo/eval/gold_win_rate`), its tag `alignflow.overrides` "
+        "the `--set` of the run, and its artifact `reward_vs_kl.png` the policies' reward against KL. "
+        "Stages are nested runs with their per-step training curves. Select two parent runs and press Compare; "
+        "filter one pipeline with `tags.alignflow.pipeline = 'quickstart'`.",
+        "",
+    ]
+    lines += [f"- **{name}**: {spec.description or ' -> '.join(s.name for s in spec.stages)}" for name, spec in cfg.pipelines.items()]
+    return "\n".join(lines)
+
+
+def pipeline_params(cfg: PipelinesFile, stages: list) -> dict:
+    """The parent run's params: settings and every stage's resolved params, `<stage>.<path>` once flattened."""
+    return {"settings": cfg.settings.model_dump(mode="json"), **{s.name: s.params.model_dump(mode="json") for s in stages}}
+
+
+def log_results(tracker: Tracker, parent: str, pipeline: str, stages: list, outputs: dict[str, StageOutput]) -> None:
+    """On the parent run: every finished stage's final metrics as `<stage>/<metric>` and its duration (a
+    cached stage's from when it was computed), and the reward-KL figure of the evaluated policies."""
+    from tasks import plots
+    from tasks.stage import HISTORY, stage_metrics
+
+    metrics = {}
+    for name, o in outputs.items():
+        metrics.update({f"{name}/{k}": v for k, v in stage_metrics(o.path).items()})
+        if o.duration_s is not None:
+            metrics[f"{name}/duration_s"] = o.duration_s
+    tracker.log_metrics(parent, metrics, step=0)
+    policies, references, trajectories = [], {}, []
+    for stage in stages:
+        if stage.type != "evaluate" or stage.name not in outputs:
+            continue
+        m = stage_metrics(outputs[stage.name].path)
+        rewards = {short: m[f"eval/{short}_reward_mean"] for short in plots.MEASURES if f"eval/{short}_reward_mean" in m}
+        policies.append({"label": stage.inputs["policy"], "kl": m["eval/kl"], **rewards})
+        references.setdefault(stage.inputs["reference"], {
+            "label": stage.inputs["reference"], **{k: m[f"eval/ref_{k}_reward_mean"] for k in rewards}})
+        source = outputs.get(stage.inputs["policy"])
+        rows = plots.read_history(Path(source.path) / HISTORY) if source else []
+        if rows and all("kl" in r and "reward" in r for r in rows):  # a trainer that scored its own rollouts
+            trajectories.append({"label": f"{source.name} rollouts along training", "kl": [r["kl"] for r in rows],
+                                 "rm": [r["reward"] for r in rows]})
+    fig = plots.reward_kl_figure(policies, list(references.values()), trajectories, f"{pipeline} {parent[:8]}: reward against KL")
+    if fig is not None:
+        import matplotlib.pyplot as plt
+
+        tracker.log_figure(parent, fig, "reward_vs_kl.png")
+        plt.close(fig)
 
 
 def upstream_from_run(tracker: Tracker, from_run: str) -> dict[str, StageOutput]:
@@ -59,8 +114,10 @@ def upstream_from_run(tracker: Tracker, from_run: str) -> dict[str, StageOutput]
 
 
 @flow(name="alignflow-pipeline", log_prints=True)
-def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: str | None = None, from_run: str | None = None) -> dict:
-    """Run `pipeline`; with `only`, run that one stage on the outputs of the pipeline run `from_run`."""
+def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: str | None = None, from_run: str | None = None,
+                  overrides: list[str] | None = None) -> dict:
+    """Run `pipeline`; with `only`, run that one stage on the outputs of the pipeline run `from_run`.
+    `overrides` are the `--set` items already applied to `cfg`, recorded on the parent run."""
     if isinstance(cfg, dict):  # a deployment's parameters arrive as JSON: the dump of a validated config
         cfg = PipelinesFile.model_validate(cfg)
     spec = cfg.pipelines[pipeline]
@@ -70,10 +127,15 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
     store = Store(cfg.settings.workdir)
     for run_id in tracker.fail_dead_runs():
         logger.warning(f"marked run {run_id} FAILED: its process died while it was RUNNING")
-    parent = tracker.start_run(
-        f"{pipeline}" + (f" --only {only}" if only else ""),
-        {"alignflow.pipeline": pipeline, **({"alignflow.only": only, "alignflow.from_run": from_run} if only else {})},
-    )
+    overrides = list(overrides or [])
+    shown = " ".join(f"--set {o}" for o in overrides)
+    parent = tracker.start_run(pipeline, {
+        "alignflow.pipeline": pipeline, "alignflow.overrides": "; ".join(overrides) or "none",
+        NOTE: f"{spec.description}\n\n" + (f"Overrides: `{shown}`" if overrides else "No overrides: the pipeline as written.")
+        + (f"\n\nOnly stage `{only}`, on the outputs of run {from_run}." if only else ""),
+        **({"alignflow.only": only, "alignflow.from_run": from_run} if only else {})})
+    tracker.rename_run(parent, f"{pipeline} {parent[:8]}" + (f" --only {only}" if only else ""))
+    stages = [s for s in spec.stages if only in (None, s.name)]
     status = "FAILED"
     STOP.clear()
     futures = {}
@@ -84,7 +146,7 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
         except ValueError:  # not the main thread: leave signals alone
             previous = None
     try:
-        tracker.log_params(parent, {"pipeline": pipeline, "seed": cfg.settings.seed})
+        tracker.log_params(parent, pipeline_params(cfg, stages))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pipelines.resolved.yaml"
             path.write_text(resolved_yaml)
@@ -103,6 +165,7 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
                     futures[stage.name].wait()
             results = {name: f.result() for name, f in futures.items()}
         tracker.set_tags(parent, {f"stage.{n}.run_id": o.run_id for n, o in results.items()})
+        log_results(tracker, parent, pipeline, stages, results)
         status = "FINISHED"
         return {"parent_run_id": parent, "stages": {n: o.to_dict() for n, o in results.items()}}
     except KeyboardInterrupt:
@@ -112,6 +175,12 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
             f.wait(timeout=120)
         raise
     finally:
+        if status != "FINISHED":  # failed or interrupted: the stages that finished still describe the run
+            try:
+                log_results(tracker, parent, pipeline, stages,
+                            {n: f.result() for n, f in futures.items() if f.state.is_completed()})
+            except Exception as err:  # noqa: BLE001 - the stage's own error is the one to report
+                logger.warning(f"the finished stages' results could not be logged on the pipeline run: {err}")
         tracker.end_run(parent, status)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

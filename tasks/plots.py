@@ -1,9 +1,9 @@
-"""Training-curve plots, saved as PNG artifacts of the stage that trained."""
+"""Training histories, and the one picture MLflow's own per-step charts cannot draw: reward against KL
+across the policies of a pipeline run (logged on the parent run with log_figure)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 
@@ -31,54 +31,40 @@ def finish_history(path: Path) -> list[dict]:
     return rows
 
 
-def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str) -> None:
-    """One panel per metric against the step. Written to a temp file, then renamed."""
-    keys = [k for k in keys if any(k in r for r in rows)]
-    if not rows or not keys:
-        return
+MEASURES = {"gold": "gold reward (the sandbox's known truth)", "rm": "reward-model score"}
+
+
+def reward_kl_figure(policies: list[dict], references: list[dict], trajectories: list[dict], title: str):
+    """Reward against KL to the reference: a point per evaluated policy, its reference at KL 0, and the
+    training trajectories where a trainer measured both along the way (PPO's rollouts). One panel per
+    reward measure present. Entries: {"label", "kl", "gold"?, "rm"?}; trajectories {"label", "kl": [...],
+    "rm": [...]}. Returns a matplotlib figure, or None when no evaluation measured a reward."""
+    measures = [m for m in MEASURES if any(m in p for p in policies)]
+    if not measures:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, measure in zip(axes[0], measures):
+        for t in trajectories:
+            if measure in t:
+                ax.plot(t["kl"], t[measure], "-", color="0.6", lw=1, marker=".", ms=3, label=t["label"])
+        for r in references:
+            if measure in r:
+                ax.scatter([0.0], [r[measure]], marker="s", s=50, color="black", zorder=3)
+                ax.annotate(r["label"], (0.0, r[measure]), textcoords="offset points", xytext=(6, -12), fontsize=9)
+        for i, p in enumerate(q for q in policies if measure in q):
+            ax.scatter([p["kl"]], [p[measure]], s=60, color=colors[i % len(colors)], zorder=4)
+            ax.annotate(p["label"], (p["kl"], p[measure]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.set_xlabel("KL(policy || reference) per answer, nats")
+        ax.set_ylabel(f"mean {MEASURES[measure]}")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
+        if any(measure in t for t in trajectories):
+            ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def plot_reward_kl(rows: list[dict], path: Path, title: str) -> None:
-    """Reward-model score against KL to the reference over PPO iterations (the reward-KL frontier)."""
-    pts = [(r["kl"], r["reward"], r["step"]) for r in rows if "kl" in r and "reward" in r]
-    if not pts:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=14)
-    fig.colorbar(sc, label="iteration")
-    ax.set_xlabel("KL(policy || reference) per answer, nats")
-    ax.set_ylabel("reward-model score")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig

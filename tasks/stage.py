@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # torch, transformers, pandas and MLflow are imported where a
     from tasks.tracking import Tracker
 
 HISTORY = "train_metrics.jsonl"
+METRICS = "metrics.json"  # a stage's final metrics, in its output folder
 STOP = threading.Event()  # set on Ctrl-C / SIGTERM: training stages stop at their next step, marked KILLED
 
 
@@ -100,12 +102,17 @@ def metrics_logger(ctx: StageContext, run_id: str, out: Path):
     return log
 
 
-def save_curves(out: Path, keys: list[str], title: str) -> list[dict]:
+def training_history(out: Path) -> list[dict]:
+    """The per-step metrics of the finished training, one row a step (the curves are MLflow's charts)."""
     from tasks import plots
 
-    rows = plots.finish_history(out / HISTORY)
-    plots.plot_curves(rows, keys, out / "training_curves.png", title)
-    return rows
+    return plots.finish_history(out / HISTORY)
+
+
+def stage_metrics(path: str | Path) -> dict[str, float]:
+    """The final metrics a finished stage wrote to its output folder."""
+    file = Path(path) / METRICS
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def write_first_sequence(out: Path, tokenizer, prompt_ids: list[int], answer_ids: list[int]) -> None:
@@ -210,26 +217,30 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
         record = ctx.store.lookup(stage_type, key)
         if record is not None:
             ctx.log(f"[{name}] unchanged inputs, params and code: reusing {record['run_id']}")
+            final = ctx.store.final(stage_type, key)
             ctx.tracker.set_tags(run_id, {"alignflow.cache": "hit", "alignflow.reused_run_id": record["run_id"],
                                           "alignflow.content_hash": record["content_hash"]})
+            ctx.tracker.log_metrics(run_id, stage_metrics(final), step=0)  # so that runs sharing it compare fully
             ctx.tracker.end_run(run_id)
-            return StageOutput(name, stage_type, str(ctx.store.final(stage_type, key)), key, record["content_hash"],
-                               record["run_id"], cached=True)
+            return StageOutput(name, stage_type, str(final), key, record["content_hash"], record["run_id"], cached=True,
+                               duration_s=record.get("duration_s"))
         ctx.tracker.set_tags(run_id, {"alignflow.cache": "miss"})
         out = ctx.store.partial(stage_type, key)
         for slot, o in inputs.items():
             for data in Path(o.path).glob("*.parquet"):
                 ctx.tracker.log_dataset(run_id, pd.read_parquet(data), source=str(data), name=f"{o.name}/{data.stem}",
                                         digest=file_hash(data), context=slot)
+        started = time.perf_counter()
         metrics = module.run(ctx, params, inputs, out, run_id)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name})
-        ctx.tracker.log_metrics(run_id, metrics, step=0)
+        duration = round(time.perf_counter() - started, 3)  # the stage's own work: no MLflow run set-up or upload
+        (out / METRICS).write_text(json.dumps(metrics, indent=2))
+        final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name, "duration_s": duration})
+        ctx.tracker.log_metrics(run_id, {**metrics, "duration_s": duration}, step=0)
         ctx.tracker.log_artifact(run_id, final, "output")
         ctx.tracker.set_tags(run_id, {"alignflow.content_hash": content_hash})
         ctx.tracker.end_run(run_id)
         ctx.log(f"[{name}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        return StageOutput(name, stage_type, str(final), key, content_hash, run_id)
+        return StageOutput(name, stage_type, str(final), key, content_hash, run_id, duration_s=duration)
     except KeyboardInterrupt:
         ctx.tracker.end_run(run_id, "KILLED")
         raise

@@ -33,6 +33,7 @@ class StageOutput:
     content_hash: str  # sha256 of the output files
     run_id: str  # MLflow run that produced the output
     cached: bool = False  # True when this run reused an earlier output
+    duration_s: float | None = None  # seconds the stage's work took when it was computed (cached: back then)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,9 @@ from mlflow.tracking import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _DATASET_LOCK = threading.Lock()
+MAX_PARAM = 6000  # MLflow's limit on a param value (MAX_PARAM_VAL_LENGTH)
+CUT = " ...[cut: the full value is in pipelines.resolved.yaml]"
+NOTE = "mlflow.note.content"  # what MLflow's UI shows as the description of a run or an experiment
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -31,6 +34,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: text, cut with a marker when longer than MLflow allows."""
+    text = str(value)
+    return text if len(text) <= MAX_PARAM else text[: MAX_PARAM - len(CUT)] + CUT
 
 
 def git_commit() -> str:
@@ -54,7 +63,8 @@ def prepare_sqlite(uri: str) -> None:
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str | None, experiment: str, artifact_root: str | Path | None = None):
+    def __init__(self, tracking_uri: str | None, experiment: str, artifact_root: str | Path | None = None,
+                 description: str | None = None):
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         prepare_sqlite(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -65,8 +75,11 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
             )
+            tags = {}
         else:
-            self.experiment_id = exp.experiment_id
+            self.experiment_id, tags = exp.experiment_id, exp.tags
+        if description and tags.get(NOTE) != description:
+            self.client.set_experiment_tag(self.experiment_id, NOTE, description)
 
     # -- runs -------------------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
@@ -78,10 +91,13 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def rename_run(self, run_id: str, name: str) -> None:
+        self.client.update_run(run_id, name=name)
+
     def log_params(self, run_id: str, params: dict) -> None:
-        flat = flatten(params)
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
+        """Nested dicts flattened with dots; values longer than MLflow allows are cut with a marker."""
+        items = [Param(k, param_value(v)) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -89,7 +105,12 @@ class Tracker:
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=items)
+        for i in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact, which MLflow's run page shows as a picture."""
+        self.client.log_figure(run_id, figure, artifact_file)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -7,7 +7,7 @@ from typing import Literal
 
 
 from alignment.config import DPOConfig, LoRAConfig
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, save_curves, save_model, token_preflight, write_first_sequence
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, training_history, save_model, token_preflight, write_first_sequence
 from tasks.store import stage_key
 
 INPUTS = {"preferences": "preferences", "policy": "policy"}
@@ -51,6 +51,6 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
         ctx.store.publish("reference_logps", ref_key, {"run_id": run_id})
     ctx.tracker.set_tags(run_id, {"reference_logps.key": ref_key, "reference_logps.reused": reference_logps is not None})
     trainer.train()
-    rows = save_curves(out, ["loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "grad_norm"], "DPO")
+    rows = training_history(out)
     save_model(merged(trainer.model), tokenizer, out)
     return {"final_loss": rows[-1]["loss"], "pairs": float(len(examples))}

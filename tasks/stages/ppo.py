@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from alignment.config import LoRAConfig, PPOConfig
-from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, save_curves
+from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, training_history
 from tasks.stages.sample import one_prompt_source, prompts_for, sources  # noqa: F401 - sources: a prompts file is in the key
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model", "prompts": "prompts?"}
@@ -33,7 +33,6 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from alignment.models import PolicyWithValueHead, load_tokenizer
     from alignment.trainers.common import set_seed
     from alignment.trainers.ppo import PPOTrainer
-    from tasks import plots
     from tasks.stages.train_reward_model import load_reward_fn
 
     path = model_dir(inputs, "policy")
@@ -46,10 +45,10 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     trainer = PPOTrainer(model, tokenizer, prompts_for(p, inputs), reward_fn, p.ppo,
                          output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
-    rows = save_curves(out, ["reward", "kl", "beta", "policy_loss", "value_loss", "entropy", "clip_frac",
-                             "approx_kl", "value_explained_variance", "answer_len"], "PPO")
-    plots.plot_reward_kl(rows, out / "reward_kl.png", "PPO: reward-model score against KL")
+    rows = training_history(out)
     trainer.model.policy = merged(trainer.model.policy)
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    return {"final_reward": rows[-1]["reward"], "final_kl": rows[-1]["kl"]}
+    last = rows[-1]
+    return {"final_reward": last["reward"], "final_kl": last["kl"], "final_policy_loss": last["policy_loss"],
+            "final_value_loss": last["value_loss"]}

@@ -16,7 +16,7 @@ from pydantic import model_validator
 
 from alignment.config import SFTConfig
 from tasks.data import DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_table, save_curves, save_model, write_first_sequence
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_table, training_history, save_model, write_first_sequence
 from tasks.store import dir_hash, file_hash
 
 INPUTS = {"policy": "policy", "demonstrations": "demonstrations?"}
@@ -75,7 +75,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     write_first_sequence(out, tokenizer, *examples[0])
     trainer = SFTTrainer(policy, examples, tokenizer.pad_token_id, p.sft, output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
-    rows = save_curves(out, ["loss", "lr", "grad_norm"], "SFT")
+    rows = training_history(out)
     save_model(trainer.model, tokenizer, out)
     return {"final_loss": rows[-1]["loss"], "demonstrations": float(len(examples))}
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from alignment.config import RewardConfig
 from tasks.data import prompt_of
-from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, save_curves, save_model, token_preflight, write_first_sequence
+from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, training_history, save_model, token_preflight, write_first_sequence
 
 INPUTS = {"preferences": "preferences", "base": "policy", "world": "world?"}
 OUTPUT = ("reward_model",)
@@ -48,7 +48,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     trainer = RewardTrainer(RewardModel.from_pretrained(base), train_examples, tokenizer.pad_token_id, p.reward,
                             output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
-    rows = save_curves(out, ["loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "grad_norm"], "reward model")
+    rows = training_history(out)
     metrics = {"final_loss": rows[-1]["loss"]}
     metrics.update({f"eval/{k}": v for k, v in trainer.evaluate(examples(tokenizer, test, p.reward.max_length)).items()})
     if "world" in inputs:
