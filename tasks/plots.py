@@ -60,6 +60,7 @@ def reward_kl_figure(policies: list[dict], references: list[dict], trajectories:
         for i, p in enumerate(q for q in policies if measure in q):
             ax.scatter([p["kl"]], [p[measure]], s=60, color=colors[i % len(colors)], zorder=4)
             ax.annotate(p["label"], (p["kl"], p[measure]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.locator_params(axis="x", nbins=5)
         ax.set_xlabel("KL(policy || reference) per answer, nats")
         ax.set_ylabel(f"mean {MEASURES[measure]}")
         ax.grid(alpha=0.3)

@@ -3,9 +3,7 @@ Chromium (Playwright), a server killed mid-session, the terminal mode, and the p
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from browser import browser_page, free_port, keep, need_chromium
 from tasks.labeling import LabelStore
 
 SAMPLES = pd.DataFrame({
@@ -99,12 +98,6 @@ def test_label_stage_takes_human_judgements(tmp_path):
 # -- the page in a real browser -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve(db: Path, port: int) -> subprocess.Popen:
     cli = str(Path(sys.executable).parent / "alignflow")
     proc = subprocess.Popen([cli, "label", "serve", "--db", str(db), "--port", str(port)], start_new_session=True,
@@ -120,23 +113,14 @@ def serve(db: Path, port: int) -> subprocess.Popen:
 
 
 def test_label_page_by_keyboard_survives_a_killed_server(tmp_path):
-    if shutil.which("chromium") is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: scripts/setup.sh --test installs it")
-        pytest.skip("Debian's chromium is not installed")
-    from playwright.sync_api import sync_playwright
-
+    need_chromium()
     db = tmp_path / "labels.db"
     many = pd.DataFrame({"prompt": [f"question {i} ?" for i in range(5) for _ in range(2)],
                          "answer": [f"answer {i}{k} ." for i in range(5) for k in "ab"], "sample": [0, 1] * 5})
     LabelStore(db).add_batch(many, "b")
     port = free_port()
     server = serve(db, port)
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
-        page = browser.new_page(viewport={"width": 1200, "height": 700})
+    with browser_page(1200, 700) as page:
         page.goto(f"http://127.0.0.1:{port}/?annotator=alice")
         page.wait_for_selector("text=question 0 ?")
         for key, expected in (("1", "1 / 5"), ("2", "2 / 5"), ("t", "3 / 5")):
@@ -151,14 +135,12 @@ def test_label_page_by_keyboard_survives_a_killed_server(tmp_path):
         assert page.inner_text("#count") == "3 / 5"
         page.keyboard.press("s")
         page.wait_for_selector("#count:text('4 / 5')")
-        browser.close()
     os.killpg(server.pid, signal.SIGKILL)
     df = LabelStore(db).judgements()
     assert len(df) == 4 and df["item_id"].is_unique
     assert sorted(df["choice"].tolist()).count("tie") == 1 and sorted(df["choice"]).count("skip") == 1
     assert (tmp_path / "label_page.png").stat().st_size > 10_000
-    if os.environ.get("ALIGNFLOW_SCREENSHOT_DIR"):
-        shutil.copy(tmp_path / "label_page.png", Path(os.environ["ALIGNFLOW_SCREENSHOT_DIR"]) / "label_page.png")
+    keep(tmp_path / "label_page.png")
 
 
 def test_rlhf_ppo_pipeline_waits_for_people_then_trains(tmp_path):

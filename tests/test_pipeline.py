@@ -1,7 +1,6 @@
 """Pipelines end to end on a real Prefect (temporary local server) and a real MLflow sqlite store:
 metrics and lineage on every stage, the cache across runs, stage re-runs, bad config."""
 
-import dataclasses
 import json
 import os
 from pathlib import Path

@@ -1,13 +1,11 @@
 """The sandbox world: gold reward by hand, labeler noise, a non-trivial SFT mixture, and the quickstart."""
 
-import json
 import math
 import random
 
 import pytest
 
 from alignment.sandbox.world import World, WorldConfig, gold_reward, topic_of
-from alignment.trainers.common import TrainConfig
 
 RICE = "user : how do i cook rice ? assistant :"
 
