@@ -38,7 +38,8 @@ TINY = {
                  "params": {"prompts": 32, "ppo": {"iterations": 2, "rollout_batch_size": 8, "minibatch_size": 4,
                                                    "sampling": {"max_new_tokens": 12}}}},
                 {"name": "evaluate_dpo", "type": "evaluate",
-                 "inputs": {"policy": "dpo", "reference": "sft", "reward_model": "reward_model", "prompts": "world", "world": "world"},
+                 "inputs": {"policy": "dpo", "reference": "sft", "reward_model": "reward_model", "preferences": "label",
+                            "prompts": "world", "world": "world"},
                  "params": {"prompts": 16, "sampling": {"max_new_tokens": 12}, "gates": {"eval/kl": "<= 100"}, "register_as": "tiny-dpo"}},
                 {"name": "evaluate_ppo", "type": "evaluate",
                  "inputs": {"policy": "ppo", "reference": "sft", "reward_model": "reward_model", "prompts": "world", "world": "world"},
@@ -255,6 +256,10 @@ def test_changed_param_reruns_only_that_branch(env):
     # the DPO reference log-probs were an artifact of the first run, reused here
     runs = children(env["tracker"], third["parent_run_id"])
     assert runs["dpo"].data.tags["reference_logps.reused"] == "True"
+    # the evaluation reads DPO's implicit reward with the beta the policy was trained with
+    first = children(env["tracker"], env["first"]["parent_run_id"])
+    assert runs["evaluate_dpo"].data.tags["implicit_reward.beta"] == "0.3"
+    assert first["evaluate_dpo"].data.tags["implicit_reward.beta"] == "0.1"  # DPO's default
 
 
 def test_only_one_stage_on_an_earlier_runs_outputs(env):

@@ -246,8 +246,14 @@ def test_token_preflight_finds_pairs_equal_after_truncation():
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    # the variables are read when the libraries are imported (earlier tests did): set what they were read into,
+    # else the hub is tried over the network and the test waits for its timeouts
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(DataError, match="no-such-org/no-such-set: could not load this hub data set") as err:
         import_preferences(ImportParams(path="no-such-org/no-such-set"))
     assert not any(leak in str(err.value) for leak in LEAKS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,7 @@ from tasks.store import stage_key
 
 INPUTS = {"preferences": "preferences", "policy": "policy"}
 OUTPUT = ("policy",)
+TRAINED_WITH = "dpo.json"  # the beta of the implicit reward the policy learned, for its evaluation
 
 
 class Params(StageParams):
@@ -53,4 +55,11 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     trainer.train()
     rows = training_history(out)
     save_model(merged(trainer.model), tokenizer, out)
+    (out / TRAINED_WITH).write_text(json.dumps({"beta": p.dpo.beta, "loss_type": p.dpo.loss_type}, indent=1))
     return {"final_loss": rows[-1]["loss"], "pairs": float(len(examples))}
+
+
+def trained_beta(policy_dir: str | Path) -> float | None:
+    """The beta a DPO stage trained this policy with (None for a policy no DPO stage made)."""
+    file = Path(policy_dir) / TRAINED_WITH
+    return json.loads(file.read_text())["beta"] if file.is_file() else None

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from alignment.config import SamplingParams
+from alignment.config import DPOConfig, SamplingParams
 from tasks.data import DataError, prompt_of, read_prompt_file
 from tasks.stage import StageParams, StageSpec, load_policy, read_preferences, read_prompts
 from tasks.stages.sample import sources  # noqa: F401 - a prompts file is part of the key
@@ -35,7 +35,8 @@ class Params(StageParams):
     prompts_file: str | None = None  # prompts to evaluate on; None: the prompts input, else the preferences' test split
     sampling: SamplingParams = SamplingParams()  # how answers are sampled
     max_length: int = 1024  # prompt + answer tokens of a held-out pair
-    beta: float = 0.1  # beta of DPO's implicit reward beta * log(pi / pi_ref), for the pair metrics
+    beta: float | None = None  # beta of DPO's implicit reward beta * log(pi / pi_ref) in the pair metrics;
+    # None: the beta a dpo stage trained the policy with, else DPO's default
     gates: dict[str, str] = {}  # metric -> bound, e.g. {eval/rm_win_rate: ">= 0.6", eval/kl: "<= 6"}
     register_as: str | None = None  # model-registry name; registered only when every gate passes
     seed: int = 0  # sampling noise
@@ -93,6 +94,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
     from alignment.evaluation import answer_pair_logps, evaluate_policy, pair_metrics
     from tasks import schemas
+    from tasks.stages.dpo import trained_beta
     from tasks.stages.train_reward_model import examples, load_reward_fn
 
     policy, tokenizer = load_policy(inputs)
@@ -118,8 +120,10 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     metrics, rows = evaluate_policy(policy, reference, tokenizer, prompts, p.sampling, seed=p.seed + 7, **scores)
     if test_pairs:
         pairs = examples(tokenizer, test_pairs, p.max_length)
+        beta = p.beta if p.beta is not None else trained_beta(inputs["policy"].path) or DPOConfig().beta
+        ctx.tracker.set_tags(run_id, {"implicit_reward.beta": beta})
         metrics.update(pair_metrics(answer_pair_logps(policy, pairs, tokenizer.pad_token_id),
-                                    answer_pair_logps(reference, pairs, tokenizer.pad_token_id), p.beta))
+                                    answer_pair_logps(reference, pairs, tokenizer.pad_token_id), beta))
         if "reward_model" in inputs:
             metrics["eval/rm_accuracy"] = rm_accuracy(scores["reward_fn"], test_pairs)
     df = schemas.validate(pd.DataFrame(rows), schemas.EVALUATION, "evaluation")
