@@ -14,7 +14,7 @@ class TrainConfig:
 
     max_steps: int  # number of optimizer steps (PPO: per whole run, over all iterations)
     batch_size: int = 8  # examples per optimizer step (split into grad_accum_steps micro-batches)
-    grad_accum_steps: int = 1  # micro-batches accumulated before each optimizer step
+    grad_accum_steps: int = 1  # micro-batches accumulated before each optimizer step (the same gradient as the whole batch)
     lr: float = 1e-4  # peak learning rate of AdamW
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps

@@ -160,9 +160,16 @@ class Optimization:
         size = math.ceil(len(indices) / k)
         return [indices[i : i + size] for i in range(0, len(indices), size)]
 
-    def update(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int]) -> dict[str, float]:
-        """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics."""
+    def update(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int],
+               size: Callable[[list[int]], float] = len) -> dict[str, float]:
+        """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics.
+
+        `size(part)` is what a micro-batch's loss is a mean over: its examples by default, its answer
+        tokens for a per-token loss, its pairs for prompt groups. Each micro-batch's loss is weighted by
+        its share of the batch's size, so accumulation gives the gradient of the whole batch's mean."""
         micro = self.split(indices)
+        sizes = [float(size(part)) for part in micro]
+        total = sum(sizes) or 1.0
         totals: dict[str, float] = {}
         for i, part in enumerate(micro):
             # under DDP, gradients are all-reduced once, after the last micro-batch
@@ -172,10 +179,10 @@ class Optimization:
                     loss, metrics = micro_losses(part)
                 if not torch.isfinite(loss.detach()):
                     raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}; stopped before the update")
-                self.accelerator.backward(loss * len(part) / len(indices))
+                self.accelerator.backward(loss * sizes[i] / total)
             metrics = {"loss": loss.detach(), **metrics}
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * len(part) / len(indices)
+                totals[key] = totals.get(key, 0.0) + float(value) * sizes[i] / total
         grad_norm = self.accelerator.clip_grad_norm_(
             self.model.parameters(), self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         )
@@ -280,6 +287,7 @@ def train_steps(
     callback: MetricsCallback | None = None,
     stop_at: int | None = None,
     desc: str = "train",
+    size: Callable[[list[int]], float] = len,
 ) -> list[dict[str, float]]:
     """The supervised loop of SFT, reward-model and DPO training, resumable from the latest checkpoint.
 
@@ -294,7 +302,7 @@ def train_steps(
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     history = []
     for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False):
-        metrics = opt.update(micro_losses, sampler.batch(opt.step))
+        metrics = opt.update(micro_losses, sampler.batch(opt.step), size)
         history.append(metrics)
         if callback is not None:
             callback(opt.step, metrics)

@@ -121,6 +121,10 @@ class DPOTrainer:
             rows.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
         return torch.cat(rows)  # [N, 2]
 
+    def micro_size(self, indices: list[int]) -> int:
+        """What micro_loss is a mean over: pairs (a prompt group holds several)."""
+        return sum(len(self.groups[i].pairs) for i in indices) if self.groups is not None else len(indices)
+
     def micro_loss(self, indices: list[int]):
         if self.groups is not None:
             groups = [self.groups[i] for i in indices]
@@ -155,7 +159,8 @@ class DPOTrainer:
 
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
-        return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "dpo")
+        return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "dpo",
+                           self.micro_size)
 
     @property
     def model(self):

@@ -51,6 +51,10 @@ class RewardTrainer:
         rewards = model(input_ids, attention_mask)  # [2B]
         return rewards.chunk(2)
 
+    def micro_size(self, indices: list[int]) -> int:
+        """What micro_loss is a mean over: pairs (a prompt group holds several)."""
+        return sum(len(self.groups[i].pairs) for i in indices) if self.groups is not None else len(indices)
+
     def micro_loss(self, indices: list[int]):
         if self.groups is not None:
             groups = [self.groups[i] for i in indices]
@@ -61,7 +65,8 @@ class RewardTrainer:
 
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
-        return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "reward model")
+        return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "reward model",
+                           self.micro_size)
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[PairExample], batch_size: int = 64) -> dict[str, float]:

@@ -45,9 +45,14 @@ class SFTTrainer:
         loss = -token_logps.sum() / n_tokens
         return loss, {"tokens": n_tokens.float()}
 
+    def micro_size(self, indices: list[int]) -> int:
+        """What micro_loss is a mean over: the answer tokens (so accumulation weighs micro-batches by them)."""
+        return sum(len(self.examples[i][1]) for i in indices)
+
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
-        return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "sft")
+        return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "sft",
+                           self.micro_size)
 
     @property
     def model(self):
