@@ -68,6 +68,7 @@ def run(
     cfg, raw = load_or_exit(config, pipeline, set_)  # a mistake in the file is reported before anything heavy loads
     if only and not from_run:
         fail("--only needs --from-run RUN_ID (see `alignflow runs list`)")
+    from alignment.trainers.common import NonFiniteLossError
     from flows.pipeline import pipeline_flow, preflight, resolved_yaml
     from tasks.data import DataError
     try:
@@ -77,6 +78,9 @@ def run(
         fail("interrupted: the running stage was marked KILLED; run the same command again to resume", 130)
     except DataError as err:
         fail(f"bad input data: {err}", 2)
+    except NonFiniteLossError as err:
+        where = " in " + err.__notes__[0] if getattr(err, "__notes__", None) else ""
+        fail(f"pipeline {pipeline!r} stopped{where}: training diverged: {err}", 1)
     except Exception as err:  # noqa: BLE001 - the message, not a traceback, is what a user needs
         fail(f"pipeline {pipeline!r} failed: {type(err).__name__}: {err}", 1)
     typer.echo(f"pipeline run {result['parent_run_id']}")

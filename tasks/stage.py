@@ -247,4 +247,5 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
     except BaseException as err:
         ctx.tracker.set_tags(run_id, {"alignflow.error": f"{type(err).__name__}: {err}"[:5000]})
         ctx.tracker.end_run(run_id, "FAILED")
+        err.add_note(f"stage {name!r} (MLflow run {run_id})")  # where it happened, for the command line's message
         raise

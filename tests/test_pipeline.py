@@ -273,6 +273,23 @@ def test_only_one_stage_on_an_earlier_runs_outputs(env):
     assert env["tracker"].client.get_run(result["parent_run_id"]).data.tags["alignflow.from_run"] == parent
 
 
+def test_a_diverging_stage_stops_within_a_step_and_fails_its_runs(env):
+    """A learning rate of 1e12: the SFT loss is NaN at its second step; the stage stops before applying
+    it, says what to do, marks its run and the pipeline run FAILED, and publishes nothing."""
+    from alignment.trainers.common import NonFiniteLossError
+
+    tracker, parent = env["tracker"], env["first"]["parent_run_id"]
+    with pytest.raises(NonFiniteLossError, match="at step 1, so training stopped before that update") as err:
+        env["run"](["sft.sft.train.lr=1e12"], only="sft", from_run=parent)
+    assert "Lower the learning rate (train.lr)" in str(err.value)
+    assert err.value.__notes__[0].startswith("stage 'sft' (MLflow run ")  # where, for the command line's message
+    [failed] = tracker.runs("tags.alignflow.only = 'sft' and attributes.status = 'FAILED'")
+    [stage] = children(tracker, failed.info.run_id).values()
+    assert stage.info.status == "FAILED" and "NonFiniteLossError" in stage.data.tags["alignflow.error"]
+    assert [m.step for m in tracker.client.get_metric_history(stage.info.run_id, "train/loss")] == [1]  # one step, then stop
+    assert not (Path(env["tmp"]) / "runs" / "stages" / "sft" / stage.data.tags["alignflow.cache_key"]).exists()
+
+
 def test_new_contents_at_the_same_path_rerun_the_readers(env):
     """Keys hash what is in the files, not their paths: changed preference data re-runs its readers."""
     import pandas as pd

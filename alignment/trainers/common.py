@@ -30,6 +30,9 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept as it was."""
 
 
+DIVERGED = "the last checkpoint is kept. Lower the learning rate (train.lr) or raise warmup_steps, and look for broken examples"
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -178,7 +181,8 @@ class Optimization:
                 with self.accelerator.autocast():
                     loss, metrics = micro_losses(part)
                 if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}; stopped before the update")
+                    raise NonFiniteLossError(f"the loss is {loss.item()} at step {self.step}, so training stopped before "
+                                             f"that update; {DIVERGED}")
                 self.accelerator.backward(loss * sizes[i] / total)
             metrics = {"loss": loss.detach(), **metrics}
             for key, value in metrics.items():
@@ -190,7 +194,8 @@ class Optimization:
             grad_norm = float("nan")
         elif not torch.isfinite(torch.as_tensor(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"gradient norm is {float(grad_norm)} at step {self.step}; stopped before the update")
+            raise NonFiniteLossError(f"the gradient norm is {float(grad_norm)} at step {self.step}, so training stopped "
+                                     f"before that update; {DIVERGED}")
         if self.accelerator.num_processes > 1:  # metrics of the global batch, not of this process's share
             keys = sorted(totals)
             mean = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=self.device), reduction="mean")
