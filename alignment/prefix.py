@@ -139,6 +139,11 @@ def pair_values(values: Tensor, groups: Sequence[PromptGroup]) -> tuple[Tensor, 
     return values[rows, index[:, 0]], values[rows, index[:, 1]]
 
 
+def pair_count(groups: Sequence[PromptGroup] | None, indices: Sequence[int]) -> int:
+    """How many pairs the rows `indices` hold: a prompt group holds several, a plain pair row one."""
+    return sum(len(groups[i].pairs) for i in indices) if groups is not None else len(indices)
+
+
 def shared_prefix_hidden(backbone, batch: SharedPrefixBatch) -> Tensor:
     """Last hidden states [B, L, H] of a transformers base model on a shared-prefix batch."""
     return backbone(

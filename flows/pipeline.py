@@ -70,9 +70,10 @@ def log_results(tracker: Tracker, parent: str, pipeline: str, stages: list, outp
     from tasks import plots
     from tasks.stage import HISTORY, stage_metrics
 
+    finished = {name: stage_metrics(o.path) for name, o in outputs.items()}
     metrics = {}
     for name, o in outputs.items():
-        metrics.update({f"{name}/{k}": v for k, v in stage_metrics(o.path).items()})
+        metrics.update({f"{name}/{k}": v for k, v in finished[name].items()})
         if o.duration_s is not None:
             metrics[f"{name}/duration_s"] = o.duration_s
     tracker.log_metrics(parent, metrics, step=0)
@@ -80,7 +81,7 @@ def log_results(tracker: Tracker, parent: str, pipeline: str, stages: list, outp
     for stage in stages:
         if stage.type != "evaluate" or stage.name not in outputs:
             continue
-        m = stage_metrics(outputs[stage.name].path)
+        m = finished[stage.name]
         rewards = {short: m[f"eval/{short}_reward_mean"] for short in plots.MEASURES if f"eval/{short}_reward_mean" in m}
         policies.append({"label": stage.inputs["policy"], "kl": m["eval/kl"], **rewards})
         references.setdefault(stage.inputs["reference"], {

@@ -22,6 +22,10 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 ML_VIEW = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views without it
+OWN_TEXT = "const own = e => [...e.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();"
+DRAWN = ("const drawn = e => { const r = e.getBoundingClientRect(), at = document.elementFromPoint(r.left + r.width / 2,"
+         " r.top + r.height / 2); return at !== null && (at === e || e.contains(at) || at.contains(e)); };"
+         )  # drawn on top at its centre: not clipped away, not covered
 
 
 def need_chromium() -> None:
@@ -95,8 +99,7 @@ def grid_row(page, label: str) -> list[str]:
     the value cells at the name cell's row offset. The values are wheeled into view, as a person would,
     and must be drawn on screen. Empty when `label` is not in a grid."""
     found = page.evaluate(
-        """(label) => {
-             const own = e => [...e.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+        "(label) => { " + OWN_TEXT + """
              const name = [...document.querySelectorAll('.ReactVirtualized__Grid *')].filter(e => own(e) === label).pop();
              if (!name) return null;
              const cell = e => { while (e && !(e.style && e.style.top)) e = e.parentElement; return e; };
@@ -113,15 +116,12 @@ def grid_row(page, label: str) -> list[str]:
     page.mouse.wheel(0, found["dy"])
     page.wait_for_timeout(500)
     return [label] + page.evaluate(
-        """([label, top]) => {
-             const own = e => [...e.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+        "([label, top]) => { " + OWN_TEXT + DRAWN + """
              const name = [...document.querySelectorAll('.ReactVirtualized__Grid *')].filter(e => own(e) === label).pop();
              if (!name) return ['(the row left the page)'];
              const namesGrid = name.closest('.ReactVirtualized__Grid');
              const grids = [...namesGrid.parentElement.parentElement.querySelectorAll('.ReactVirtualized__Grid')];
              const values = grids[grids.indexOf(namesGrid) + 1];
-             const drawn = e => { const b = e.getBoundingClientRect(), at = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
-                                  return at !== null && (at === e || e.contains(at) || at.contains(e)); };
              return [...values.querySelectorAll('*')].filter(e => e.style && e.style.top === top)
                .sort((a, b) => parseFloat(a.style.left) - parseFloat(b.style.left))
                .map(e => drawn(e) ? e.innerText.trim() : '(not on screen)');
@@ -132,17 +132,12 @@ def same_line(page, label: str) -> list[str]:
     """The texts drawn on the screen line of `label` (outside the plots): a table row as a person reads it,
     whatever the DOM. Empty when `label` is not on the page."""
     return page.evaluate(
-        """(label) => {
-             const own = e => [...e.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+        "(label) => { " + OWN_TEXT + DRAWN + """
              const texts = [...document.querySelectorAll('body *')].filter(e => own(e) && e.getClientRects().length && !e.closest('svg'));
              const hit = texts.filter(e => own(e) === label).pop();
              if (!hit) return [];
-             const seen = e => {  // drawn on top at its centre: not clipped away, not covered
-               const r = e.getBoundingClientRect(), top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
-               return top !== null && (top === e || e.contains(top) || top.contains(e));
-             };
              const box = hit.getBoundingClientRect(), y = box.top + box.height / 2;
-             return texts.filter(seen).map(e => { const r = e.getBoundingClientRect(); return [own(e), r.top + r.height / 2, r.left]; })
+             return texts.filter(drawn).map(e => { const r = e.getBoundingClientRect(); return [own(e), r.top + r.height / 2, r.left]; })
                .filter(([t, c]) => Math.abs(c - y) < 8).sort((a, b) => a[2] - b[2]).map(([t]) => t);
            }""",
         label,

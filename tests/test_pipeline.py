@@ -281,7 +281,7 @@ def test_a_diverging_stage_stops_within_a_step_and_fails_its_runs(env):
     tracker, parent = env["tracker"], env["first"]["parent_run_id"]
     with pytest.raises(NonFiniteLossError, match="at step 1, so training stopped before that update") as err:
         env["run"](["sft.sft.train.lr=1e12"], only="sft", from_run=parent)
-    assert "Lower the learning rate (train.lr)" in str(err.value)
+    assert "Lower the learning rate" in str(err.value)
     assert err.value.__notes__[0].startswith("stage 'sft' (MLflow run ")  # where, for the command line's message
     [failed] = tracker.runs("tags.alignflow.only = 'sft' and attributes.status = 'FAILED'")
     [stage] = children(tracker, failed.info.run_id).values()

@@ -30,7 +30,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept as it was."""
 
 
-DIVERGED = "the last checkpoint is kept. Lower the learning rate (train.lr) or raise warmup_steps, and look for broken examples"
+DIVERGED = "the last checkpoint is kept. Lower the learning rate (or warm up for longer), and look for broken examples"
 
 
 def set_seed(seed: int) -> None:

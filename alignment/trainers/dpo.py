@@ -14,7 +14,7 @@ from alignment.logprobs import sequence_logprobs
 from alignment.losses import dpo_loss
 from alignment.lora import has_adapters, reference_mode
 from alignment.models import frozen_copy
-from alignment.prefix import PromptGroup, collate_groups, collate_shared_prefix, group_by_prompt, pair_values, shared_prefix_logps
+from alignment.prefix import PromptGroup, collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values, shared_prefix_logps
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -123,7 +123,7 @@ class DPOTrainer:
 
     def micro_size(self, indices: list[int]) -> int:
         """What micro_loss is a mean over: pairs (a prompt group holds several)."""
-        return sum(len(self.groups[i].pairs) for i in indices) if self.groups is not None else len(indices)
+        return pair_count(self.groups, indices)
 
     def micro_loss(self, indices: list[int]):
         if self.groups is not None:

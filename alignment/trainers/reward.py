@@ -11,7 +11,7 @@ from alignment.config import RewardConfig  # noqa: F401 - re-exported
 from alignment.data import PairExample, collate_pairs
 from alignment.losses import reward_model_loss
 from alignment.models import RewardModel
-from alignment.prefix import collate_groups, collate_shared_prefix, group_by_prompt, pair_values
+from alignment.prefix import collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -53,7 +53,7 @@ class RewardTrainer:
 
     def micro_size(self, indices: list[int]) -> int:
         """What micro_loss is a mean over: pairs (a prompt group holds several)."""
-        return sum(len(self.groups[i].pairs) for i in indices) if self.groups is not None else len(indices)
+        return pair_count(self.groups, indices)
 
     def micro_loss(self, indices: list[int]):
         if self.groups is not None:
