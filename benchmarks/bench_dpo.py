@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, causal_lm, mfu, peak_memory_mb, report, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, causal_lm, report, texts, tokenizer
 
 
-def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True) -> float:
+def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True) -> dict:
     from alignment.data import tokenize_pairs
     from alignment.trainers.common import TrainConfig
     from alignment.trainers.dpo import DPOConfig, DPOTrainer
@@ -46,16 +46,12 @@ def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True)
     trainer.callback = tick
     trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
-    n_params = sum(p.numel() for p in model.parameters())
-    extra = f"MFU {mfu(n_params, tokens / timer.step_s, device)}"
-    if precompute:
-        extra += f"  (reference pass once: {setup_s:.1f} s for {len(examples)} pairs)"
+    extra = f"(reference pass once: {setup_s:.1f} s for {len(examples)} pairs)" if precompute else ""
     name = f"alignflow DPO ({'ref precomputed' if precompute else 'ref every step'}{'' if shared_prefix else ', no prefix sharing'})"
-    return report(name,
-                  tokens, timer.step_s, peak_memory_mb(device), extra)
+    return report(name, tokens, timer.step_s, device, sum(p.numel() for p in model.parameters()), extra)
 
 
-def trl(w: Workload, device: str) -> float:
+def trl(w: Workload, device: str) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -71,8 +67,7 @@ def trl(w: Workload, device: str) -> float:
                              processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    return report("TRL DPOTrainer (defaults)", tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n_params, tokens / timer.step_s, device)}")
+    return report("TRL DPOTrainer (defaults)", tokens, timer.step_s, device, sum(p.numel() for p in trainer.model.parameters()))
 
 
 def main() -> None:
@@ -90,7 +85,8 @@ def main() -> None:
     fly = ours(w, args.device, precompute=False)
     if args.peer == "trl":
         peer = trl(w, args.device)
-        print(f"ratio alignflow / TRL tokens/s: {pre / peer:.2f}x (ref precomputed), {fly / peer:.2f}x (ref every step)")
+        print(f"ratio alignflow / TRL tokens/s: {pre['tokens_per_s'] / peer['tokens_per_s']:.2f}x (ref precomputed), "
+              f"{fly['tokens_per_s'] / peer['tokens_per_s']:.2f}x (ref every step)")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import tempfile
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, mfu, peak_memory_mb, report, seq_classifier, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, report, seq_classifier, texts, tokenizer
 
 
-def ours(w: Workload, device: str, shared_prefix: bool = True) -> float:
+def ours(w: Workload, device: str, shared_prefix: bool = True) -> dict:
     from alignment.data import tokenize_pairs
     from alignment.models import RewardModel
     from alignment.trainers.common import TrainConfig
@@ -41,12 +41,11 @@ def ours(w: Workload, device: str, shared_prefix: bool = True) -> float:
     timer.start()
     trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
-    n = sum(p.numel() for p in model.parameters())
     name = "alignflow RewardTrainer" + ("" if shared_prefix else " (no prefix sharing)")
-    return report(name, tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n, tokens / timer.step_s, device)}")
+    return report(name, tokens, timer.step_s, device, sum(p.numel() for p in model.parameters()))
 
 
-def trl(w: Workload, device: str) -> float:
+def trl(w: Workload, device: str) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -62,8 +61,7 @@ def trl(w: Workload, device: str) -> float:
         trainer = RewardTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
-    n = sum(p.numel() for p in model.parameters())
-    return report("TRL RewardTrainer (defaults)", tokens, timer.step_s, peak_memory_mb(device), f"MFU {mfu(n, tokens / timer.step_s, device)}")
+    return report("TRL RewardTrainer (defaults)", tokens, timer.step_s, device, sum(p.numel() for p in model.parameters()))
 
 
 def main() -> None:
@@ -76,9 +74,9 @@ def main() -> None:
     print(f"reward model: {w.pairs} pairs x ({w.prompt_tokens} + {w.answer_tokens}) tokens, vocab {w.vocab}, hidden {w.hidden}, "
           f"{w.layers} layers; device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     ours(w, args.device, shared_prefix=False)
-    ours_tps = ours(w, args.device)
+    mine = ours(w, args.device)
     if args.peer == "trl":
-        print(f"ratio alignflow / TRL tokens/s: {ours_tps / trl(w, args.device):.2f}x")
+        print(f"ratio alignflow / TRL tokens/s: {mine['tokens_per_s'] / trl(w, args.device)['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -98,19 +98,22 @@ class StepTimer:
         return sum(timed) / len(timed)
 
 
-def mfu(params: int, tokens_per_s: float, device: str, passes: float = 3.0) -> str:
-    """Model FLOPs utilisation against the GPU's bf16 dense peak (6N flops per trained token)."""
+def mfu(params: int, tokens_per_s: float, device: str, passes: float = 3.0) -> float | None:
+    """Model FLOPs utilisation in % against the GPU's bf16 dense peak (2 * passes * N flops per trained
+    token: forward + backward = 3 passes); None on a CPU."""
     if not device.startswith("cuda"):
-        return "n/a (CPU)"
+        return None
     name = torch.cuda.get_device_name()
     peak = 989e12 if "H100" in name or "H200" in name else 312e12
-    return f"{100 * 2 * passes * params * tokens_per_s / peak:.1f}%"
+    return 100 * 2 * passes * params * tokens_per_s / peak
 
 
-def report(name: str, tokens_per_step: int, step_s: float, mem_mb: float, extra: str = "") -> float:
-    tps = tokens_per_step / step_s
-    print(f"{name:34s} {tps:12.0f} tok/s {1000 * step_s:9.1f} ms/step  peak {mem_mb:8.0f} MB  {extra}")
-    return tps
+def report(name: str, tokens_per_step: int, step_s: float, device: str, params: int, extra: str = "") -> dict:
+    """Print one line and return it as a record: tokens/s, ms/step, peak memory and MFU."""
+    tps, util, mem = tokens_per_step / step_s, mfu(params, tokens_per_step / step_s, device), peak_memory_mb(device)
+    shown = "n/a (CPU)" if util is None else f"{util:.1f}%"
+    print(f"{name:34s} {tps:12.0f} tok/s {1000 * step_s:9.1f} ms/step  peak {mem:8.0f} MB  MFU {shown}  {extra}")
+    return {"name": name, "tokens_per_s": tps, "step_ms": 1000 * step_s, "peak_mb": mem, "mfu_pct": util, "note": extra}
 
 
 def trl_timing_callback(timer: StepTimer):

@@ -16,8 +16,10 @@ So the best answer depends on the prompt (its topic's advice), and friendliness 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 TOPICS: dict[str, dict[str, list[str]]] = {
@@ -169,6 +171,22 @@ class World:
         """Simulated labeler: 0 if it prefers a, 1 if b. P(a) = sigma((g_a - g_b) / tau)."""
         diff = (self.gold_reward(prompt, a) - self.gold_reward(prompt, b)) / self.cfg.labeler_tau
         return 0 if rng.random() < 1.0 / (1.0 + math.exp(-diff)) else 1
+
+    def preference_pairs(self, answers_by_prompt: Iterable[tuple[str, list[str]]], seed: int) -> tuple[list[tuple[int, str, str]], int]:
+        """Every two different answers of each prompt, labeled by the simulated labeler.
+
+        Returns (pairs, empty): pairs as (index of the prompt, chosen, rejected), and how many pairs were left
+        out because an answer is empty (an empty answer is a legitimate sample, not a preference)."""
+        rng, pairs, empty = random.Random(seed), [], 0
+        for i, (prompt, answers) in enumerate(answers_by_prompt):
+            for a, b in itertools.combinations(answers, 2):
+                if a == b:
+                    continue
+                if not a.strip() or not b.strip():
+                    empty += 1
+                    continue
+                pairs.append((i, a, b) if self.label(prompt, a, b, rng) == 0 else (i, b, a))
+        return pairs, empty
 
     def banned_count(self, answer: str) -> int:
         words = answer.split()

@@ -10,9 +10,7 @@ through `load_world`; only stages that name the world among their inputs ever se
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import random
 from pathlib import Path
 from typing import Literal
 
@@ -67,20 +65,12 @@ def load_world(inputs) -> World:
 
 
 def simulated_pairs(world: World, samples, seed: int) -> tuple[list[dict], int]:
-    """Every two different answers of a prompt, labeled by sigma((g_a - g_b) / tau). Pairs with an empty
-    answer are left out and counted: an empty answer is a legitimate sample, not a preference."""
-    rng, pairs, empty = random.Random(seed), [], 0
-    for _, group in samples.groupby("prompt_index", sort=True):
-        for a, b in itertools.combinations(group.sort_values("sample")["answer"].tolist(), 2):
-            if a == b:
-                continue
-            if not a.strip() or not b.strip():
-                empty += 1
-                continue
-            prompt = group["prompt"].iloc[0]
-            chosen, rejected = (a, b) if world.label(prompt, a, b, rng) == 0 else (b, a)
-            pairs.append({"prompt": prompt, "messages": group["messages"].iloc[0], "chosen": chosen, "rejected": rejected})
-    return pairs, empty
+    """Every two different answers of a prompt, labeled by sigma((g_a - g_b) / tau); pairs with an empty
+    answer are left out and counted (World.preference_pairs)."""
+    groups = [(g["prompt"].iloc[0], g["messages"].iloc[0], g.sort_values("sample")["answer"].tolist())
+              for _, g in samples.groupby("prompt_index", sort=True)]
+    labeled, empty = world.preference_pairs([(prompt, answers) for prompt, _, answers in groups], seed)
+    return [{"prompt": groups[i][0], "messages": groups[i][1], "chosen": c, "rejected": r} for i, c, r in labeled], empty
 
 
 def gold_scores(world: World):

@@ -1,0 +1,245 @@
+"""The GPU check: each measurement a part of its own (run by gpu_check.sh, each under a time limit), then
+one report that merges them into gpu_check.json and a RESULTS.md section.
+
+    python benchmarks/gpu_check.py part {env,dpo,reward,rollout,sandbox} --out DIR [--dry-run]
+    python benchmarks/gpu_check.py report DIR [--into benchmarks/RESULTS.md]
+
+Parts: DPO and reward-model training against TRL in the same process (Qwen2-0.5B shapes, bf16, random
+weights); rollouts against transformers' `generate`, both with a static KV cache (and so compiled on a
+GPU), plus our dynamic cache uncompiled; the sandbox quickstart's SFT, reward-model, DPO and PPO training
+through the core library (benchmarks/sandbox_chain.py). `--dry-run`: tiny shapes on whatever device there
+is, so the script is checked on CPU in CI (the peer runs where TRL is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PARTS = ("env", "dpo", "reward", "rollout", "sandbox")
+TARGETS = {  # issue 16, on one H100
+    "dpo": "DPO >= 120k tokens/s and >= 2x TRL",
+    "reward": "reward model >= 100k tokens/s",
+    "rollout": "rollouts >= 20 completions/s at 256 new tokens",
+}
+START, END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
+
+
+def workload(dry: bool):
+    """Qwen2-0.5B shapes, or tiny ones for a dry run."""
+    from common import Workload
+
+    if dry:
+        return Workload(vocab=512, hidden=64, layers=2, heads=4, intermediate=128, pairs=4, prompt_tokens=16, answer_tokens=16,
+                        steps=2, warmup=1)
+    return Workload.gpu()
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def peer(fn, *args) -> dict:
+    """The peer's figures, or why it did not run (TRL missing, an error): the rest of the part still counts."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON, not raised: our figures stand on their own
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def ratio(ours: dict, theirs: dict, key: str = "tokens_per_s") -> float | None:
+    return ours[key] / theirs[key] if key in theirs else None
+
+
+def part_env(dry: bool) -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "device": device(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "trl": trl_version, "dry_run": dry, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def part_dpo(dry: bool) -> dict:
+    import bench_dpo
+
+    w = workload(dry)
+    ours = bench_dpo.ours(w, device(), precompute=True)
+    every_step = bench_dpo.ours(w, device(), precompute=False)
+    theirs = peer(bench_dpo.trl, w, device())
+    return {"workload": vars(w), "ours": ours, "ours_ref_every_step": every_step, "trl": theirs,
+            "ratio": ratio(ours, theirs), "ratio_ref_every_step": ratio(every_step, theirs),
+            "target_met": ours["tokens_per_s"] >= 120_000 and (ratio(ours, theirs) or 0) >= 2}
+
+
+def part_reward(dry: bool) -> dict:
+    import bench_reward
+
+    w = workload(dry)
+    ours = bench_reward.ours(w, device())
+    theirs = peer(bench_reward.trl, w, device())
+    return {"workload": vars(w), "ours": ours, "trl": theirs, "ratio": ratio(ours, theirs),
+            "target_met": ours["tokens_per_s"] >= 100_000}
+
+
+def part_rollout(dry: bool) -> dict:
+    from bench_ppo_rollout import measure
+
+    w, batch, new, repeats = (workload(dry), 4, 8, 1) if dry else (workload(dry), 64, 256, 3)
+    compiled = measure(w, device(), batch, new, repeats, cache="static", compile=not dry, peer=True)
+    dynamic = measure(w, device(), batch, new, repeats, cache="dynamic", compile=False, peer=False)
+    return {"workload": vars(w), "batch": batch, "new_tokens": new, "static": compiled, "dynamic": dynamic["ours"],
+            "target_met": compiled["ours"]["completions_per_s"] >= 20}
+
+
+def part_sandbox(dry: bool) -> dict:
+    import sandbox_chain
+
+    return sandbox_chain.run(tiny=dry)
+
+
+def run_part(name: str, out: Path, dry: bool) -> None:
+    t = time.perf_counter()
+    result = globals()[f"part_{name}"](dry)
+    result["part_s"] = round(time.perf_counter() - t, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / f"{name}.json")
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+def gather(parts_dir: Path) -> dict:
+    merged = {}
+    for name in PARTS:
+        file = parts_dir / f"{name}.json"
+        merged[name] = json.loads(file.read_text()) if file.is_file() else {"error": "no result: the part crashed or ran past its time limit (see gpu_check.log)"}
+    return merged
+
+
+def _n(x, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _trainer_rows(rows: list[tuple[str, dict]]) -> list[str]:
+    out = ["| trainer | tokens/s | ms/step | peak MB | MFU |", "| --- | ---: | ---: | ---: | ---: |"]
+    for label, r in rows:
+        if "error" in r:
+            out.append(f"| {label} | not run: {r['error'][:120]} | | | |")
+        else:
+            util = "-" if r["mfu_pct"] is None else f"{r['mfu_pct']:.1f}%"
+            out.append(f"| {label} | {_n(r['tokens_per_s'])} | {_n(r['step_ms'], 1)} | {_n(r['peak_mb'])} | {util} |")
+    return out
+
+
+def markdown(r: dict) -> str:
+    env = r["env"]
+    lines = [START, f"## GPU check (`benchmarks/gpu_check.sh`{', dry run' if env.get('dry_run') else ''})", "",
+             f"{env.get('date', '?')}: {env.get('gpu') or 'no GPU (CPU)'}; python {env.get('python')}, torch {env.get('torch')} "
+             f"(CUDA {env.get('cuda')}), transformers {env.get('transformers')}, accelerate {env.get('accelerate')}, "
+             f"TRL {env.get('trl') or 'not installed'}. Every figure below comes from one run of the script; "
+             f"the full record is `gpu_check.json`.", ""]
+    for name, title in (("dpo", "DPO"), ("reward", "Reward model")):
+        p = r[name]
+        lines.append(f"**{title}** ({TARGETS[name]}):")
+        if "error" in p:
+            lines += [f"not measured: {p['error']}", ""]
+            continue
+        w = p["workload"]
+        lines += [f"{w['pairs']} pairs x ({w['prompt_tokens']} + {w['answer_tokens']}) tokens, vocab {w['vocab']}, hidden "
+                  f"{w['hidden']}, {w['layers']} layers, bf16 autocast, random weights.", ""]
+        rows = [("alignflow (reference precomputed)" if name == "dpo" else "alignflow", p["ours"])]
+        if name == "dpo":
+            rows.append(("alignflow (reference every step)", p["ours_ref_every_step"]))
+        rows.append(("TRL (defaults)", p["trl"]))
+        lines += _trainer_rows(rows)
+        lines += ["", f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x"
+                  + (f" ({_n(p['ratio_ref_every_step'], 2)}x with the reference every step)" if name == "dpo" else "")
+                  + f". Target {'met' if p['target_met'] else 'NOT met'}.", ""]
+    p = r["rollout"]
+    lines.append(f"**Rollouts** ({TARGETS['rollout']}):")
+    if "error" in p:
+        lines += [f"not measured: {p['error']}", ""]
+    else:
+        lines += [f"{p['batch']} prompts x {p['workload']['prompt_tokens']} tokens, {p['new_tokens']} new tokens each (no early "
+                  f"stop), bf16, best of the timed batches after a warm-up call (which compiles).", "",
+                  "| sampler | completions/s | new tokens/s | s/batch | warm-up s |", "| --- | ---: | ---: | ---: | ---: |"]
+        for s in (p["static"]["ours"], p["static"].get("peer", {}), p["dynamic"]):
+            if s:
+                lines.append(f"| {s['name']} | {_n(s['completions_per_s'], 2)} | {_n(s['new_tokens_per_s'])} | {_n(s['batch_s'], 3)} | "
+                             f"{_n(s['warmup_s'], 1)} |")
+        lines += ["", f"Ratio alignflow / HF generate (static cache): {_n(p['static'].get('ratio'), 2)}x. "
+                  f"Target {'met' if p['target_met'] else 'NOT met'}.", ""]
+    p = r["sandbox"]
+    lines.append("**The sandbox quickstart's training through the core library** (`benchmarks/sandbox_chain.py`, the "
+                 "quickstart's values from pipelines.yaml, fp32):")
+    if "error" in p:
+        lines += [f"not measured: {p['error']}", ""]
+    else:
+        lines += ["", "| stage | " + " | ".join(p["seconds"]) + " | total |", "| --- |" + " ---: |" * (len(p["seconds"]) + 1),
+                  "| seconds | " + " | ".join(_n(v, 1) for v in p["seconds"].values()) + f" | {_n(p['total_s'], 1)} |", "",
+                  f"Reward model accuracy (held-out labels) {_n(p['rm_accuracy'], 3)}; DPO: KL {_n(p['dpo_kl'], 2)}, gold win rate "
+                  f"{_n(p['dpo_gold_win_rate'], 3)}, banned words {_n(p['dpo_banned_word_rate'], 3)}; PPO: KL {_n(p['ppo_kl'], 2)}, "
+                  f"gold win rate {_n(p['ppo_gold_win_rate'], 3)}, banned words {_n(p['ppo_banned_word_rate'], 3)} "
+                  f"(SFT: {_n(p['dpo_ref_banned_word_rate'], 3)}).", ""]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def report(parts_dir: Path, out: Path, into: Path | None) -> None:
+    merged = gather(parts_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(merged, indent=1))
+    section = markdown(merged)
+    (out / "gpu_check.md").write_text(section)
+    print(section)
+    if into is not None:
+        text = into.read_text()
+        if START in text and END in text:
+            text = text[: text.index(START)] + section + text[text.index(END) + len(END) + 1 :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        into.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("part", help="run measurements, one after the other, and write DIR/<part>.json for each")
+    p.add_argument("names", nargs="+", choices=PARTS)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes (checks that the script runs)")
+    r = sub.add_parser("report", help="merge DIR/<part>.json into gpu_check.json and a RESULTS.md section")
+    r.add_argument("parts_dir", type=Path)
+    r.add_argument("--out", type=Path, help="where gpu_check.json and gpu_check.md go (default: parts_dir)")
+    r.add_argument("--into", type=Path, help="a RESULTS.md whose gpu_check section is replaced (or appended)")
+    args = parser.parse_args()
+    if args.command == "part":
+        for name in args.names:
+            run_part(name, args.out, args.dry_run)
+    else:
+        report(args.parts_dir, args.out or args.parts_dir, args.into)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The GPU check cannot rot: its dry run (tiny shapes, this machine's CPU, TRL as the peer) runs every
+part through benchmarks/gpu_check.sh and writes the JSON and the RESULTS.md section."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tmp_path):
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert run.returncode == 0, run.stdout + run.stderr + log
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [k for k, v in result.items() if "error" in v] == [], log
+    assert result["env"]["dry_run"] is True and result["env"]["trl"]
+    for part in ("dpo", "reward"):  # ours and the peer measured on the same workload, and their ratio
+        assert result[part]["ours"]["tokens_per_s"] > 0 and result[part]["trl"]["tokens_per_s"] > 0, log
+        assert result[part]["ratio"] == result[part]["ours"]["tokens_per_s"] / result[part]["trl"]["tokens_per_s"]
+    rollout = result["rollout"]
+    assert rollout["static"]["ours"]["completions_per_s"] > 0 and rollout["static"]["peer"]["completions_per_s"] > 0
+    assert rollout["dynamic"]["completions_per_s"] > 0
+    sandbox = result["sandbox"]
+    assert list(sandbox["seconds"]) == ["world", "sft", "sample+label", "reward_model", "dpo", "ppo", "evaluate"]
+    assert sandbox["pairs"] > 0 and 0 <= sandbox["dpo_gold_win_rate"] <= 1 and sandbox["ppo_kl"] >= 0
+
+    section = (tmp_path / "gpu_check.md").read_text()
+    assert section.startswith("<!-- gpu_check:start -->") and section.rstrip().endswith("<!-- gpu_check:end -->")
+    assert "| TRL (defaults) |" in section and "dry run" in section
+    # --into puts the section into a RESULTS.md once, and replaces it on the next report
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nearlier text\n")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name, value in result.items():
+        (parts / f"{name}.json").write_text(json.dumps(value))
+    for _ in range(2):
+        subprocess.run([str(ROOT / ".venv/bin/python"), "benchmarks/gpu_check.py", "report", str(parts), "--into", str(results)],
+                       cwd=ROOT, check=True, capture_output=True)
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nearlier text\n") and text.count("<!-- gpu_check:start -->") == 1
+    assert text.endswith(section)
