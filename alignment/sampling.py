@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,7 @@ def sample(
         cache = DynamicCache(config=model.config)
         mask = attention_mask.long()
     decode = _compiled(model) if params.compile else model
+    cache_arg = cache_kwarg(model)
     position_ids = position_ids_from_mask(attention_mask.long())
     step_ids = input_ids
     step_positions = position_ids
@@ -87,11 +90,14 @@ def sample(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=step_positions,
-            cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_arg: cache},
             **extra,
         )
+        if t == 0 and cache.get_seq_length() == 0:  # a forward that swallows an unknown keyword silently drops the cache
+            raise RuntimeError(f"{type(model).__name__}.forward did not fill the KV cache passed as `{cache_arg}`: every "
+                               f"token would be drawn without its context. Is this transformers version supported (>= 5.0)?")
         logits = out.logits[:, -1].float()  # [B, V]
         if params.temperature > 0:
             logits = logits / params.temperature
@@ -129,6 +135,19 @@ def sample(
         answer_logps=torch.stack(logps, dim=1),
         prompt_length=P,
     )
+
+
+def cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: transformers 5.0-5.2x call it `past_key_values`, later versions
+    `cache` (the old name deprecated). Passing the wrong one is silently swallowed by **kwargs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg(type(base))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    names = inspect.signature(cls.forward).parameters
+    return "past_key_values" if "past_key_values" in names and "cache" not in names else "cache"
 
 
 def _compiled(model):

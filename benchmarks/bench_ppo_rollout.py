@@ -16,6 +16,15 @@ import torch
 from common import Workload, causal_lm, peak_memory_mb, sync
 
 
+def logp_gap(model, out) -> float:
+    """Largest |log pi(token)| difference between what the sampler recorded while decoding and a full forward
+    over the finished sequences: near 0 (bf16 rounding) when the KV cache is used right, large when not."""
+    from alignment.evaluation import answer_logps
+
+    full = answer_logps(model, out)[:, out.prompt_length :]
+    return float(((full - out.answer_logps).abs() * out.answer_mask).max())
+
+
 def measure(w: Workload, device: str, batch: int, new: int, repeats: int, cache: str = "dynamic", compile: bool = False,
             peer: bool = False) -> dict:
     """Best-of-`repeats` completions/s of our sampler (and of HF `generate` with the same cache kind: a
@@ -58,6 +67,8 @@ def measure(w: Workload, device: str, batch: int, new: int, repeats: int, cache:
                                                      "batch_s": best, "warmup_s": warmup_s, "peak_mb": peak_memory_mb(device)}
         print(f"{name:40s} {batch / best:8.2f} completions/s  {batch * new / best:9.0f} new tok/s  "
               f"{best:6.2f} s/batch  peak {peak_memory_mb(device):6.0f} MB  (warm-up {warmup_s:.1f} s)")
+    results["ours"]["logp_gap"] = logp_gap(model, sample(model, ids, mask, params, 0, torch.Generator(device=device).manual_seed(2)))
+    print(f"sampler log-probs against a full forward over the samples: max |difference| {results['ours']['logp_gap']:.4f} nats")
     if peer:
         results["ratio"] = results["ours"]["completions_per_s"] / results["peer"]["completions_per_s"]
         print(f"ratio alignflow / HF generate: {results['ratio']:.2f}x")

@@ -183,11 +183,13 @@ def markdown(r: dict) -> str:
     else:
         lines += [f"{p['batch']} prompts x {p['workload']['prompt_tokens']} tokens, {p['new_tokens']} new tokens each (no early "
                   f"stop), bf16, best of the timed batches after a warm-up call (which compiles).", "",
-                  "| sampler | completions/s | new tokens/s | s/batch | warm-up s |", "| --- | ---: | ---: | ---: | ---: |"]
+                  "| sampler | completions/s | new tokens/s | s/batch | warm-up s | log-prob gap |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for s in (p["static"]["ours"], p["static"].get("peer", {}), p["dynamic"]):
             if s:
                 lines.append(f"| {s['name']} | {_n(s['completions_per_s'], 2)} | {_n(s['new_tokens_per_s'])} | {_n(s['batch_s'], 3)} | "
-                             f"{_n(s['warmup_s'], 1)} |")
+                             f"{_n(s['warmup_s'], 1)} | {_n(s.get('logp_gap'), 3)} |")
+        lines += ["", "Log-prob gap: the largest |log pi(token)| difference between what our sampler recorded while decoding "
+                  "and a full forward over its samples (bf16 rounding when the KV cache is used right; large when not)."]
         lines += ["", f"Ratio alignflow / HF generate (static cache): {_n(p['static'].get('ratio'), 2)}x. "
                   f"Target {'met' if p['target_met'] else 'NOT met'}.", ""]
     p = r["sandbox"]

@@ -5,8 +5,8 @@
 # OUT_DIR defaults to $OUT (the device machine's output folder), else runs/gpu_check. Paste the section
 # into RESULTS.md with: python benchmarks/gpu_check.py report PARTS_DIR --into benchmarks/RESULTS.md,
 # or copy gpu_check.md by hand. --dry-run: tiny shapes on this machine's device (CI runs it on CPU).
-# Wheels in .whl/ (TRL and what it needs that the GPU image lacks: datasets, dill, multiprocess, pyarrow,
-# fsspec) are installed into a private folder first; see the README's GPU section.
+# Wheels in .whl/ (TRL and what it needs that the GPU image lacks: datasets, dill, multiprocess) are
+# installed into a private folder first; see the README's GPU section.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=""
@@ -15,8 +15,10 @@ OUT_DIR=${1:-${OUT:-runs/gpu_check}}
 PY=${PYTHON:-python3}
 [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 if [ -z "$DRY" ] && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site .whl/*.whl \
-    && export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
+  # the folder's name must contain "site-packages": dill (datasets' fingerprints) pickles modules found
+  # anywhere else by value, and fails on pyarrow's (unslothai/unsloth#9791)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check/site-packages .whl/*.whl \
+    && export PYTHONPATH=/tmp/gpu_check/site-packages${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT_DIR"

@@ -132,3 +132,32 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(tiny_lm):
     assert outs[0].answer_mask.sum() > 3  # real answers were drawn
     with pytest.raises(ValueError, match="cache must be"):
         sample(tiny_lm, ids, mask, SamplingParams(cache="paged"), 0)
+
+
+def test_sampler_names_the_kv_cache_as_the_model_does_and_refuses_one_that_drops_it(tiny_lm):
+    """transformers renamed the forward's `past_key_values` to `cache`; under 5.17 our `cache=` was swallowed
+    by **kwargs and every token was drawn without its context (found on the GPU image). The sampler asks the
+    model's signature, and refuses to go on when the cache stays empty after the prompt pass."""
+    from alignment.sampling import cache_kwarg
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
+            raise AssertionError("not called")
+
+    class NewStyle(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, cache=None, **kwargs):
+            raise AssertionError("not called")
+
+    assert (cache_kwarg(OldStyle()), cache_kwarg(NewStyle()), cache_kwarg(tiny_lm)) == ("past_key_values", "cache", "cache")
+
+    class Forgetful(torch.nn.Module):  # takes the cache and ignores it, as transformers 5.17 did with `cache=`
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.config = lm, lm.config
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep, cache=None, **kwargs):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep)
+
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with pytest.raises(RuntimeError, match="did not fill the KV cache"):
+        sample(Forgetful(tiny_lm), ids, torch.ones_like(ids), SamplingParams(max_new_tokens=4), 0)

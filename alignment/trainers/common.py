@@ -142,7 +142,9 @@ class Optimization:
         if cfg.compile:
             compile_backbones(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # one fused kernel for the whole update on a GPU (what transformers' Trainer uses there: adamw_torch_fused)
+        fused = self.accelerator.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
