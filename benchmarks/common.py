@@ -62,8 +62,9 @@ def texts(w: Workload, n: int, seed: int = 0) -> list[dict]:
     """Preference rows of random words with the workload's exact token lengths (1 word = 1 token)."""
     rng = random.Random(seed)
     words = lambda k: " ".join(f"w{rng.randrange(w.vocab - 4)}" for _ in range(k))  # noqa: E731
-    # the answer has answer_tokens - 1 words + EOS
-    return [{"prompt": words(w.prompt_tokens - 1), "chosen": words(w.answer_tokens - 1), "rejected": words(w.answer_tokens - 1)}
+    # the answer has answer_tokens - 1 words + EOS; its leading space keeps a word boundary where TRL joins
+    # prompt and answer as text (without it the prompt's last word and the answer's first merge into one)
+    return [{"prompt": words(w.prompt_tokens - 1), "chosen": " " + words(w.answer_tokens - 1), "rejected": " " + words(w.answer_tokens - 1)}
             for _ in range(n)]
 
 
