@@ -138,5 +138,11 @@ def check_inputs(pname: str, spec: PipelineSpec) -> list[str]:
                 problems.append(f"{where}.inputs.{slot}: {src!r} is not an earlier stage")
             elif kind not in provides[src]:
                 problems.append(f"{where}.inputs.{slot}: {src!r} gives {', '.join(provides[src])}; {stage.type} needs a {kind}")
+        if stage.resources.launched and not getattr(module, "LAUNCHABLE", False):
+            launchable = sorted(t for t, m in MODULES.items() if getattr(m, "LAUNCHABLE", False))
+            problems.append(f"{where}.resources: a {stage.type} stage runs in one process; several processes are for {', '.join(launchable)}")
+        config = stage.resources.accelerate_config
+        if config is not None and not Path(config).is_file():
+            problems.append(f"{where}.resources.accelerate_config: no file {config!r} (paths are relative to where you run alignflow)")
         provides[stage.name] = module.OUTPUT
     return problems

@@ -72,10 +72,25 @@ class StageParams(BaseModel):
         return _merged(_defaults(cls), data, seed)
 
 
+class Resources(BaseModel):
+    """Where a stage runs. Not part of its cache key: N processes compute what one does (tasks/launch.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    processes: int = Field(1, ge=1)  # processes per machine; > 1 starts the stage with torchrun (DDP: gloo on CPU, NCCL on GPUs)
+    accelerate_config: str | None = None  # an accelerate config (configs/accelerate/fsdp2.yaml, zero3.yaml, ...): starts it with accelerate launch
+    num_machines: int = Field(1, ge=1)  # machines of a multi-node run; the accelerate config names the main one
+
+    @property
+    def launched(self) -> bool:
+        """Whether the stage runs in processes of its own rather than in the pipeline's."""
+        return self.processes > 1 or self.accelerate_config is not None or self.num_machines > 1
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str  # unique within the pipeline; how later stages name this one in `inputs`
     inputs: dict[str, str] = Field(default_factory=dict)  # input slot -> name of an earlier stage
+    resources: Resources = Resources()  # processes (training stages: sft, train_reward_model, dpo)
 
 
 # -- what bodies share ------------------------------------------------------------------------------
@@ -210,7 +225,8 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
             f"lineage.{slot}.content_hash": o.content_hash,
             f"lineage.{slot}.artifact_uri": f"{ctx.tracker.artifact_uri(o.run_id)}/output",
         })
-    tags = {"alignflow.stage": name, "alignflow.stage_type": stage_type, "alignflow.cache_key": key, **lineage}
+    tags = {"alignflow.stage": name, "alignflow.stage_type": stage_type, "alignflow.cache_key": key,
+            "alignflow.processes": str(stage.resources.processes * stage.resources.num_machines), **lineage}
     run_id = ctx.tracker.start_run(name, tags, parent_id=ctx.parent_run_id)
     try:
         ctx.tracker.log_params(run_id, params_dict)
@@ -231,7 +247,12 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
                 ctx.tracker.log_dataset(run_id, pd.read_parquet(data), source=str(data), name=f"{o.name}/{data.stem}",
                                         digest=file_hash(data), context=slot)
         started = time.perf_counter()
-        metrics = module.run(ctx, params, inputs, out, run_id)
+        if stage.resources.launched:
+            from tasks.launch import run_launched
+
+            metrics = run_launched(ctx, stage, inputs, out, run_id)
+        else:
+            metrics = module.run(ctx, params, inputs, out, run_id)
         duration = round(time.perf_counter() - started, 3)  # the stage's own work: no MLflow run set-up or upload
         (out / METRICS).write_text(json.dumps(metrics, indent=2))
         final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name, "duration_s": duration})

@@ -66,6 +66,7 @@ class Tracker:
     def __init__(self, tracking_uri: str | None, experiment: str, artifact_root: str | Path | None = None,
                  description: str | None = None):
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        self.experiment = experiment
         prepare_sqlite(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)

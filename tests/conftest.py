@@ -1,6 +1,61 @@
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+_PREFECT_SERVER: subprocess.Popen | None = None
+
+
+def pytest_configure(config):
+    """One Prefect server for the whole session (started now, in the background, while tests are
+    collected), so that flows (in-process, and `alignflow run` in subprocesses, which inherit
+    PREFECT_API_URL) do not each start a temporary server (10-15 s a flow on 2 cores)."""
+    global _PREFECT_SERVER
+    if os.environ.get("PREFECT_API_URL") or hasattr(config, "workerinput"):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tempfile.mkdtemp(prefix="prefect-home-")
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    _PREFECT_SERVER = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                        "--port", str(port)], env=env, start_new_session=True,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    # at exit, after Prefect's own exit handlers (registered later, so run earlier) have sent their last logs
+    atexit.register(_stop_prefect_server)
+
+
+def _stop_prefect_server() -> None:
+    os.killpg(_PREFECT_SERVER.pid, signal.SIGKILL)  # a throwaway server: nothing to shut down gracefully
+    _PREFECT_SERVER.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """Wait (once) until the session's Prefect server answers."""
+    if _PREFECT_SERVER is None:
+        return
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if _PREFECT_SERVER.poll() is not None:
+            raise RuntimeError(f"the test session's Prefect server exited with code {_PREFECT_SERVER.returncode}")
+        try:
+            with urllib.request.urlopen(os.environ["PREFECT_API_URL"] + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("the test session's Prefect server did not start within 120 s")
 
 
 def tiny_llama_config(vocab_size: int = 40, **kw) -> LlamaConfig:

@@ -68,7 +68,7 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     deadline = time.time() + 300
     checkpoints = []
     while time.time() < deadline and not checkpoints:
-        checkpoints = list((crash / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*/state.pt"))
+        checkpoints = list((crash / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json"))
         time.sleep(0.2)
     assert checkpoints, "PPO never wrote a checkpoint"
     time.sleep(1.0)

@@ -1,69 +1,133 @@
-"""2-process DDP on CPU (gloo, launched with torchrun) follows the same trajectory as 1 process with the
-same global batch: same losses, same gradient norms, same final weights."""
+"""Stages on several processes from pipelines.yaml (`resources: {processes: 2}`): the reward-model and DPO
+stages under torchrun (DDP over gloo on CPU) follow the same trajectory as one process with the same global
+batch, and a 2-process stage killed with kill -9 resumes from its last checkpoint.
+
+Batches hold whole prompts (`group_by_prompt`) with 1 to 3 labeled pairs each, so the two processes of a
+step hold different numbers of pairs: DDP's plain average of the per-process means would give another
+gradient than one process's mean over all pairs (alignment/trainers/common.py weighs by the global count).
+"""
 
 import json
 import os
-import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignment.sandbox.assets import build_tokenizer, world_texts
-from alignment.sandbox.world import World
+from chat_model import TEXTS, build_chat_model
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("ddp_worker.py")
-STEPS, BATCH = 3, 8
+CLI = str(Path(sys.executable).parent / "alignflow")
+DPO_STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def workload(tmp_path_factory):
-    """A tiny Llama saved as a Hugging Face folder, and 16 sandbox preference pairs in JSONL."""
-    root = tmp_path_factory.mktemp("ddp")
-    world = World()
-    tok = build_tokenizer(world_texts(world))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = random.Random(0)
-    with open(root / "prefs.jsonl", "w") as f:
-        for prompt in world.prompts(16, seed=1):
-            (_, a), (_, b) = world.sft_corpus(2, seed=rng.randrange(1000))
-            f.write(json.dumps({"prompt": prompt, "chosen": a, "rejected": b}) + "\n")
-    return root
+def config(root: Path, processes: int, model: Path, prefs: Path) -> Path:
+    group = {"max_length": 128, "group_by_prompt": True}
+    stages = [
+        {"name": "base", "type": "model", "params": {"name_or_path": str(model)}},
+        {"name": "prefs", "type": "import_preferences", "params": {"path": str(prefs), "held_out": 0.0}},
+        {"name": "reward_model", "type": "train_reward_model", "inputs": {"preferences": "prefs", "base": "base"},
+         "resources": {"processes": processes},
+         "params": {"reward": {**group, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0}}}},
+        {"name": "dpo", "type": "dpo", "inputs": {"preferences": "prefs", "policy": "base"},
+         "resources": {"processes": processes},
+         "params": {"dpo": {**group, "beta": 0.5,
+                            "train": {"max_steps": DPO_STEPS, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 3}}}},
+    ]
+    cfg = {"settings": {"seed": 0, "workdir": str(root / "runs"), "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+           "pipelines": {"ddp": {"stages": stages}}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "pipelines.yaml"
+
+
+def cli(path: Path, **kw):
+    return [CLI, "run", "ddp", "-c", str(path)], dict(cwd=path.parent, env={**os.environ, "TQDM_DISABLE": "1"}, **kw)
+
+
+def output(root: Path, stage: str) -> Path:
+    [success] = [s for s in (root / "runs" / "stages").glob("*/*/_SUCCESS.json") if json.loads(s.read_text()).get("stage") == stage]
+    return success.parent
 
 
 def history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["dpo", "reward"])
-def test_two_process_ddp_matches_one_process(workload, tmp_path, kind):
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    args = [kind, str(workload / "model"), str(workload / "prefs.jsonl")]
-    one, two = tmp_path / "one", tmp_path / "two"
-    proc = subprocess.run([sys.executable, str(WORKER), *args, str(one), str(STEPS), str(BATCH)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           str(WORKER), *args, str(two), str(STEPS), str(BATCH)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (two / "processes").read_text() == "2"
-    h1, h2 = history(one), history(two)
-    assert len(h1) == len(h2) == STEPS
-    for a, b in zip(h1, h2):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    assert h1[-1]["loss"] < h1[0]["loss"]  # it trained: the comparison is not of two idle runs
-    w1, w2 = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
-    assert w1.keys() == w2.keys()
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+def workers_of(root: Path) -> list[str]:
+    """Command lines of live processes that work on this test's pipeline."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "tasks.launch" in text and str(root) in text:
+            found.append(text)
+    return found
+
+
+@pytest.mark.slow
+def test_two_process_stages_match_one_process_and_resume_after_kill_9(tmp_path):
+    model = build_chat_model(tmp_path / "model")
+    prompts = TEXTS[:8]
+    rows = [{"prompt": q, "chosen": TEXTS[(i + k + 1) % len(TEXTS)], "rejected": TEXTS[(i + 2 * k + 5) % len(TEXTS)]}
+            for i, q in enumerate(prompts) for k in range(1 + i % 3)]  # 1, 2 or 3 pairs a prompt
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    one = tmp_path / "one"
+    args, kw = cli(config(one, 1, model, prefs), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args, **kw)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    two = tmp_path / "two"
+    args, kw = cli(config(two, 2, model, prefs), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, **kw)
+    deadline, checkpoint = time.time() + 300, []
+    while time.time() < deadline and not checkpoint and proc.poll() is None:
+        checkpoint = list((two / "runs" / "stages" / "dpo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json"))
+        time.sleep(0.05)
+    assert checkpoint, "the 2-process DPO stage never wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline's process; its torchrun group runs in a session of its own
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and workers_of(two):
+        time.sleep(0.2)
+    assert workers_of(two) == [], "the stage's processes outlived the killed pipeline"
+    assert not list((two / "runs" / "stages" / "dpo").glob("*/_SUCCESS.json"))  # nothing half-published
+    [latest] = [p for p in (two / "runs" / "stages" / "dpo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json")]
+    steps_done = json.loads(latest.read_text())["step"]
+    assert 0 < steps_done < DPO_STEPS
+
+    args, kw = cli(two / "pipelines.yaml", capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args, **kw)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout + result.stderr
+
+    for stage in ("reward_model", "dpo"):
+        h1, h2 = history(output(one, stage)), history(output(two, stage))
+        assert [h["step"] for h in h2] == [h["step"] for h in h1]  # resumed: nothing skipped or repeated
+        for a, b in zip(h1, h2):
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (stage, a["step"])
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (stage, a["step"])
+        assert h1[-1]["loss"] < h1[0]["loss"]  # it trained: not a comparison of two idle runs
+        w1 = load_file(output(one, stage) / "model" / "model.safetensors")
+        w2 = load_file(output(two, stage) / "model" / "model.safetensors")
+        assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), stage
+        assert not (output(two, stage) / ".launch").exists() and not (output(two, stage) / "checkpoints").exists()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{two / 'mlflow.db'}")
+    [exp] = [e for e in client.search_experiments() if e.name != "Default"]
+    assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
+    [resumed] = client.search_runs([exp.experiment_id], "tags.`alignflow.stage` = 'dpo' and attributes.status = 'FINISHED'")
+    assert resumed.data.tags["alignflow.processes"] == "2"
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")]  # logged by rank 0 only
+    assert steps == list(range(steps_done + 1, DPO_STEPS + 1))

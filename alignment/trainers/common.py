@@ -7,6 +7,7 @@ Trainers compose these pieces; none of them holds loss math.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -145,8 +146,14 @@ class Optimization:
         # one fused kernel for the whole update on a GPU (what transformers' Trainer uses there: adamw_torch_fused)
         fused = self.accelerator.device.type == "cuda"
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        if cfg.batch_size < self.accelerator.num_processes:
+            raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.accelerator.num_processes} processes: "
+                             "every process needs at least one example a step")
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # not prepared: accelerate would step a prepared scheduler once per process; registered, so that
+        # save_state / load_state carry it
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
 
     @property
@@ -174,7 +181,14 @@ class Optimization:
         its share of the batch's size, so accumulation gives the gradient of the whole batch's mean."""
         micro = self.split(indices)
         sizes = [float(size(part)) for part in micro]
-        total = sum(sizes) or 1.0
+        total, scale = sum(sizes), 1.0
+        if self.accelerator.num_processes > 1:
+            # Processes may hold different amounts (prompt groups with more or fewer pairs): weigh by the
+            # global total, and undo DDP's plain average over processes, so the gradient is the mean over
+            # the whole global batch, as in one process.
+            total = float(self.accelerator.reduce(torch.tensor([total], device=self.device), reduction="sum")[0])
+            scale = float(self.accelerator.num_processes)
+        total = total or 1.0
         totals: dict[str, float] = {}
         for i, part in enumerate(micro):
             # under DDP, gradients are all-reduced once, after the last micro-batch
@@ -185,7 +199,7 @@ class Optimization:
                 if not torch.isfinite(loss.detach()):
                     raise NonFiniteLossError(f"the loss is {loss.item()} at step {self.step}, so training stopped before "
                                              f"that update; {DIVERGED}")
-                self.accelerator.backward(loss * sizes[i] / total)
+                self.accelerator.backward(loss * sizes[i] * scale / total)
             metrics = {"loss": loss.detach(), **metrics}
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * sizes[i] / total
@@ -198,10 +212,10 @@ class Optimization:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"the gradient norm is {float(grad_norm)} at step {self.step}, so training stopped "
                                      f"before that update; {DIVERGED}")
-        if self.accelerator.num_processes > 1:  # metrics of the global batch, not of this process's share
+        if self.accelerator.num_processes > 1:  # each process holds its share of the global mean: add them up
             keys = sorted(totals)
-            mean = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=self.device), reduction="mean")
-            totals = dict(zip(keys, mean.tolist()))
+            summed = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=self.device), reduction="sum")
+            totals = dict(zip(keys, summed.tolist()))
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -210,42 +224,18 @@ class Optimization:
         self.step += 1
         return totals
 
-    # -- checkpoint state ---------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-
-
-def rng_state() -> dict[str, Any]:
-    """Torch RNG states (CPU and CUDA); the trainers draw all their randomness from torch."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Checkpointer:
-    """Resumable checkpoints under `directory/checkpoint-<step>/state.pt`.
+    """Resumable checkpoints under `directory/checkpoint-<step>/`, through accelerate's save_state: the
+    model, optimizer, LR scheduler and every process's RNG states, written by the processes that own them
+    (the main process for DDP, every rank its shard for FSDP's sharded state), plus `trainer_state.json`
+    (the step and what a trainer adds, e.g. PPO's KL coefficient).
 
-    Written to a temporary folder and renamed, so a crash never leaves a half checkpoint; older
-    checkpoints are removed only after a newer one is complete. Loaded with weights_only=True.
+    Every process calls save and load. The state is written to a temporary folder that the main process
+    renames once all are done, so a crash never leaves a half checkpoint; older checkpoints are removed only
+    after a newer one is complete. A model with NaN/inf parameters is never saved.
     """
+
+    STATE = "trainer_state.json"
 
     def __init__(self, directory: str | Path | None):
         self.directory = Path(directory) if directory else None
@@ -258,31 +248,41 @@ class Checkpointer:
     def latest(self) -> Path | None:
         if self.directory is None or not self.directory.is_dir():
             return None
-        done = [p for p in self.directory.glob("checkpoint-*") if (p / "state.pt").is_file()]
+        done = [p for p in self.directory.glob("checkpoint-*") if (p / self.STATE).is_file()]
         return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
-    def save(self, step: int, state: dict[str, Any]) -> Path | None:
+    def save(self, opt: "Optimization", extra: dict[str, Any] | None = None) -> Path | None:
         if self.directory is None:
             return None
-        bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        acc, step = opt.accelerator, opt.step
+        bad = [n for n, p in opt.model.named_parameters() if p.is_floating_point() and not torch.isfinite(p.detach()).all()]
+        if acc.num_processes > 1:  # every process must agree, or the others would wait for it forever
+            bad_anywhere = acc.reduce(torch.tensor([float(len(bad))], device=opt.device), reduction="sum")[0]
+            bad = bad or (["(on another process)"] if bad_anywhere > 0 else [])
         if bad:
             raise NonFiniteLossError(f"parameters {bad[:3]} are NaN/inf at step {step}; the last good checkpoint is kept")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"checkpoint-{step}"
-        tmp = self.directory / f".tmp-checkpoint-{step}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in self.directory.glob("checkpoint-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        final, tmp = self.directory / f"checkpoint-{step}", self.directory / f".tmp-checkpoint-{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / self.STATE).write_text(json.dumps({"step": step, **(extra or {})}))  # last: marks it complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.directory.glob("checkpoint-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
         return final
 
-    def load(self, path: Path) -> dict[str, Any]:
-        state = torch.load(path / "state.pt", weights_only=True)
-        set_rng_state(state["rng"])
+    def load(self, opt: "Optimization", path: Path) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler, RNG and step; returns trainer_state.json."""
+        opt.accelerator.load_state(str(path))
+        state = json.loads((path / self.STATE).read_text())
+        opt.step = state["step"]
         return state
 
 
@@ -305,7 +305,7 @@ def train_steps(
     cfg = opt.cfg
     latest = checkpointer.latest()
     if latest is not None:
-        opt.load_state_dict(checkpointer.load(latest))
+        checkpointer.load(opt, latest)
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     history = []
     for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False):
@@ -314,7 +314,7 @@ def train_steps(
         if callback is not None:
             callback(opt.step, metrics)
         if cfg.checkpoint_every and opt.step % cfg.checkpoint_every == 0 and opt.step < end:
-            checkpointer.save(opt.step, opt.state_dict())
+            checkpointer.save(opt)
     if checkpointer.directory is not None and history:
-        checkpointer.save(opt.step, opt.state_dict())
+        checkpointer.save(opt)
     return history

@@ -128,8 +128,7 @@ class PPOTrainer:
         cfg = self.cfg
         latest = self.checkpointer.latest()
         if latest is not None:
-            state = self.checkpointer.load(latest)
-            self.opt.load_state_dict(state)
+            state = self.checkpointer.load(self.opt, latest)
             self.iteration, self.kl_ctl.value = state["iteration"], state["beta"]
         end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
         history = []
@@ -165,4 +164,4 @@ class PPOTrainer:
         return history
 
     def save_checkpoint(self) -> None:
-        self.checkpointer.save(self.iteration, {**self.opt.state_dict(), "iteration": self.iteration, "beta": self.kl_ctl.value})
+        self.checkpointer.save(self.opt, {"iteration": self.iteration, "beta": self.kl_ctl.value})

@@ -12,6 +12,7 @@ from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, rea
 from tasks.store import stage_key
 
 INPUTS = {"preferences": "preferences", "policy": "policy"}
+LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate launch (tasks/launch.py)
 OUTPUT = ("policy",)
 TRAINED_WITH = "dpo.json"  # the beta of the implicit reward the policy learned, for its evaluation
 

@@ -20,6 +20,7 @@ from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, rea
 from tasks.store import dir_hash, file_hash
 
 INPUTS = {"policy": "policy", "demonstrations": "demonstrations?"}
+LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate launch (tasks/launch.py)
 OUTPUT = ("policy",)
 
 

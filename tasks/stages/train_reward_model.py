@@ -15,6 +15,7 @@ from tasks.data import prompt_of
 from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, training_history, save_model, token_preflight, write_first_sequence
 
 INPUTS = {"preferences": "preferences", "base": "policy", "world": "world?"}
+LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate launch (tasks/launch.py)
 OUTPUT = ("reward_model",)
 CONFIG_FILE = "reward_config.json"  # how the model reads text: later stages score answers the same way
 
