@@ -148,7 +148,21 @@ def load_policy(inputs: dict[str, StageOutput], slot: str = "policy"):
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    model.save_pretrained(out / "model")
+    """The model and tokenizer as a Hugging Face folder `out/model`, written once. In a stage on several
+    processes every rank calls this: sharded parameters (FSDP2) are gathered into the full state dict
+    (a collective), and only rank 0 writes (the others, whose `out` is scratch, get an empty folder)."""
+    import torch.distributed as dist
+
+    state = None
+    if dist.is_available() and dist.is_initialized():
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() != 0:
+            (out / "model").mkdir(parents=True, exist_ok=True)
+            return
+    model.save_pretrained(out / "model", **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(out / "model")
 
 

@@ -131,3 +131,20 @@ def test_two_process_stages_match_one_process_and_resume_after_kill_9(tmp_path):
     assert resumed.data.tags["alignflow.processes"] == "2"
     steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")]  # logged by rank 0 only
     assert steps == list(range(steps_done + 1, DPO_STEPS + 1))
+
+
+def test_a_sharded_fsdp2_model_is_saved_once_from_the_gathered_state(tmp_path):
+    """Accelerate runs FSDP only on GPUs (on CPU it falls back to DDP), but torch's FSDP2 runs on gloo:
+    a model sharded over 2 CPU processes is saved by rank 0 alone as a plain Hugging Face folder that
+    computes what the sharded model computes."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "rank0" / "model" / "model.safetensors").is_file()
+    assert list((tmp_path / "rank1" / "model").iterdir()) == []  # written once
+    from transformers import LlamaForCausalLM
+
+    full = LlamaForCausalLM.from_pretrained(tmp_path / "rank0" / "model")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 2]] * 2)
+    assert torch.allclose(full(input_ids=ids).logits, torch.load(tmp_path / "logits.pt"), atol=1e-5)
