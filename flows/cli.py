@@ -240,36 +240,68 @@ def ui(
             p.wait(timeout=30)
 
 
-def build_deployment(pipeline: str, cron: str, config: Path | None, set_: list[str]):
-    """A Prefect deployment of pipeline_flow with the resolved config as its parameters."""
-    from flows.pipeline import pipeline_flow, resolved_yaml
+def deployment_parameters(pipeline: str, config: Path | None, set_: list[str]) -> tuple[dict, str]:
+    """The flow's parameters for a deployment (the resolved config, validated now) and its description."""
+    from flows.pipeline import resolved_yaml
 
     cfg, raw = load_or_exit(config, pipeline, set_)
-    return pipeline_flow.to_deployment(
-        name=f"alignflow-{pipeline}",
-        cron=cron,
-        parameters={"cfg": cfg.model_dump(mode="json"), "pipeline": pipeline, "resolved_yaml": resolved_yaml(raw),
-                    "overrides": list(set_)},
-        description=cfg.pipelines[pipeline].description or f"alignflow pipeline {pipeline}",
-        tags=["alignflow", pipeline],
-    )
+    params = {"cfg": cfg.model_dump(mode="json"), "pipeline": pipeline, "resolved_yaml": resolved_yaml(raw), "overrides": list(set_)}
+    return params, cfg.pipelines[pipeline].description or f"alignflow pipeline {pipeline}"
+
+
+def build_deployment(pipeline: str, cron: str | None, config: Path | None, set_: list[str]):
+    """A Prefect deployment of pipeline_flow with the resolved config as its parameters (served here)."""
+    from flows.pipeline import pipeline_flow
+
+    parameters, description = deployment_parameters(pipeline, config, set_)
+    return pipeline_flow.to_deployment(name=f"alignflow-{pipeline}", cron=cron, parameters=parameters,
+                                       description=description, tags=["alignflow", pipeline])
+
+
+def deploy_to_pool(pipeline: str, pool: str, cron: str | None, source: str | None, config: Path | None, set_: list[str]):
+    """Register a deployment whose runs a work pool's workers pick up (returns its id)."""
+    from flows.pipeline import pipeline_flow
+
+    parameters, description = deployment_parameters(pipeline, config, set_)
+    remote = pipeline_flow.from_source(source=source or str(Path(__file__).resolve().parents[1]),
+                                       entrypoint="flows/pipeline.py:pipeline_flow")
+    return remote.deploy(name=f"alignflow-{pipeline}", work_pool_name=pool, cron=cron, parameters=parameters,
+                         description=description, tags=["alignflow", pipeline], build=False, push=False,
+                         print_next_steps=False)
 
 
 @app.command()
 def deploy(
     pipeline: str = typer.Argument(..., help="Pipeline name in pipelines.yaml."),
-    cron: str = typer.Option(..., "--cron", help='Schedule, e.g. "0 3 * * *" (every day at 03:00).'),
+    cron: str = typer.Option(None, "--cron", help='Schedule, e.g. "0 3 * * *" (every day at 03:00); without it, runs start on demand.'),
+    pool: str = typer.Option(None, "--pool", help="A Prefect work pool: its workers (process, Docker, Kubernetes) run the pipeline."),
+    source: str = typer.Option(None, "--source", help="With --pool: where workers get this code, a git URL or a folder they "
+                                                       "can read (default: this checkout's folder)."),
     set_: list[str] = typer.Option([], "--set", help="Param overrides baked into the deployment (as for `run`)."),
     config: Path = ConfigOpt,
 ) -> None:
-    """Serve a pipeline as a Prefect deployment with a cron schedule (runs until Ctrl-C).
+    """Deploy a pipeline to Prefect: served from this process on a schedule, or to a work pool's workers.
 
     Point it at a Prefect server first (`prefect server start`, then
-    `export PREFECT_API_URL=http://127.0.0.1:4200/api`); the schedule and its runs show in the Prefect UI.
-    Finished stages are reused between scheduled runs, as with `run`.
+    `export PREFECT_API_URL=http://127.0.0.1:4200/api`); deployments, schedules and runs show in the
+    Prefect UI. Finished stages are reused between runs, as with `run`.
 
-    Example: alignflow deploy quickstart --cron "0 3 * * *"
+    \b
+    alignflow deploy quickstart --cron "0 3 * * *"      serve here (runs until Ctrl-C)
+    alignflow deploy quickstart --pool gpus             register; workers on the GPU hosts run it:
+        prefect work-pool create gpus --type process    (once)
+        prefect worker start --pool gpus                (on each host)
+        prefect deployment run alignflow-pipeline/alignflow-quickstart
     """
+    if pool is not None:
+        deployment_id = deploy_to_pool(pipeline, pool, cron, source, config, set_)
+        typer.echo(f"deployment alignflow-pipeline/alignflow-{pipeline} ({deployment_id}) in work pool {pool!r}"
+                   + (f" on schedule {cron!r}" if cron else ""))
+        typer.echo(f"start a worker on each host: prefect worker start --pool {pool}")
+        typer.echo(f"start a run now: prefect deployment run alignflow-pipeline/alignflow-{pipeline}")
+        return
+    if cron is None:
+        fail("give --cron to serve the pipeline here on a schedule, or --pool to deploy it to a work pool's workers")
     from prefect import serve
 
     deployment = build_deployment(pipeline, cron, config, set_)

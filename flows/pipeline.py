@@ -130,8 +130,11 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
         logger.warning(f"marked run {run_id} FAILED: its process died while it was RUNNING")
     overrides = list(overrides or [])
     shown = " ".join(f"--set {o}" for o in overrides)
+    from prefect.runtime import deployment
+
     parent = tracker.start_run(pipeline, {
         "alignflow.pipeline": pipeline, "alignflow.overrides": "; ".join(overrides) or "none",
+        **({"alignflow.deployment": deployment.name} if deployment.name else {}),
         NOTE: f"{spec.description}\n\n" + (f"Overrides: `{shown}`" if overrides else "No overrides: the pipeline as written.")
         + (f"\n\nOnly stage `{only}`, on the outputs of run {from_run}." if only else ""),
         **({"alignflow.only": only, "alignflow.from_run": from_run} if only else {})})

@@ -42,14 +42,11 @@ def _error_type(name: str) -> type[BaseException]:
 
 def command(resources, job_file: Path) -> list[str]:
     """torchrun for processes on this machine; accelerate launch when the stage names a config."""
-    if resources.accelerate_config is None and resources.num_machines == 1:
+    if resources.accelerate_config is None:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(resources.processes),
                 "-m", "tasks.launch", str(job_file)]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(resources.processes * resources.num_machines),
-           "--num_machines", str(resources.num_machines)]
-    if resources.accelerate_config:
-        cmd += ["--config_file", str(resources.accelerate_config)]
-    return cmd + ["-m", "tasks.launch", str(job_file)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resources.accelerate_config),
+            "--num_processes", str(resources.processes), "-m", "tasks.launch", str(job_file)]
 
 
 def _die_with_parent() -> None:

@@ -76,14 +76,13 @@ class Resources(BaseModel):
     """Where a stage runs. Not part of its cache key: N processes compute what one does (tasks/launch.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    processes: int = Field(1, ge=1)  # processes per machine; > 1 starts the stage with torchrun (DDP: gloo on CPU, NCCL on GPUs)
+    processes: int = Field(1, ge=1)  # processes on the host; > 1 starts the stage with torchrun (DDP: gloo on CPU, NCCL on GPUs)
     accelerate_config: str | None = None  # an accelerate config (configs/accelerate/fsdp2.yaml, zero3.yaml, ...): starts it with accelerate launch
-    num_machines: int = Field(1, ge=1)  # machines of a multi-node run; the accelerate config names the main one
 
     @property
     def launched(self) -> bool:
         """Whether the stage runs in processes of its own rather than in the pipeline's."""
-        return self.processes > 1 or self.accelerate_config is not None or self.num_machines > 1
+        return self.processes > 1 or self.accelerate_config is not None
 
 
 class StageSpec(BaseModel):
@@ -240,7 +239,7 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
             f"lineage.{slot}.artifact_uri": f"{ctx.tracker.artifact_uri(o.run_id)}/output",
         })
     tags = {"alignflow.stage": name, "alignflow.stage_type": stage_type, "alignflow.cache_key": key,
-            "alignflow.processes": str(stage.resources.processes * stage.resources.num_machines), **lineage}
+            "alignflow.processes": str(stage.resources.processes), **lineage}
     run_id = ctx.tracker.start_run(name, tags, parent_id=ctx.parent_run_id)
     try:
         ctx.tracker.log_params(run_id, params_dict)

@@ -3,6 +3,7 @@ metrics and lineage on every stage, the cache across runs, stage re-runs, bad co
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import subprocess
@@ -419,3 +420,36 @@ def test_metrics_are_shown_as_mlflow_rounds_them():
     # MLflow's formatMetric: exponent below 1e-3, 3 decimals below 10, 2 below 100, then 1; halves go up
     assert [_shown(v) for v in (0.40625, 0.0205517, 2.5394e-9, -3.8743e-6, 12.0, 0.0015, 63.456, 150.25, 0.0, float("nan"), "0.5", None)] == [
         "0.406", "0.021", "2.539e-9", "-3.874e-6", "12", "0.002", "63.46", "150.3", "0", "NaN", "0.5", "-"]
+
+
+def test_a_pipeline_deployed_to_a_process_work_pool_runs_on_its_worker(tmp_path):
+    """`alignflow deploy --pool` against the session's Prefect server: a `process` work pool, one worker
+    started here, a run started with `prefect deployment run`; it completes and its MLflow parent run names
+    the deployment."""
+    prefect = str(Path(sys.executable).parent / "prefect")
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    assert env.get("PREFECT_API_URL"), "the test session starts a Prefect server (tests/conftest.py)"
+    pool = f"pool-{tmp_path.name[-12:]}".replace("_", "-")
+    cfg = {"settings": {"seed": 0, "workdir": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "experiment": "deployed"},
+           "pipelines": {"tiny": {"stages": [TINY["pipelines"]["tiny"]["stages"][0], TINY["pipelines"]["tiny"]["stages"][1]]}}}
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True, timeout=120)
+    deployed = subprocess.run([ALIGNFLOW, "deploy", "tiny", "-c", str(tmp_path / "pipelines.yaml"), "--pool", pool], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert f"in work pool '{pool}'" in deployed.stdout and f"prefect worker start --pool {pool}" in deployed.stdout
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--limit", "1"], cwd=tmp_path, env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run = subprocess.run([prefect, "deployment", "run", "alignflow-pipeline/alignflow-tiny", "--watch", "--watch-timeout", "300"],
+                             env=env, capture_output=True, text=True, timeout=360)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("deployed").experiment_id], "tags.`alignflow.pipeline` = 'tiny'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["alignflow.deployment"] == "alignflow-tiny"

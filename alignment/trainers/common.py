@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -224,6 +225,18 @@ class Optimization:
         self.step += 1
         return totals
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Warnings of one library logger held back (for a message that is expected where we call it)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 class Checkpointer:
     """Resumable checkpoints under `directory/checkpoint-<step>/`, through accelerate's save_state: the
     model, optimizer, LR scheduler and every process's RNG states, written by the processes that own them
@@ -266,7 +279,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        with _quiet("accelerate.utils.other"):  # "Removed shared tensor {'lm_head.weight'}": tied embeddings, as expected
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / self.STATE).write_text(json.dumps({"step": step, **(extra or {})}))  # last: marks it complete
