@@ -15,7 +15,6 @@ Stopping or killing the pipeline stops the group; a worker's error comes back as
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -49,12 +48,12 @@ def command(resources, job_file: Path) -> list[str]:
             "--num_processes", str(resources.processes), "-m", "tasks.launch", str(job_file)]
 
 
-def _die_with_parent() -> None:
-    """In the launcher's child: get SIGTERM when the pipeline's process dies, even by kill -9 (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+# Run before the launcher, in its own process: ask Linux for SIGTERM when the pipeline's process dies (even
+# by kill -9; PR_SET_PDEATHSIG survives exec), then become the launcher. A preexec_fn would do the same but
+# is unsafe in a process with threads, and Prefect runs stages in threads.
+DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                   "try:\n    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\nexcept OSError:\n    pass\n"
+                   "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
@@ -84,7 +83,7 @@ def run_launched(ctx: StageContext, stage, inputs: dict[str, StageOutput], out: 
     (launch / "job.json").write_text(json.dumps(job, indent=1))
     cmd = command(stage.resources, launch / "job.json")
     ctx.log(f"[{stage.name}] on {stage.resources.processes} process(es): {' '.join(cmd[2:])}")
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent,
+    proc = subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, *cmd], start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         while proc.poll() is None:

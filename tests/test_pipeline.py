@@ -444,8 +444,8 @@ def test_a_pipeline_deployed_to_a_process_work_pool_runs_on_its_worker(tmp_path)
     try:
         run = subprocess.run([prefect, "deployment", "run", "alignflow-pipeline/alignflow-tiny", "--watch", "--watch-timeout", "300"],
                              env=env, capture_output=True, text=True, timeout=360)
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
+    finally:  # the run is over; a worker's graceful shutdown takes a minute, and there is nothing to keep
+        os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=60)
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     from mlflow import MlflowClient
