@@ -41,9 +41,10 @@ def _stop_prefect_server() -> None:
     _PREFECT_SERVER.wait()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def prefect_server():
-    """Wait (once) until the session's Prefect server answers."""
+    """Wait (once) until the session's Prefect server answers: modules that run flows use it
+    (`pytestmark = pytest.mark.usefixtures("prefect_server")`); the others run while it starts."""
     if _PREFECT_SERVER is None:
         return
     deadline = time.time() + 120

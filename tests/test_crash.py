@@ -12,6 +12,9 @@ from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
+import pytest
+
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
 
 CONFIG = {
     "settings": {"seed": 0, "experiment": "crash"},

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 from chat_model import TEXTS, build_chat_model
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
 CLI = str(Path(sys.executable).parent / "alignflow")
 DPO_STEPS = 24
 
@@ -81,10 +83,13 @@ def test_two_process_stages_match_one_process_and_resume_after_kill_9(tmp_path):
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    one = tmp_path / "one"
-    args, kw = cli(config(one, 1, model, prefs), capture_output=True, text=True, timeout=600)
-    result = subprocess.run(args, **kw)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one = tmp_path / "one"  # one process: in this test's process (a flow run like the CLI's, without its start-up)
+    from flows.config import load
+    from flows.pipeline import pipeline_flow, resolved_yaml
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    cfg, raw = load(config(one, 1, model, prefs), "ddp")
+    pipeline_flow(cfg, "ddp", resolved_yaml(raw))
 
     two = tmp_path / "two"
     args, kw = cli(config(two, 2, model, prefs), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,6 +17,8 @@ import pytest
 from browser import browser_page, free_port, keep, need_chromium
 from tasks.labeling import LabelStore
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
 SAMPLES = pd.DataFrame({
     "prompt": ["how do i cook rice ?"] * 3 + ["how can i sleep better ?"] * 2,
     "answer": ["rinse it .", "boil it .", "rinse it .", "keep it dark .", "stay up ."],

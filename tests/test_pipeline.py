@@ -14,6 +14,8 @@ import yaml
 
 from flows.config import ConfigError, load
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 ALIGNFLOW = str(Path(sys.executable).parent / "alignflow")
 

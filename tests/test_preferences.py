@@ -13,6 +13,8 @@ import pytest
 from tasks.schemas import DataError
 from tasks.stages.import_preferences import Params as ImportParams, import_preferences
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
 GOOD = [
     {"prompt": "how do i cook rice ?", "chosen": "rinse it first .", "rejected": "figure it out ."},
     {"prompt": "how can i sleep better ?", "chosen": "keep the room dark .", "rejected": "stay up late ."},

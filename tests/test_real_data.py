@@ -19,6 +19,8 @@ import yaml
 
 from chat_model import build_chat_model
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
 CLI = str(Path(sys.executable).parent / "alignflow")
 SYSTEM = {"from": "system", "value": "You are a helpful assistant."}
 QUESTIONS = ["How do I cook rice?", "What is the capital of France?", "Write a haiku about autumn.",

@@ -7,6 +7,8 @@ import pytest
 
 from alignment.sandbox.world import World, WorldConfig, gold_reward, topic_of
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
 RICE = "user : how do i cook rice ? assistant :"
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from browser import browser_page, compare_url, grid_row, keep, mlflow_ui, need_chromium, run_artifact_url, runs_table_url, same_line
 
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
 CLI = str(Path(sys.executable).parent / "alignflow")
 
 
