@@ -135,7 +135,8 @@ class _ScratchStore:
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    """Atomically (several ranks may report an error at once: each writes its own temporary file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
