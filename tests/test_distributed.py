@@ -152,4 +152,4 @@ def test_a_sharded_fsdp2_model_is_saved_once_from_the_gathered_state(tmp_path):
 
     full = LlamaForCausalLM.from_pretrained(tmp_path / "rank0" / "model")
     ids = torch.tensor([[1, 5, 6, 7, 8, 2]] * 2)
-    assert torch.allclose(full(input_ids=ids).logits, torch.load(tmp_path / "logits.pt"), atol=1e-5)
+    assert torch.allclose(full(input_ids=ids).logits, torch.load(tmp_path / "logits.pt", weights_only=True), atol=1e-5)

@@ -88,3 +88,18 @@ def test_evaluation_against_reference_answers_sampled_once():
     assert by_hand[3:] == [0.5] * 3
     with pytest.raises(ValueError, match="5 reference answers for 6 prompts"):
         evaluate_policy(model, model, tok, prompts, params, seed=3, gold_fn=gold_scores(world), reference_answers=given[:5])
+
+
+def test_preference_pairs_skip_equal_answers_and_count_empty_ones():
+    """Worked by hand: answers (good, bad, good, empty) of one prompt give 6 unordered pairs: (good, good)
+    is no preference, the 3 pairs with the empty answer are counted and left out, and the 2 pairs of good
+    against bad remain. Gold: good = 2 advice sentences + 1 polite phrase = 2.5, bad = 1 advice - 2 per
+    banned word = -1, so P(good preferred) = sigma(3.5 / 0.5) = 0.999: the labeler picks good."""
+    world = World()
+    prompt = "user : how do i cook rice ? assistant :"
+    good = "happy to help ! rinse the rice and use two cups of water . simmer it with the lid on for fifteen minutes ."
+    bad = "rinse the rice and use two cups of water . do not be stupid ."
+    assert (world.gold_reward(prompt, good), world.gold_reward(prompt, bad)) == (2.5, -1.0)
+    pairs, empty = world.preference_pairs([(prompt, [good, bad, good, ""])], seed=0)
+    assert empty == 3
+    assert pairs == [(0, good, bad), (0, good, bad)]
