@@ -122,3 +122,44 @@ class AdaptiveKLController:
         error = min(max((current_kl - self.target) / self.target, -0.2), 0.2)
         self.value = self.value * (1.0 + error * n_steps / self.horizon)
         return self.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free group baselines: several answers per prompt, scores [P, G] (prompt p, answer g)
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(scores: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages of GRPO: each answer against the other answers to its prompt.
+
+    A_pg = (r_pg - mean_g r_pg) / (std_g r_pg + eps)   (scale=True: GRPO, Shao et al. 2024, Eq. 3)
+    A_pg =  r_pg - mean_g r_pg                        (scale=False: Dr. GRPO, Liu et al. 2025, Sec. 3.1)
+    std is the unbiased standard deviation over the group. A group whose scores are all equal gets
+    A = 0 for every answer (no signal, and no NaN: the eps keeps 0 / 0 away).
+
+    scores r: [P, G] with G >= 2. Returns [P, G].
+    """
+    if scores.shape[-1] < 2:
+        raise ValueError(f"a group needs at least 2 answers a prompt, got {scores.shape[-1]}")
+    # all equal: exactly 0 (the float mean of equal numbers can miss them by an ulp, which / eps would blow up)
+    equal = (scores == scores[..., :1]).all(-1, keepdim=True)
+    centred = torch.where(equal, torch.zeros_like(scores), scores - scores.mean(-1, keepdim=True))
+    if not scale:
+        return centred
+    return centred / (scores.std(-1, keepdim=True) + eps)
+
+
+def leave_one_out_advantages(scores: Tensor) -> Tensor:
+    """RLOO advantages: each answer against the mean score of the OTHER answers to its prompt.
+
+    b_pk = (sum_j r_pj - r_pk) / (K - 1);   A_pk = r_pk - b_pk = K / (K - 1) * (r_pk - mean_j r_pj)
+    Source: Kool et al. 2019; Ahmadian et al. 2024 (RLOO), Eq. 6. The baseline does not depend on the
+    answer it is subtracted from, so the policy gradient stays unbiased.
+
+    scores r: [P, K] with K >= 2 (here r already holds the KL penalty). Returns [P, K].
+    """
+    k = scores.shape[-1]
+    if k < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 answers a prompt, got {k}")
+    baseline = (scores.sum(-1, keepdim=True) - scores) / (k - 1)
+    return scores - baseline

@@ -125,3 +125,57 @@ class PPOConfig:
             max_grad_norm=self.max_grad_norm, seed=self.seed, mixed_precision=self.mixed_precision,
             gradient_checkpointing=self.gradient_checkpointing,
         )
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Defaults as TRL's GRPOConfig (8 answers a prompt, lr 1e-6, beta 0, clip 0.2, loss "dapo", one
+    optimisation pass per rollout batch, answers up to 256 tokens at temperature 1)."""
+
+    iterations: int = 100  # rollout + update rounds
+    prompts_per_batch: int = 8  # prompts sampled per iteration; each gets group_size answers
+    group_size: int = 8  # G: answers per prompt, compared with each other (TRL's num_generations)
+    minibatch_size: int | None = None  # answers per optimizer step; None: the whole rollout batch in one step
+    epochs: int = 1  # optimisation passes over each rollout batch (TRL's num_iterations); > 1 needs the ratio
+    lr: float = 1e-6  # AdamW learning rate
+    lr_schedule: str = "linear"  # "constant", "linear" or "cosine" decay to 0 over the run (as TRL)
+    warmup_steps: int = 0  # linear warm-up of the learning rate, in optimizer steps
+    max_grad_norm: float = 1.0  # gradient clipping by global norm
+    advantage: str = "grpo"  # "grpo": (r - mean) / std over the group; "dr_grpo": r - mean (no std scaling)
+    loss_type: str = "dapo"  # "grpo": mean over answers of each answer's token mean; "dapo": mean over all tokens
+    clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low
+    clip_eps_high: float = 0.2  # ratio clipped above at 1 + clip_eps_high (DAPO's clip-higher: e.g. 0.28)
+    beta: float = 0.0  # weight of the k3 KL to the reference in the loss; 0: no reference model is kept
+    missing_eos_penalty: float | None = None  # subtracted from the score of an answer cut off before a stop token
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # how answers are sampled
+    seed: int = 0  # prompt order and sampling noise (a pipeline sets settings.seed)
+    checkpoint_every: int = 0  # save a resumable checkpoint every N iterations; 0 = only at the end
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (GPU)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+
+    kl_in_reward = False  # GRPO puts its KL in the loss
+
+    def train_config(self) -> TrainConfig:
+        """The optimizer settings: one optimizer step per minibatch, over every iteration."""
+        batch = self.prompts_per_batch * self.group_size
+        minibatch = self.minibatch_size or batch
+        steps = self.iterations * self.epochs * -(-batch // minibatch)
+        return TrainConfig(
+            max_steps=steps, batch_size=minibatch, lr=self.lr, lr_schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm, seed=self.seed,
+            mixed_precision=self.mixed_precision, gradient_checkpointing=self.gradient_checkpointing,
+        )
+
+
+@dataclass(frozen=True)
+class RLOOConfig(GRPOConfig):
+    """REINFORCE leave-one-out, with defaults as TRL's RLOOConfig (2 answers a prompt, beta 0.05 as a KL
+    penalty in the reward, advantages not scaled). Each answer is one action: its advantage is its
+    KL-penalised score minus the mean of the other answers' to the same prompt, and the update is the
+    clipped surrogate of GRPO with that advantage (one pass: plain REINFORCE with a baseline)."""
+
+    group_size: int = 2  # K: answers per prompt (TRL's num_generations for RLOO)
+    beta: float = 0.05  # KL penalty in the reward: score - beta * sum_t k1_t over the answer's tokens
+    advantage: str = "rloo"  # the leave-one-out baseline; the only choice
+    loss_type: str = "grpo"  # each answer's tokens averaged, then the answers: one action an answer
+    kl_in_reward = True  # RLOO folds the KL into the score, the baseline then sees it

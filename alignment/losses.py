@@ -220,3 +220,63 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
     probs = torch.softmax(logits, dim=-1)  # [B, T, V]
     entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # [B, T]
     return masked_mean(entropy, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free online RL (GRPO, Dr. GRPO, DAPO, RLOO): one advantage per answer, spread over its tokens
+# ---------------------------------------------------------------------------------------------
+
+GROUP_LOSS_TYPES = ("grpo", "dapo")
+
+
+def group_policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate of GRPO with an answer-level advantage and an optional k3 KL term (minimised).
+
+    rho_t = exp(logp_t - logp_old_t)
+    l_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t,
+            k3_t = exp(ref_t - logp_t) - 1 - (ref_t - logp_t)     (KL(pi || pi_ref) >= 0, ../shared/MATH.md)
+    grpo: L = mean_i [ sum_t l_it / |y_i| ]    (each answer weighs the same; Shao et al. 2024, Eq. 3)
+    dapo: L = sum_it l_it / sum_i |y_i|        (each token weighs the same; Yu et al. 2025, Eq. 8)
+    Separate low and high clip ranges are DAPO's clip-higher (eps_high > eps_low lets unlikely tokens rise).
+
+    logps, old_logps, mask: [B, T] per-token log-probs of the answer tokens (mask 1 on answer tokens);
+    advantages A: [B], one per answer; ref_logps: [B, T] (needed when beta > 0).
+    Returns (loss scalar, metrics): clip_frac (tokens where a clip is active), kl (mean k3 per token,
+    when ref_logps are given), approx_kl (old || new).
+    """
+    if loss_type not in GROUP_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {list(GROUP_LOSS_TYPES)}")
+    mask = mask.to(logps.dtype)
+    log_ratio = logps - old_logps  # [B, T]
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logps.dtype)[:, None]  # [B, 1]
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv)
+    per_token = -surrogate  # [B, T]
+    kl = None
+    if ref_logps is not None:
+        kl = kl_k3(logps - ref_logps)  # [B, T]
+        if beta:
+            per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    else:
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    with torch.no_grad():
+        clipped = ((ratio < 1.0 - clip_eps_low) & (adv < 0)) | ((ratio > 1.0 + clip_eps_high) & (adv > 0))
+        metrics = {
+            "clip_frac": masked_mean(clipped.to(logps.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        }
+        if kl is not None:
+            metrics["kl_k3"] = masked_mean(kl, mask)
+    return loss, metrics

@@ -1,0 +1,143 @@
+"""GRPO and RLOO: advantages and losses against numbers worked by hand, the reward-function checks, and
+tiny learning and resume tests (sandbox tokenizer, a tiny random Llama, in-process)."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from alignment.advantages import group_advantages, leave_one_out_advantages
+from alignment.losses import group_policy_loss
+from alignment.sampling import SamplingParams
+from alignment.trainers.group import GRPOConfig, GroupTrainer, RewardFunctionError, RLOOConfig, score
+from conftest import tiny_llama_config
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    # row 1: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.577350; A = +-0.5 / (0.577350 + 1e-4) = +-0.865875
+    expected = torch.tensor([[0.865875, -0.865875, -0.865875, 0.865875], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(group_advantages(scores), expected, atol=1e-6)
+    # Dr. GRPO: no division by the std
+    assert torch.allclose(group_advantages(scores, scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]))
+    # a group whose scores are all equal: zero advantage, and no NaN
+    assert group_advantages(torch.full((1, 8), 3.7)).abs().max() == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(torch.ones(3, 1))
+
+
+def test_leave_one_out_advantages_by_hand():
+    # baselines: (2 + 1) / 2 = 1.5, (3 + 2) / 2 = 2.5, (3 + 1) / 2 = 2.0
+    assert torch.equal(leave_one_out_advantages(torch.tensor([[3.0, 1.0, 2.0]])), torch.tensor([[1.5, -1.5, 0.0]]))
+    assert torch.equal(leave_one_out_advantages(torch.tensor([[4.0, 4.0]])), torch.zeros(1, 2))
+
+
+def hand_batch():
+    """Two answers. Row 0: A = +1, tokens with ratios 1.5 and 0.5; row 1: A = -2, one token with ratio 0.5.
+    Masked positions hold junk that must not count."""
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    old = torch.zeros(2, 3)
+    logps = torch.tensor([[5.0, math.log(1.5), math.log(0.5)], [5.0, math.log(0.5), 7.0]])
+    return logps, old, torch.tensor([1.0, -2.0]), mask
+
+
+def test_group_policy_loss_by_hand():
+    logps, old, adv, mask = hand_batch()
+    # eps_low 0.2, eps_high 0.28: row 0 token 1: min(1.5, 1.28) = 1.28 -> l = -1.28;
+    # token 2: min(0.5, 0.8) = 0.5 -> l = -0.5; row 1: min(0.5 * -2, 0.8 * -2) = -1.6 -> l = 1.6
+    loss, m = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, loss_type="grpo")
+    assert loss.item() == pytest.approx(((-1.28 - 0.5) / 2 + 1.6) / 2)  # 0.355: each answer's token mean
+    assert m["clip_frac"].item() == pytest.approx(2 / 3)  # row 0 token 1 (above 1.28, A > 0), row 1 (below 0.8, A < 0)
+    loss, _ = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, loss_type="dapo")
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.6) / 3)  # -0.06: every token weighs the same
+    # the k3 KL: ref = logp + ln 2 on every token -> k3 = e^(ln 2) - 1 - ln 2 = 0.306853; beta 0.1 adds 0.0306853
+    ref = logps + math.log(2.0)
+    loss, m = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, ref_logps=ref, beta=0.1, loss_type="grpo")
+    assert loss.item() == pytest.approx(0.355 + 0.0306853, abs=1e-6)
+    assert m["kl_k3"].item() == pytest.approx(0.306853, abs=1e-6)
+    loss, _ = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, ref_logps=ref, beta=0.1, loss_type="dapo")
+    assert loss.item() == pytest.approx(-0.06 + 0.0306853, abs=1e-6)
+
+
+def test_group_policy_loss_gradient_by_hand():
+    """At ratio 1 (first pass) the gradient of the grpo loss on a token's log-prob is -A / |y_i| / B."""
+    logps = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    loss, _ = group_policy_loss(logps, logps.detach(), torch.tensor([1.0, -2.0]), mask, loss_type="grpo")
+    loss.backward()
+    assert torch.allclose(logps.grad, torch.tensor([[0.0, -0.25, -0.25], [0.0, 1.0, 0.0]]))
+    # an all-equal group: zero advantage, zero gradient, no NaN
+    logps.grad = None
+    loss, _ = group_policy_loss(logps, logps.detach(), group_advantages(torch.ones(1, 2)).reshape(-1), mask)
+    loss.backward()
+    assert loss.item() == 0.0 and logps.grad.abs().max() == 0.0
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda ps, ans: 1 / 0, "reward function bad failed on a batch of 2 answers: ZeroDivisionError"),
+    (lambda ps, ans: [1.0], "reward function bad returned 1 scores for 2 answers"),
+    (lambda ps, ans: [1.0, float("nan")], "reward function bad returned nan for answer 1 .'b'.; return a finite"),
+    (lambda ps, ans: {"a": 1}, "reward function bad returned dict, not one number per answer"),
+])
+def test_a_broken_reward_function_is_named(fn, message):
+    with pytest.raises(RewardFunctionError, match=message):
+        score({"good": lambda ps, ans: [0.0, 1.0], "bad": fn}, {}, ["p", "q"], ["a", "b"])
+
+
+def test_scores_are_the_weighted_sum_of_the_functions():
+    total, each = score({"f": lambda ps, ans: [1.0, 2.0], "g": lambda ps, ans: torch.tensor([10.0, 0.0])},
+                        {"f": 0.5}, ["p", "q"], ["a", "b"])
+    assert total.tolist() == [10.5, 1.0] and each["g"].tolist() == [10.0, 0.0]
+
+
+def setup(tokenizer, cfg_type, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    prompts = ["user : how do i cook rice ? assistant :", "user : how can i sleep better ? assistant :"] * 8
+    cfg = cfg_type(**{**dict(iterations=12, prompts_per_batch=4, group_size=4, minibatch_size=8, epochs=2, lr=1e-2,
+                             lr_schedule="constant",
+                             sampling=SamplingParams(max_new_tokens=12)), **kw})
+    return model, prompts, cfg
+
+
+def shorter_is_better(prompts, answers):
+    return [-0.2 * len(a.split()) for a in answers]
+
+
+@pytest.mark.parametrize("cfg_type, kw", [(GRPOConfig, {}), (RLOOConfig, {"beta": 0.01})])
+def test_group_trainers_learn_to_raise_reward(sandbox_tokenizer, cfg_type, kw):
+    model, prompts, cfg = setup(sandbox_tokenizer, cfg_type, **kw)
+    history = GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg).train()
+    assert {"reward", "kl", "clip_frac", "loss", "reward_std_in_group", "answer_len"} <= history[0].keys()
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    first = sum(h["reward"] for h in history[:3]) / 3
+    last = sum(h["reward"] for h in history[-3:]) / 3
+    assert last > first + 0.5, (first, last)
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_grpo_resume_gives_the_same_parameters(sandbox_tokenizer, tmp_path):
+    """Two passes of two minibatches per rollout batch and a KL to the reference: old and reference log-probs."""
+    def trainer(out):
+        model, prompts, cfg = setup(sandbox_tokenizer, GRPOConfig, iterations=3, epochs=2, minibatch_size=8, beta=0.05)
+        return GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg, output_dir=out)
+
+    straight = trainer(tmp_path / "a")
+    straight_history = straight.train()
+    trainer(tmp_path / "b").train(stop_at=2)
+    resumed = trainer(tmp_path / "b")
+    torch.manual_seed(4321)  # the resumed run must not depend on the global RNG
+    resumed_history = resumed.train()
+    assert resumed_history[0]["loss"] == pytest.approx(straight_history[2]["loss"], abs=1e-6)
+    assert torch.allclose(params(straight.model), params(resumed.model), atol=1e-6)
+    assert straight_history[1]["kl_k3"] > 0  # the reference is kept, and the policy moved away from it (k3 >= 0)
+
+
+def test_a_config_refuses_another_familys_advantage(sandbox_tokenizer):
+    model, prompts, cfg = setup(sandbox_tokenizer, RLOOConfig, advantage="grpo")
+    with pytest.raises(ValueError, match="advantage 'grpo' is not one of rloo's"):
+        GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg)
