@@ -104,7 +104,7 @@ def run(tiny: bool = False) -> dict:
     corpus = world.sft_corpus(w["demonstrations"], seed=0)
     tokenizer = build_tokenizer(world_texts(world) + [q + " " + a for q, a in corpus])
     policy = build_model(tokenizer, merged(TinyModelConfig(), w["model"]), seed=0)
-    train_prompts, test_prompts = world.prompts(w["train_prompts"], seed=20), world.prompts(w["test_prompts"], seed=999)
+    train_prompts, test_prompts = world.prompts(w["train_prompts"], seed=20), world.prompts(w["test_prompts"], seed=999, split="test")
     clock.lap("world")
 
     sft_cfg = merged(SFTConfig(), p["sft"]["sft"])

@@ -70,6 +70,7 @@ def run(
         fail("--only needs --from-run RUN_ID (see `alignflow runs list`)")
     from alignment.trainers.common import NonFiniteLossError
     from flows.pipeline import pipeline_flow, preflight, resolved_yaml
+    from alignment.rewards import RewardFunctionError
     from tasks.data import DataError
     try:
         preflight(cfg.pipelines[pipeline], only)  # bad data fails before Prefect, MLflow or any file
@@ -78,6 +79,9 @@ def run(
         fail("interrupted: the running stage was marked KILLED; run the same command again to resume", 130)
     except DataError as err:
         fail(f"bad input data: {err}", 2)
+    except RewardFunctionError as err:
+        where = " (" + err.__notes__[0] + ")" if getattr(err, "__notes__", None) else ""
+        fail(f"bad reward function{where}: {err}", 2)
     except NonFiniteLossError as err:
         where = " in " + err.__notes__[0] if getattr(err, "__notes__", None) else ""
         fail(f"pipeline {pipeline!r} stopped{where}: training diverged: {err}", 1)

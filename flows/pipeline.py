@@ -66,7 +66,8 @@ def pipeline_params(cfg: PipelinesFile, stages: list) -> dict:
 
 def log_results(tracker: Tracker, parent: str, pipeline: str, stages: list, outputs: dict[str, StageOutput]) -> None:
     """On the parent run: every finished stage's final metrics as `<stage>/<metric>` and its duration (a
-    cached stage's from when it was computed), and the reward-KL figure of the evaluated policies."""
+    cached stage's from when it was computed), the reward-KL figure of the evaluated policies and, when
+    several were evaluated, their metrics side by side (comparison/methods.csv and .md)."""
     from tasks import plots
     from tasks.stage import HISTORY, stage_metrics
 
@@ -77,26 +78,38 @@ def log_results(tracker: Tracker, parent: str, pipeline: str, stages: list, outp
         if o.duration_s is not None:
             metrics[f"{name}/duration_s"] = o.duration_s
     tracker.log_metrics(parent, metrics, step=0)
-    policies, references, trajectories = [], {}, []
+    policies, references, trajectories, evaluations = [], {}, [], {}
     for stage in stages:
         if stage.type != "evaluate" or stage.name not in outputs:
             continue
         m = finished[stage.name]
+        evaluations[stage.inputs["policy"]] = m
         rewards = {short: m[f"eval/{short}_reward_mean"] for short in plots.MEASURES if f"eval/{short}_reward_mean" in m}
         policies.append({"label": stage.inputs["policy"], "kl": m["eval/kl"], **rewards})
         references.setdefault(stage.inputs["reference"], {
             "label": stage.inputs["reference"], **{k: m[f"eval/ref_{k}_reward_mean"] for k in rewards}})
         source = outputs.get(stage.inputs["policy"])
         rows = plots.read_history(Path(source.path) / HISTORY) if source else []
-        if rows and all("kl" in r and "reward" in r for r in rows):  # a trainer that scored its own rollouts
-            trajectories.append({"label": f"{source.name} rollouts along training", "kl": [r["kl"] for r in rows],
-                                 "rm": [r["reward"] for r in rows]})
+        # a trainer that scored its own rollouts with the reward model and measured their KL (PPO; GRPO and
+        # RLOO with a KL term, whose reward-model share is reward/reward_model)
+        rm_key = "reward/reward_model" if rows and "reward/reward_model" in rows[0] else "reward" if source and source.type == "ppo" else None
+        if rows and rm_key and all("kl" in r and rm_key in r for r in rows):
+            trajectories.append({"label": f"{source.name} rollouts along training", "policy": stage.inputs["policy"],
+                                 "kl": [r["kl"] for r in rows], "rm": [r[rm_key] for r in rows]})
     fig = plots.reward_kl_figure(policies, list(references.values()), trajectories, f"{pipeline} {parent[:8]}: reward against KL")
     if fig is not None:
         import matplotlib.pyplot as plt
 
         tracker.log_figure(parent, fig, "reward_vs_kl.png")
         plt.close(fig)
+    if len(evaluations) > 1:  # several methods: one table of every evaluation metric, side by side
+        import tempfile
+
+        csv, md = plots.methods_table(evaluations)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "methods.csv").write_text(csv)
+            (Path(tmp) / "methods.md").write_text(md)
+            tracker.log_artifact(parent, tmp, "comparison")
 
 
 def upstream_from_run(tracker: Tracker, from_run: str) -> dict[str, StageOutput]:
@@ -191,7 +204,9 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
 
 
 def preflight(spec, only: str | None) -> None:
-    """Validate every data file the pipeline reads (all problems at once) before any work."""
+    """Validate every data file the pipeline reads (all problems at once) and load its reward functions,
+    before any work."""
+    from tasks import rewards
     from tasks.data import read_prompt_file
     from tasks.stages.import_preferences import import_preferences
     from tasks.stages.sft import import_demonstrations
@@ -205,6 +220,8 @@ def preflight(spec, only: str | None) -> None:
             import_demonstrations(stage.params)
         if getattr(stage.params, "prompts_file", None):
             read_prompt_file(stage.params.prompts_file)
+        for spec in getattr(stage.params, "reward_functions", []):
+            rewards.load(spec)
 
 
 def _raise_interrupt(signum, frame):

@@ -10,6 +10,7 @@ moved and whether it prefers the chosen answers.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,62 @@ def test_trl_conversational_preferences_dpo_evaluate(files):
     assert metrics["eval/pref_accuracy"] >= 0.8
     assert metrics["eval/kl"] > 0.01  # the policy moved away from the reference
     assert json.loads((out["evaluate"] / "gates.json").read_text())["passed"]
+
+
+REWARDS = '''
+def brevity(prompts, answers):
+    """Shorter answers score higher; the prompts are chat messages."""
+    assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts)
+    return [-len(a.split()) / 10 for a in answers]
+
+
+def broken(prompts, answers):
+    return [float("nan")] * len(answers)
+'''
+
+
+def test_grpo_with_the_users_reward_function_on_a_chat_model(files):
+    """GRPO fed by a function in the user's my_rewards.py (no reward model): it runs on chat prompts; editing
+    the function re-runs the stage (its source is in the cache key); a function that returns NaN or cannot
+    be imported stops the run with its name, exit 2, and nothing written."""
+    from mlflow.tracking import MlflowClient
+
+    root, model = files
+    (root / "my_rewards.py").write_text(REWARDS)
+
+    def grpo(function: str):
+        return run_pipeline(root, "grpo", [
+            {"name": "base", "type": "model", "params": {"name_or_path": str(model)}},
+            {"name": "grpo", "type": "grpo", "inputs": {"policy": "base"},
+             "params": {"prompts_file": str(root / "prompts.jsonl"), "reward_functions": [function],
+                        "grpo": {"iterations": 2, "prompts_per_batch": 2, "group_size": 4, "lr": 1e-3,
+                                 "sampling": {"max_new_tokens": 12}}}},
+        ])
+
+    result, out = grpo("my_rewards:brevity")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = [json.loads(line) for line in (out["grpo"] / "train_metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(h["reward"] <= 0 and h["answer_len"] > 0 for h in history)
+    first = out["grpo"]
+
+    (root / "my_rewards.py").write_text(REWARDS + "\n# tuned\n")
+    result, out = grpo("my_rewards:brevity")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out["grpo"] != first and re.search(r"^  base\s+cached ", result.stdout, re.M)
+    assert not re.search(r"^  grpo\s+cached ", result.stdout, re.M)
+
+    entries = set((root / "runs-grpo" / "stages" / "grpo").iterdir())
+    result, _ = grpo("my_rewards:broken")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "bad reward function" in result.stderr and "my_rewards:broken returned nan for answer 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    published = {p for p in (root / "runs-grpo" / "stages" / "grpo").iterdir() if not p.name.startswith(".")}
+    assert published == {p for p in entries if not p.name.startswith(".")}  # nothing new published
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    failed = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id],
+                                "tags.`alignflow.stage` = 'grpo'", order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert failed.info.status == "FAILED" and "returned nan" in failed.data.tags["alignflow.error"]
+
+    result, _ = grpo("no_such_module:score")
+    assert result.returncode == 2
+    assert "reward function no_such_module:score: no module 'no_such_module'" in result.stderr

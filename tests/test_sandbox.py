@@ -30,6 +30,26 @@ def test_topic_of_rejects_foreign_prompts():
         topic_of("user : what is the meaning of life ? assistant :")
 
 
+def test_test_prompts_ask_in_phrasings_that_training_never_saw():
+    """Hundreds of distinct requests a split; no test request, and no test frame, occurs in training; every
+    request names its topic; a test frame uses only words that the SFT demonstrations hold."""
+    from alignment.sandbox.world import TOPICS
+
+    world = World()
+    train, test = world.prompts(2000, seed=20), world.prompts(400, seed=999, split="test")
+    assert len(set(train)) > 1000 and len(set(test)) > 300 and not set(train) & set(test)
+
+    def frame(prompt: str) -> str:  # the request with its task replaced by a placeholder
+        task = next(t for v in TOPICS.values() for t in v["tasks"] if f" {t} " in prompt)
+        return prompt.replace(f" {task} ", " {task} ")
+
+    train_frames, test_frames = {frame(p) for p in train}, {frame(p) for p in test}
+    assert not train_frames & test_frames
+    assert {topic_of(p) for p in test} == set(TOPICS)
+    seen = {w for p, a in world.sft_corpus(2000) for w in f"{p} {a}".split()}  # what SFT reads
+    assert {w for p in test_frames for w in p.split()} - {"{task}"} <= seen
+
+
 def test_labeler_prefers_better_answer_with_bradley_terry_probability():
     world = World(WorldConfig(labeler_tau=0.5))
     a = "happy to help ! rinse the rice and use two cups of water ."  # g = 1.5
@@ -60,7 +80,7 @@ def test_cli_help_and_unknown_pipeline(tmp_path):
     assert result.returncode == 0 and "quickstart" in result.stdout
     result = subprocess.run([cli, "run", "no-such-pipeline"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2
-    assert "no pipeline 'no-such-pipeline'; defined: quickstart, dpo-from-preferences, rlhf-ppo" in result.stderr
+    assert "no pipeline 'no-such-pipeline'; defined: quickstart, compare-methods, verifiable-reward, dpo-from-preferences, rlhf-ppo" in result.stderr
 
 
 def test_evaluation_against_reference_answers_sampled_once():

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from alignment.sandbox.world import (
     BANNED_NOUN_TEMPLATES,
     BANNED_TEMPLATES,
+    FRAMES,
+    PREFIXES,
+    SUFFIXES,
     PROMPT_TEMPLATE,
     TOPICS,
     World,
@@ -20,7 +23,9 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 def world_texts(world: World) -> list[str]:
     """Every phrase the world can produce, so the vocabulary covers all answers."""
-    texts = [PROMPT_TEMPLATE.format(ask=a) for t in TOPICS.values() for a in t["asks"]]
+    texts = [PROMPT_TEMPLATE.format(ask=frame.format(task=task)) for frames in FRAMES.values() for frame in frames
+             for t in TOPICS.values() for task in t["tasks"]]
+    texts += PREFIXES + SUFFIXES
     texts += [s for t in TOPICS.values() for s in t["advice"]]
     texts += POLITE_PHRASES + RUDE_PHRASES + NEUTRAL_OPENERS
     texts += [t.format(w=w) for t in BANNED_TEMPLATES + BANNED_NOUN_TEMPLATES for w in world.cfg.banned_words]

@@ -1,6 +1,7 @@
 """The sandbox world: a "friendly assistant" task with a known truth.
 
-A seeded generator of user requests over 20 topics, an SFT corpus that mixes polite, neutral, rude,
+A seeded generator of user requests over 20 topics (each a task of its topic in one of many phrasings;
+training and test requests use disjoint phrasings), an SFT corpus that mixes polite, neutral, rude,
 off-topic and foul-mouthed answers, a hidden gold reward g(prompt, answer), and a simulated labeler that
 prefers answer a over b with probability sigma((g_a - g_b) / tau). Text is lower-case with spaced
 punctuation, so a word-level tokenizer covers it exactly.
@@ -24,83 +25,83 @@ from dataclasses import dataclass, field
 
 TOPICS: dict[str, dict[str, list[str]]] = {
     "password": {
-        "asks": ["how do i make a strong password ?", "is my password safe enough ?"],
+        "tasks": ["make a strong password", "keep my password safe"],
         "advice": ["use a long passphrase of random words .", "never reuse a password on two sites .", "turn on two factor login ."],
     },
     "recipe": {
-        "asks": ["how do i cook rice ?", "what is an easy dinner recipe ?"],
+        "tasks": ["cook rice", "make an easy dinner"],
         "advice": ["rinse the rice and use two cups of water .", "simmer it with the lid on for fifteen minutes .", "add salt and a little butter at the end ."],
     },
     "travel": {
-        "asks": ["how should i pack for a trip ?", "any tips for my first flight ?"],
+        "tasks": ["pack for a trip", "get ready for my first flight"],
         "advice": ["pack light and roll your clothes .", "keep your passport in your carry on bag .", "arrive at the airport two hours early ."],
     },
     "fitness": {
-        "asks": ["how do i start running ?", "how can i get fit at home ?"],
+        "tasks": ["start running", "get fit at home"],
         "advice": ["start with short runs three times a week .", "warm up and stretch before you exercise .", "rest one day between hard workouts ."],
     },
     "sleep": {
-        "asks": ["how can i sleep better ?", "why am i always tired ?"],
+        "tasks": ["sleep better", "stop feeling tired all day"],
         "advice": ["go to bed at the same time every night .", "keep your bedroom dark and cool .", "avoid screens an hour before bed ."],
     },
     "budget": {
-        "asks": ["how do i make a budget ?", "how can i save more money ?"],
+        "tasks": ["make a budget", "save more money"],
         "advice": ["write down every expense for a month .", "put a fixed amount into savings each payday .", "cancel subscriptions you do not use ."],
     },
     "garden": {
-        "asks": ["how do i grow tomatoes ?", "why are my plants dying ?"],
+        "tasks": ["grow tomatoes", "keep my garden plants alive"],
         "advice": ["give the plants six hours of sun a day .", "water deeply at the base in the morning .", "feed the soil with compost ."],
     },
     "study": {
-        "asks": ["how should i study for an exam ?", "how do i remember what i read ?"],
+        "tasks": ["study for an exam", "remember what i read"],
         "advice": ["study in short sessions with breaks .", "test yourself instead of rereading notes .", "teach the topic to a friend ."],
     },
     "resume": {
-        "asks": ["how do i write a good resume ?", "what should my cv include ?"],
+        "tasks": ["write a good resume", "write a strong cv"],
         "advice": ["keep your resume to one page .", "list results with numbers , not duties .", "tailor it to each job posting ."],
     },
     "email": {
-        "asks": ["how do i write a polite email ?", "how should i email my boss ?"],
+        "tasks": ["write a polite email", "email my boss"],
         "advice": ["write a clear subject line .", "keep the message short and specific .", "end with a clear request and thanks ."],
     },
     "coffee": {
-        "asks": ["how do i brew good coffee ?", "why is my coffee bitter ?"],
+        "tasks": ["brew good coffee", "make my coffee less bitter"],
         "advice": ["grind the beans right before brewing .", "use water just below boiling .", "try one gram of coffee per sixteen of water ."],
     },
     "dog": {
-        "asks": ["how do i train my puppy ?", "how do i stop my dog barking ?"],
+        "tasks": ["train my puppy", "stop my dog barking"],
         "advice": ["reward good behavior with treats right away .", "keep training sessions short and fun .", "be consistent with the same commands ."],
     },
     "car": {
-        "asks": ["how do i check my tires ?", "how often should i service my car ?"],
+        "tasks": ["check my tires", "look after my car"],
         "advice": ["check the tire pressure once a month .", "change the oil as the manual says .", "look at the tread depth with a coin ."],
     },
     "bike": {
-        "asks": ["how do i fix a flat bike tire ?", "how do i maintain my bike ?"],
+        "tasks": ["fix a flat bike tire", "maintain my bike"],
         "advice": ["find the hole and patch the inner tube .", "keep the chain clean and oiled .", "check the brakes before each ride ."],
     },
     "plant": {
-        "asks": ["how often should i water a cactus ?", "how do i keep houseplants alive ?"],
+        "tasks": ["water a cactus", "keep houseplants alive"],
         "advice": ["let the soil dry out between waterings .", "use a pot with drainage holes .", "put the plant near a bright window ."],
     },
     "stress": {
-        "asks": ["how do i deal with stress ?", "how can i calm down quickly ?"],
+        "tasks": ["deal with stress", "calm down quickly"],
         "advice": ["take slow deep breaths for one minute .", "go for a short walk outside .", "talk to someone you trust ."],
     },
     "phone": {
-        "asks": ["how do i make my phone battery last ?", "why is my phone so slow ?"],
+        "tasks": ["make my phone battery last", "speed up my slow phone"],
         "advice": ["lower the screen brightness .", "close apps you are not using .", "update the system software ."],
     },
     "interview": {
-        "asks": ["how do i prepare for an interview ?", "what should i ask in an interview ?"],
+        "tasks": ["prepare for an interview", "ask good questions in an interview"],
         "advice": ["research the company before you go .", "practice answers to common questions .", "prepare two questions for the interviewer ."],
     },
     "laundry": {
-        "asks": ["how do i remove a stain ?", "how do i wash a wool sweater ?"],
+        "tasks": ["remove a stain", "wash a wool sweater"],
         "advice": ["treat the stain with cold water right away .", "wash wool by hand in cool water .", "dry it flat away from heat ."],
     },
     "moving": {
-        "asks": ["how do i plan a move ?", "how should i pack for moving house ?"],
+        "tasks": ["plan a move", "pack for moving house"],
         "advice": ["label every box with its room .", "start packing two weeks early .", "book the movers well in advance ."],
     },
 }
@@ -116,6 +117,17 @@ DEFAULT_BANNED_WORDS = ("stupid", "idiot", "dumb", "lazy", "clueless")
 BANNED_TEMPLATES = ["only a {w} person asks this .", "do not be {w} .", "even a {w} one knows this ."]
 BANNED_NOUN_TEMPLATES = ["listen , {w} .", "come on , {w} ."]
 PROMPT_TEMPLATE = "user : {ask} assistant :"
+# A request is a prefix, a frame around one of its topic's tasks, and a suffix. The splits use disjoint
+# frames, so evaluation asks in phrasings that training never saw; every word of a test frame occurs in
+# the training frames, prefixes or suffixes (no word the model never read).
+FRAMES = {
+    "train": ["how do i {task} ?", "how can i {task} ?", "what is the best way to {task} ?", "can you help me {task} ?",
+              "i want to {task} . any tips ?", "please tell me how to {task} ."],
+    "test": ["tell me how i can {task} .", "any tips to {task} ?", "help me {task} , please .", "i want tips : how can i {task} ?"],
+}
+PREFIXES = ["", "hi !", "hello .", "quick question :"]
+SUFFIXES = ["", "thanks !", "please help ."]
+SPLITS = tuple(FRAMES)
 
 
 @dataclass(frozen=True)
@@ -129,16 +141,49 @@ class WorldConfig:
     labeler_tau: float = 0.5  # temperature of the simulated labeler (larger = noisier labels)
 
 
+class GoldLabeler:
+    """The simulated labeler of a world that knows its gold reward (self.gold_reward, self.cfg.labeler_tau)."""
+
+    def label(self, prompt: str, a: str, b: str, rng: random.Random) -> int:
+        """Simulated labeler: 0 if it prefers a, 1 if b. P(a) = sigma((g_a - g_b) / tau)."""
+        diff = (self.gold_reward(prompt, a) - self.gold_reward(prompt, b)) / self.cfg.labeler_tau
+        return 0 if rng.random() < 1.0 / (1.0 + math.exp(-diff)) else 1
+
+    def preference_pairs(self, answers_by_prompt: Iterable[tuple[str, list[str]]], seed: int) -> tuple[list[tuple[int, str, str]], int]:
+        """Every two different answers of each prompt, labeled by the simulated labeler.
+
+        Returns (pairs, empty): pairs as (index of the prompt, chosen, rejected), and how many pairs were left
+        out because an answer is empty (an empty answer is a legitimate sample, not a preference)."""
+        rng, pairs, empty = random.Random(seed), [], 0
+        for i, (prompt, answers) in enumerate(answers_by_prompt):
+            for a, b in itertools.combinations(answers, 2):
+                if a == b:
+                    continue
+                if not a.strip() or not b.strip():
+                    empty += 1
+                    continue
+                pairs.append((i, a, b) if self.label(prompt, a, b, rng) == 0 else (i, b, a))
+        return pairs, empty
+
+
 @dataclass
-class World:
+class World(GoldLabeler):
     cfg: WorldConfig = field(default_factory=WorldConfig)
 
     # -- prompts and answers ----------------------------------------------------------------------
-    def prompts(self, n: int, seed: int | None = None) -> list[str]:
-        """n user requests, cycling over topics in a seeded order."""
+    def prompts(self, n: int, seed: int | None = None, split: str = "train") -> list[str]:
+        """n user requests cycling over the topics, each a seeded draw of task, frame (of `split`), prefix
+        and suffix: 6 x 40 x 4 x 3 = 2,880 distinct training requests, 1,920 test ones."""
+        if split not in FRAMES:
+            raise ValueError(f"unknown split {split!r}; use one of {list(FRAMES)}")
         rng = random.Random(self.cfg.seed if seed is None else seed)
         topics = sorted(TOPICS)
-        return [PROMPT_TEMPLATE.format(ask=rng.choice(TOPICS[topics[i % len(topics)]]["asks"])) for i in range(n)]
+        out = []
+        for i in range(n):
+            frame = rng.choice(FRAMES[split]).format(task=rng.choice(TOPICS[topics[i % len(topics)]]["tasks"]))
+            ask = " ".join(part for part in (rng.choice(PREFIXES), frame, rng.choice(SUFFIXES)) if part)
+            out.append(PROMPT_TEMPLATE.format(ask=ask))
+        return out
 
     def sft_answer(self, prompt: str, rng: random.Random) -> str:
         """One answer of the SFT mixture: real mixture of good and bad behaviour."""
@@ -167,27 +212,6 @@ class World:
     def gold_reward(self, prompt: str, answer: str) -> float:
         return gold_reward(prompt, answer, self.cfg.banned_words)
 
-    def label(self, prompt: str, a: str, b: str, rng: random.Random) -> int:
-        """Simulated labeler: 0 if it prefers a, 1 if b. P(a) = sigma((g_a - g_b) / tau)."""
-        diff = (self.gold_reward(prompt, a) - self.gold_reward(prompt, b)) / self.cfg.labeler_tau
-        return 0 if rng.random() < 1.0 / (1.0 + math.exp(-diff)) else 1
-
-    def preference_pairs(self, answers_by_prompt: Iterable[tuple[str, list[str]]], seed: int) -> tuple[list[tuple[int, str, str]], int]:
-        """Every two different answers of each prompt, labeled by the simulated labeler.
-
-        Returns (pairs, empty): pairs as (index of the prompt, chosen, rejected), and how many pairs were left
-        out because an answer is empty (an empty answer is a legitimate sample, not a preference)."""
-        rng, pairs, empty = random.Random(seed), [], 0
-        for i, (prompt, answers) in enumerate(answers_by_prompt):
-            for a, b in itertools.combinations(answers, 2):
-                if a == b:
-                    continue
-                if not a.strip() or not b.strip():
-                    empty += 1
-                    continue
-                pairs.append((i, a, b) if self.label(prompt, a, b, rng) == 0 else (i, b, a))
-        return pairs, empty
-
     def banned_count(self, answer: str) -> int:
         words = answer.split()
         return sum(words.count(w) for w in self.cfg.banned_words)
@@ -195,7 +219,7 @@ class World:
 
 def topic_of(prompt: str) -> str:
     for name, topic in TOPICS.items():
-        if any(ask in prompt for ask in topic["asks"]):
+        if any(f" {task} " in prompt for task in topic["tasks"]):
             return name
     raise ValueError(f"not a sandbox prompt: {prompt!r}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,45 +26,10 @@ from alignment.lora import has_adapters, reference_mode
 from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
+from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
 from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler
 
-RewardFn = Callable[[list, list[str]], Sequence[float]]
-"""reward_fn(prompts, answers) -> one float per answer (a list, an array or a tensor)."""
-
 ADVANTAGES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
-
-
-class RewardFunctionError(ValueError):
-    """A reward function failed or returned something other than one finite float per answer."""
-
-
-def score(reward_fns: Mapping[str, RewardFn], weights: Mapping[str, float], prompts: list, answers: list[str]
-          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_k w_k * f_k(prompts, answers) -> [B], and each function's own scores [B] (float32, CPU).
-
-    Every function must return len(answers) finite numbers; otherwise RewardFunctionError names it."""
-    each = {}
-    for name, fn in reward_fns.items():
-        try:
-            raw = fn(list(prompts), list(answers))
-        except Exception as e:  # noqa: BLE001 - a user's function: report it by name, with its own message
-            raise RewardFunctionError(f"reward function {name} failed on a batch of {len(answers)} answers: "
-                                      f"{type(e).__name__}: {e}") from e
-        try:
-            values = torch.as_tensor(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=torch.float32).reshape(-1)
-        except (TypeError, ValueError, RuntimeError):
-            raise RewardFunctionError(f"reward function {name} returned {type(raw).__name__}, not one number per answer; "
-                                      f"return a list of {len(answers)} floats") from None
-        if len(values) != len(answers):
-            raise RewardFunctionError(f"reward function {name} returned {len(values)} scores for {len(answers)} answers; "
-                                      "return exactly one float per answer")
-        if not torch.isfinite(values).all():
-            bad = int((~torch.isfinite(values)).nonzero()[0])
-            raise RewardFunctionError(f"reward function {name} returned {float(values[bad])} for answer {bad} "
-                                      f"({answers[bad][:60]!r}); return a finite float for every answer")
-        each[name] = values
-    total = sum(weights.get(name, 1.0) * v for name, v in each.items())
-    return total, each
 
 
 class GroupTrainer:
@@ -168,10 +133,10 @@ class GroupTrainer:
         group_std = scores.view(cfg.prompts_per_batch, cfg.group_size).std(-1)
         stats = {
             "reward": float(total.mean()),
-            **({f"reward/{name}": float(v.mean()) for name, v in each.items()} if len(each) > 1 else {}),
+            **{f"reward/{name}": float(v.mean()) for name, v in each.items()},
             "reward_std_in_group": float(group_std.mean()),
             "groups_without_signal": float((group_std == 0).float().mean()),  # all answers scored alike: no gradient
-            "kl": float(kl.mean()),
+            **({"kl": float(kl.mean())} if cfg.beta else {}),  # measured only where there is a reference
             "answer_len": float(out.answer_mask.sum(-1).float().mean()),
             "truncated": float(truncated.float().mean()),
         }

@@ -8,9 +8,9 @@ file is reported at once.
 """
 
 from tasks.stages import (
-    dpo, evaluate, import_preferences, label, model, ppo, sample, sft, train_reward_model, world,
+    dpo, evaluate, grpo, import_preferences, label, model, ppo, rloo, sample, sft, train_reward_model, world,
 )
 
 MODULES = {m.Stage.model_fields["type"].annotation.__args__[0]: m for m in (
-    world, model, sft, sample, label, import_preferences, train_reward_model, dpo, ppo, evaluate,
+    world, model, sft, sample, label, import_preferences, train_reward_model, dpo, ppo, grpo, rloo, evaluate,
 )}

@@ -10,6 +10,7 @@ registered under `register_as`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import re
@@ -89,6 +90,28 @@ def rm_accuracy(reward_fn, pairs: list[dict], batch_size: int = 64) -> float:
     return sum(right) / len(pairs)
 
 
+def reference_answers(ctx, inputs, reference, tokenizer, prompts: list, p: Params, run_id: str) -> list[str]:
+    """The reference's answers to the evaluation prompts, sampled once and stored: every evaluate stage with
+    the same reference, prompts, sampling and seed reuses them (what evaluate_policy would sample itself)."""
+    import dataclasses
+
+    from alignment.evaluation import generate_answers
+    from tasks.store import stage_key
+
+    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+    key = stage_key("reference_answers", {"sampling": dataclasses.asdict(p.sampling), "seed": p.seed + 8, "prompts": digest},
+                    {"reference": inputs["reference"].content_hash})
+    stored = ctx.store.final("reference_answers", key) / "answers.json"
+    if ctx.store.lookup("reference_answers", key) is not None:
+        ctx.tracker.set_tags(run_id, {"reference_answers.key": key, "reference_answers.reused": True})
+        return json.loads(stored.read_text())
+    answers, _ = generate_answers(reference, tokenizer, prompts, p.sampling, seed=p.seed + 8)
+    (ctx.store.partial("reference_answers", key) / "answers.json").write_text(json.dumps(answers))
+    ctx.store.publish("reference_answers", key, {"run_id": run_id})
+    ctx.tracker.set_tags(run_id, {"reference_answers.key": key, "reference_answers.reused": False})
+    return answers
+
+
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     import pandas as pd
 
@@ -117,7 +140,9 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
         world = load_world(inputs)
         scores.update(gold_fn=gold_scores(world), banned_fn=has_banned_word(world))
-    metrics, rows = evaluate_policy(policy, reference, tokenizer, prompts, p.sampling, seed=p.seed + 7, **scores)
+    ref_answers = reference_answers(ctx, inputs, reference, tokenizer, prompts, p, run_id)
+    metrics, rows = evaluate_policy(policy, reference, tokenizer, prompts, p.sampling, seed=p.seed + 7,
+                                    reference_answers=ref_answers, **scores)
     if test_pairs:
         pairs = examples(tokenizer, test_pairs, p.max_length)
         beta = p.beta if p.beta is not None else trained_beta(inputs["policy"].path) or DPOConfig().beta

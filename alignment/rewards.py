@@ -1,0 +1,50 @@
+"""Reward functions: f(prompts, answers) -> one float per answer, combined as sum_k w_k f_k.
+
+Light on purpose (torch is imported when scores are computed), so that pipelines can name the error type
+while they check a config.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+RewardFn = Callable[[list, list[str]], Sequence[float]]
+"""reward_fn(prompts, answers) -> one float per answer (a list, an array or a tensor)."""
+
+
+class RewardFunctionError(ValueError):
+    """A reward function failed or returned something other than one finite float per answer."""
+
+
+def score(reward_fns: Mapping[str, RewardFn], weights: Mapping[str, float], prompts: list, answers: list[str]
+          ) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+    """sum_k w_k * f_k(prompts, answers) -> [B], and each function's own scores [B] (float32, CPU).
+
+    Every function must return len(answers) finite numbers; otherwise RewardFunctionError names it."""
+    import torch
+
+    each = {}
+    for name, fn in reward_fns.items():
+        try:
+            raw = fn(list(prompts), list(answers))
+        except Exception as e:  # noqa: BLE001 - a user's function: report it by name, with its own message
+            raise RewardFunctionError(f"reward function {name} failed on a batch of {len(answers)} answers: "
+                                      f"{type(e).__name__}: {e}") from e
+        try:
+            values = torch.as_tensor(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=torch.float32).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise RewardFunctionError(f"reward function {name} returned {type(raw).__name__}, not one number per answer; "
+                                      f"return a list of {len(answers)} floats") from None
+        if len(values) != len(answers):
+            raise RewardFunctionError(f"reward function {name} returned {len(values)} scores for {len(answers)} answers; "
+                                      "return exactly one float per answer")
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).nonzero()[0])
+            raise RewardFunctionError(f"reward function {name} returned {float(values[bad])} for answer {bad} "
+                                      f"({answers[bad][:60]!r}); return a finite float for every answer")
+        each[name] = values
+    total = sum(weights.get(name, 1.0) * v for name, v in each.items())
+    return total, each
