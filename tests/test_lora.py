@@ -59,3 +59,23 @@ def test_ppo_with_lora_reference_is_the_base_model(sandbox_tokenizer):
     with torch.no_grad():
         assert torch.allclose(trainer.reference_logits(ids, mask), original(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(model.policy(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-3)
+
+
+def test_grpo_with_lora_reference_is_the_base_model(sandbox_tokenizer):
+    from test_group_rl import setup, shorter_is_better
+
+    from alignment.trainers.group import GRPOConfig, GroupTrainer
+
+    model, prompts, cfg = setup(sandbox_tokenizer, GRPOConfig, iterations=3, beta=0.1)
+    original = copy.deepcopy(model).eval()
+    policy = add_lora(model, LoRAConfig(r=4, alpha=8))
+    trainer = GroupTrainer(policy, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg)
+    assert trainer.ref_model is None  # no second copy of the weights
+    history = trainer.train()
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # adapters start as a no-op
+    assert history[-1]["kl_k3"] > 1e-4  # then the policy moves away from the reference
+    ids, mask = torch.tensor([[1, 5, 6, 7, 8]]), torch.tensor([[0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected = torch.log_softmax(original(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        ref = trainer.token_logps(ids, torch.ones_like(ids), mask, reference=True)[:, 1:]
+    assert torch.allclose(ref, expected * mask[:, 1:], atol=1e-5)

@@ -377,11 +377,24 @@ def test_reward_kl_figure_has_a_panel_per_measure():
     assert reward_kl_figure([{"label": "dpo", "kl": 2.0}], [], [], "no reward measured") is None
     fig = reward_kl_figure([{"label": "dpo", "kl": 2.4, "gold": 1.9, "rm": 2.8}, {"label": "ppo", "kl": 3.5, "rm": 3.3}],
                            [{"label": "sft", "gold": 0.1, "rm": 0.2}],
-                           [{"label": "ppo rollouts", "kl": [0.0, 1.0, 2.0], "rm": [0.2, 1.0, 2.0]}], "quickstart")
+                           [{"label": "ppo rollouts", "policy": "ppo", "kl": [0.0, 1.0, 2.0], "rm": [0.2, 1.0, 2.0]}], "quickstart")
     gold, rm = fig.axes
     assert "gold" in gold.get_ylabel() and "reward-model" in rm.get_ylabel()
     assert [t.get_text() for t in gold.texts] == ["sft", "dpo"]  # ppo has no gold measure
     assert [t.get_text() for t in rm.texts] == ["sft", "dpo", "ppo"] and len(rm.lines) == 1
+    ppo_point = [c for c in rm.collections if list(c.get_offsets()[0]) == [3.5, 3.3]][0]
+    from matplotlib.colors import to_rgb
+
+    assert to_rgb(rm.lines[0].get_color()) == tuple(ppo_point.get_facecolor()[0][:3])  # the curve in its method's colour
+
+
+def test_methods_table_puts_every_evaluation_metric_side_by_side():
+    from tasks.plots import methods_table
+
+    csv, md = methods_table({"dpo": {"eval/kl": 2.4312, "eval/gold_win_rate": 0.85, "duration_s": 9.0},
+                             "grpo": {"eval/kl": 6.0}})
+    assert csv.splitlines() == ["metric,dpo,grpo", "eval/gold_win_rate,0.85,", "eval/kl,2.431,6"]
+    assert md.splitlines()[0] == "| metric | dpo | grpo |" and md.splitlines()[2] == "| eval/gold_win_rate | 0.85 |  |"
 
 
 def test_cli_runs_list_compare_and_lineage(env):

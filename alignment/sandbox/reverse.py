@@ -4,10 +4,10 @@
 check, not a model: exact_match(prompts, answers) -> 1.0 or 0.0 (a reward function for the grpo and rloo
 stages: `reward_functions: ["alignment.sandbox.reverse:exact_match"]`).
 
-The SFT demonstrations are a careless teacher's: a share of them swap two neighbouring letters of the
-answer, so the SFT model is often wrong in a way that only checking can find. Requests of the test split
-are letter sequences that no training request holds (disjoint content), some of them longer than any
-demonstration.
+The SFT demonstrations are a careless teacher's: most of them make the same slip (the first two letters
+of the answer swapped), so the SFT model mostly answers wrongly, in a way that only checking can tell
+apart; the right answer is among its samples, which is what RL with a verifier needs. Requests of the test split
+are letter sequences that no training request holds (disjoint content).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ ASK = "reverse : {letters}"
 class ReverseConfig:
     seed: int = 0  # seed of every draw of the task
     letters: str = LETTERS  # the alphabet of the sequences
-    demo_lengths: tuple[int, ...] = (2, 3, 4, 5)  # lengths of the SFT demonstrations' sequences
-    rl_lengths: tuple[int, ...] = (2, 3, 4, 5, 6)  # lengths of the training prompts (RL needs no answers)
-    test_lengths: tuple[int, ...] = (3, 4, 5, 6)  # lengths of the held-out prompts
-    p_careless: float = 0.4  # share of demonstrations with two neighbouring letters of the answer swapped
+    demo_lengths: tuple[int, ...] = (2, 3, 4)  # lengths of the SFT demonstrations' sequences
+    rl_lengths: tuple[int, ...] = (2, 3, 4)  # lengths of the training prompts (RL needs no answers)
+    test_lengths: tuple[int, ...] = (3, 4)  # lengths of the held-out prompts (their letters: unseen sequences)
+    p_careless: float = 0.7  # share of demonstrations with the first two letters of the answer swapped
     labeler_tau: float = 0.5  # temperature of the simulated labeler (for preference stages)
 
 
@@ -70,8 +70,7 @@ class ReverseWorld(GoldLabeler):
     def sft_answer(self, prompt: str, rng: random.Random) -> str:
         answer = letters_of(prompt)[::-1]
         if rng.random() < self.cfg.p_careless:
-            i = rng.randrange(len(answer) - 1)
-            answer[i], answer[i + 1] = answer[i + 1], answer[i]
+            answer[0], answer[1] = answer[1], answer[0]
         return " ".join(answer)
 
     def sft_corpus(self, n: int, seed: int | None = None) -> list[tuple[str, str]]:

@@ -57,12 +57,11 @@ class GroupTrainer:
             raise ValueError(f"weights for unknown reward functions {sorted(unknown)}; known: {sorted(reward_fns)}")
         self.cfg, self.tokenizer, self.prompts, self.callback = cfg, tokenizer, list(prompts), callback
         self.reward_fns, self.reward_weights = dict(reward_fns), dict(reward_weights or {})
-        self.opt = Optimization(model, cfg.train_config())
-        self.ref_model = None
         if cfg.beta and ref_model is None and not has_adapters(model):
-            ref_model = frozen_copy(model)
-        if cfg.beta and ref_model is not None:
-            self.ref_model = ref_model.to(self.opt.device)
+            ref_model = frozen_copy(model)  # before the optimizer wraps the model
+        self.opt = Optimization(model, cfg.train_config())
+        # no KL term (beta 0): no reference is kept; with LoRA adapters it is the policy with them off (None)
+        self.ref_model = ref_model.to(self.opt.device) if cfg.beta and ref_model is not None else None
         self.prompt_sampler = StepSampler(len(self.prompts), cfg.prompts_per_batch, cfg.seed)
         self.checkpointer = Checkpointer.under(output_dir)
         self.iteration = 0
