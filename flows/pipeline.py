@@ -8,6 +8,7 @@ one after the other in file order. The flow only chains tasks; the work is in ta
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import tempfile
@@ -29,6 +30,28 @@ from tasks.stage import STOP, StageContext, execute  # noqa: E402
 from tasks.stages import MODULES  # noqa: E402
 from tasks.store import StageOutput, Store  # noqa: E402
 from tasks.tracking import NOTE, Tracker  # noqa: E402
+
+
+class _ExplainedErrors(logging.Filter):
+    """Errors whose message says what to do (bad data, a misbehaving reward function, divergence) are logged
+    by Prefect as a line, without the traceback a user would otherwise read as a crash of alignflow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and _explained(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _explained(err: BaseException) -> bool:
+    from alignment.rewards import RewardFunctionError
+    from alignment.trainers.common import NonFiniteLossError
+    from tasks.data import DataError
+
+    return isinstance(err, (DataError, RewardFunctionError, NonFiniteLossError))
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_ExplainedErrors())
 
 
 def run_stage(ctx: StageContext, stage, inputs: dict[str, StageOutput]) -> StageOutput:

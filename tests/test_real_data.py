@@ -166,16 +166,16 @@ def test_grpo_with_the_users_reward_function_on_a_chat_model(files):
     (root / "my_rewards.py").write_text(REWARDS + "\n# tuned\n")
     result, out = grpo("my_rewards:brevity")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert out["grpo"] != first and re.search(r"^  base\s+cached ", result.stdout, re.M)
-    assert not re.search(r"^  grpo\s+cached ", result.stdout, re.M)
+    assert re.search(r"^  base\s+cached ", result.stdout, re.M) and not re.search(r"^  grpo\s+cached ", result.stdout, re.M)
+    assert len([p for p in (root / "runs-grpo" / "stages" / "grpo").iterdir() if p != first]) == 1  # a second entry
 
     entries = set((root / "runs-grpo" / "stages" / "grpo").iterdir())
     result, _ = grpo("my_rewards:broken")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "bad reward function" in result.stderr and "my_rewards:broken returned nan for answer 0" in result.stderr
     assert "Traceback" not in result.stderr
-    published = {p for p in (root / "runs-grpo" / "stages" / "grpo").iterdir() if not p.name.startswith(".")}
-    assert published == {p for p in entries if not p.name.startswith(".")}  # nothing new published
+    published = {p for p in (root / "runs-grpo" / "stages" / "grpo").iterdir() if not p.name.endswith(".partial")}
+    assert published == entries  # nothing published (the failed run's temporary folder is never renamed)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     failed = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id],
                                 "tags.`alignflow.stage` = 'grpo'", order_by=["attributes.start_time DESC"], max_results=1)[0]
