@@ -138,16 +138,20 @@ def runs_list(config: Path = ConfigOpt, limit: int = typer.Option(20, help="How 
 @runs_app.command("compare")
 def runs_compare(
     run_a: str = typer.Argument(..., help="A pipeline run id (`alignflow runs list`)."),
-    run_b: str = typer.Argument(..., help="Another pipeline run id."),
+    run_b: str = typer.Argument(None, help="Another pipeline run id; without it, RUN_A's evaluated policies side by side."),
     all_params: bool = typer.Option(False, "--all", help="Also show the params that are equal."),
     config: Path = ConfigOpt,
 ) -> None:
     """Two pipeline runs side by side, as MLflow's compare view shows them: the params that differ
-    (`<stage>.<param>`) and every result (`<stage>/<metric>`); differences are marked *.
+    (`<stage>.<param>`) and every result (`<stage>/<metric>`); differences are marked *. With one run: its
+    evaluations side by side, a column per evaluate stage (e.g. the four methods of compare-methods).
 
-    Example: alignflow runs compare 3f2a... 9c1b...
+    Examples: alignflow runs compare 3f2a... 9c1b...      alignflow runs compare 3f2a...
     """
     tracker = tracker_for(config)
+    if run_b is None:
+        _compare_evaluations(tracker, run_a)
+        return
     try:
         a, b = tracker.client.get_run(run_a).data, tracker.client.get_run(run_b).data
     except Exception:  # noqa: BLE001 - MLflow's RestException for an unknown id
@@ -160,6 +164,27 @@ def runs_compare(
         for k in keys:
             va, vb = _shown(x.get(k)), _shown(y.get(k))
             typer.echo(f"{'*' if va != vb else ' '} {k:{width}s} {va:>14s} {vb:>14s}")
+
+
+def _compare_evaluations(tracker, run_id: str) -> None:
+    try:
+        metrics = tracker.client.get_run(run_id).data.metrics
+    except Exception:  # noqa: BLE001 - MLflow's RestException for an unknown id
+        fail(f"no run {run_id!r} in {tracker.uri}; `alignflow runs list` shows the pipeline runs")
+    evals: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        stage, _, metric = key.partition("/")
+        if metric.startswith("eval/"):
+            evals.setdefault(stage, {})[metric] = value
+    evals = {stage: m for stage, m in evals.items() if "eval/kl" in m}  # policies' evaluations (not the reward model's)
+    if not evals:
+        fail(f"run {run_id} has no evaluations to compare; give a second run to compare two runs")
+    names = sorted(evals)
+    rows = sorted({m for e in evals.values() for m in e})
+    width, col = max(len(m) for m in rows), max(14, *(len(n) + 1 for n in names))
+    typer.echo(f"  {'':{width}s}" + "".join(f"{n:>{col}s}" for n in names))
+    for m in rows:
+        typer.echo(f"  {m:{width}s}" + "".join(f"{_shown(evals[n].get(m)):>{col}s}" for n in names))
 
 
 def _shown(value) -> str:

@@ -77,6 +77,10 @@ def test_quickstart_then_compare_methods_align_the_policy_and_compare_in_the_mlf
     compared = alignflow(tmp_path, "runs", "compare", first, second).stdout.splitlines()
     assert next(line for line in compared if " grpo.grpo.group_size " in line).split() == ["*", "grpo.grpo.group_size", "-", "8"]
     assert next(line for line in compared if " evaluate_rloo/eval/gold_win_rate " in line).split()[-2:] == ["-", _shown(wins[3])]
+    methods = alignflow(tmp_path, "runs", "compare", second).stdout.splitlines()  # one run: its methods side by side
+    assert methods[0].split() == ["evaluate_dpo", "evaluate_grpo", "evaluate_ppo", "evaluate_rloo"]
+    assert next(line for line in methods if "eval/gold_win_rate" in line).split() == [
+        "eval/gold_win_rate", *(_shown(wins[i]) for i in (0, 2, 1, 3))]
 
     # MLflow's compare view of the two pipeline runs and the comparison's table, in headless Chromium
     need_chromium()
