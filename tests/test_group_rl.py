@@ -143,3 +143,21 @@ def test_a_config_refuses_another_familys_advantage(sandbox_tokenizer):
     model, prompts, cfg = setup(sandbox_tokenizer, RLOOConfig, advantage="grpo")
     with pytest.raises(ValueError, match="advantage 'grpo' is not one of rloo's"):
         GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg)
+
+
+@pytest.mark.parametrize("params, inputs, message", [
+    ({}, {}, r"stages\[1\]: Value error, give params.reward_functions, an inputs.reward_model, or both"),
+    ({"reward_functions": ["my_rewards.exact"]}, {}, "reward function 'my_rewards.exact': write it as module:function"),
+    ({"reward_functions": ["m:f"], "reward_weights": {"m:g": 2.0}}, {}, r"reward_weights names \['m:g'\], which score nothing"),
+    ({"reward_functions": ["m:f"], "grpo": {"group_size": 8, "epochz": 2}}, {}, r"params.grpo.epochz: unknown parameter"),
+])
+def test_a_grpo_stage_without_a_reward_or_with_a_bad_one_is_refused_at_load(tmp_path, params, inputs, message):
+    import yaml
+
+    from flows.config import ConfigError, load
+
+    stages = [{"name": "base", "type": "model", "params": {"name_or_path": "x"}},
+              {"name": "grpo", "type": "grpo", "inputs": {"policy": "base", **inputs}, "params": {"prompts_file": "p.txt", **params}}]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"pipelines": {"p": {"stages": stages}}}))
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path / "p.yaml")
