@@ -229,7 +229,11 @@ def test_every_stage_run_has_metrics_params_and_lineage(env):
     # datasets are logged as inputs with their digest
     assert runs["dpo"].inputs.dataset_inputs[0].dataset.name == "label/preferences"
     # the resolved yaml and the reward-KL figure are artifacts of the parent run
-    assert [a.path for a in tracker.client.list_artifacts(first["parent_run_id"])] == ["pipelines.resolved.yaml", "reward_vs_kl.png"]
+    # (two policies evaluated: their metrics side by side as well)
+    artifacts = [a.path for a in tracker.client.list_artifacts(first["parent_run_id"])]
+    assert artifacts == ["comparison", "pipelines.resolved.yaml", "reward_vs_kl.png"]
+    assert [a.path for a in tracker.client.list_artifacts(first["parent_run_id"], "comparison")] == [
+        "comparison/methods.csv", "comparison/methods.md"]
 
 
 def test_gates_register_only_passing_policies(env):
