@@ -3,8 +3,8 @@ against TRL's GRPOTrainer on the same model, prompts, reward function and settin
 
     .venv/bin/python benchmarks/bench_grpo.py [--peer trl] [--device cuda]
 
-Both: 8 prompts x 8 answers a step, prompts of 32 tokens, answers of exactly 64 new tokens (the random
-model never samples EOS that early), temperature 1, beta 0 (no reference model, TRL's default), loss
+Both: 8 prompts x 8 answers a step, prompts of 32 tokens, answers of up to 64 new tokens (the random
+model rarely samples EOS: about 63 on average), temperature 1, beta 0 (no reference model, TRL's default), loss
 "dapo", one optimisation pass a step, lr 1e-6 constant. Prints completions/s and s/step, and the ratio.
 """
 
@@ -46,15 +46,17 @@ def ours(w: Workload, device: str) -> dict:
     timer = StepTimer(w.warmup, device)
     trainer = GroupTrainer(causal_lm(w, device), tokenizer(w), prompts(w), {"even": reward_fn}, cfg)
 
+    lengths = []
+
     def tick(step, metrics):
-        assert metrics["answer_len"] == NEW_TOKENS, metrics["answer_len"]  # the same work as TRL's step
+        lengths.append(metrics["answer_len"])  # ~64: the random model rarely samples EOS (TRL stops there too)
         timer.stop()
         timer.start()
 
     trainer.callback = tick
     timer.start()
     trainer.train()
-    return line("alignflow GRPO (GroupTrainer)", timer, device)
+    return line(f"alignflow GRPO (mean answer {sum(lengths) / len(lengths):.1f} tokens)", timer, device)
 
 
 def trl(w: Workload, device: str) -> dict:
