@@ -82,9 +82,9 @@ def test_quickstart_then_compare_methods_align_the_policy_and_compare_in_the_mlf
     assert next(line for line in methods if "eval/gold_win_rate" in line).split() == [
         "eval/gold_win_rate", *(_shown(wins[i]) for i in (0, 2, 1, 3))]
 
-    # MLflow's compare view of the two pipeline runs and the comparison's table, in headless Chromium
+    # MLflow's compare view of the two pipeline runs and the comparison's figure, in headless Chromium
     need_chromium()
-    shot, table_shot = tmp_path / "mlflow_compare.png", tmp_path / "mlflow_methods_table.png"
+    shot, figure_shot = tmp_path / "mlflow_compare.png", tmp_path / "mlflow_methods_figure.png"
     with mlflow_ui(tmp_path) as base, browser_page(1500, 1300) as page:
         experiment = a.info.experiment_id
         page.goto(compare_url(base, experiment, [first, second]))
@@ -97,17 +97,13 @@ def test_quickstart_then_compare_methods_align_the_policy_and_compare_in_the_mlf
             page.get_by_role("button", name="Close").first.click()  # the assistant's side panel
         page.screenshot(path=str(shot))  # before the metrics grid scrolls (its names column lags behind its values)
         assert grid_row(page, "evaluate_dpo/eval/gold_win_rate") == []  # reused from the cache: no difference
-        row = grid_row(page, "evaluate_grpo/eval/gold_win_rate")  # only the second run has it (the first cell is empty)
-        assert row[0] == "evaluate_grpo/eval/gold_win_rate" and row[-1] == _shown(wins[2]), row
-        # the comparison's figure (one colour a method, curves along training) and its table, on its run's page
+        # the comparison's figure (one colour a method, curves along training) on its run's page; its table's
+        # values are checked above through the downloaded comparison/methods.csv
         page.goto(run_artifact_url(base, experiment, second, "reward_vs_kl.png"))
         page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth > 500)", timeout=60_000)
-        page.screenshot(path=str(tmp_path / "mlflow_methods_figure.png"))
-        page.goto(run_artifact_url(base, experiment, second, "comparison/methods.md"))
-        page.get_by_text("eval/gold_win_rate").first.wait_for(timeout=60_000)
-        page.screenshot(path=str(table_shot))
-    assert shot.stat().st_size > 50_000 and table_shot.stat().st_size > 30_000
-    for picture in (shot, table_shot, tmp_path / "mlflow_methods_figure.png"):
+        page.screenshot(path=str(figure_shot))
+    assert shot.stat().st_size > 50_000 and figure_shot.stat().st_size > 30_000
+    for picture in (shot, figure_shot):
         keep(picture)
 
 
