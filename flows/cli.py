@@ -47,6 +47,11 @@ def load_or_exit(config: Path | None, pipeline: str | None = None, overrides: li
         fail(f"invalid pipeline config: {err}")
 
 
+HEADLINE = ("eval/kl", "eval/gold_win_rate", "eval/rm_win_rate", "eval/implicit_accuracy", "eval/pref_accuracy",
+            "eval/banned_word_rate", "eval/accuracy", "eval/gold_accuracy")
+"""The evaluation metrics the run summary shows a stage by (all of them are in MLflow and metrics.json)."""
+
+
 @app.command()
 def run(
     pipeline: str = typer.Argument(..., help="Pipeline name in pipelines.yaml, e.g. quickstart."),
@@ -92,11 +97,14 @@ def run(
     for name, out in result["stages"].items():
         metrics_file = Path(out["path"]) / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
+        shown = ", ".join(f"{k}={metrics[k]:.3f}" for k in HEADLINE if k in metrics)
         typer.echo(f"  {name:14s} {'cached ' if out['cached'] else ''}{out['path']}  {shown}")
         gates_file = Path(out["path"]) / "gates.json"
         if gates_file.is_file() and not json.loads(gates_file.read_text())["passed"]:
             failed_gates.append(f"{name}: " + "; ".join(json.loads(gates_file.read_text())["failed"]))
+    run_id = result["parent_run_id"]
+    typer.echo(f"every metric, curve and artifact: `alignflow ui`, run '{pipeline} {run_id}' of experiment "
+               f"{cfg.settings.experiment!r}; against another run: `alignflow runs compare {run_id} OTHER_RUN`")
     if failed_gates:
         fail("EVALUATION GATES FAILED (the policy was not registered):\n  " + "\n  ".join(failed_gates), 3)
 
@@ -343,8 +351,11 @@ def label_create(
     samples: Path = typer.Argument(..., help="samples.parquet of a sample stage (prompt, answer, sample)."),
     db: Path = DbOpt,
     batch: str = typer.Option("default", help="Name of this labeling batch."),
+    pairs_per_prompt: int = typer.Option(1, min=0, help="Items a prompt: pairs of two of its distinct answers, drawn "
+                                         "at random (0: every pair; 8 answers make 28)."),
+    seed: int = typer.Option(0, help="Seed of the draw of pairs."),
 ) -> None:
-    """Add labeling items: every two distinct answers of each prompt form one item.
+    """Add labeling items: pairs of two distinct answers of each prompt (one a prompt unless told).
 
     Example: alignflow label create runs/stages/sample/<key>/samples.parquet --db labels.db
     """
@@ -357,7 +368,9 @@ def label_create(
         df = schemas.validate(pd.read_parquet(samples), schemas.SAMPLES, samples)
     except (OSError, schemas.DataError) as err:
         fail(f"bad samples file: {err}")
-    typer.echo(f"{LabelStore(db).add_batch(df, batch)} new item(s) in {db}")
+    added = LabelStore(db).add_batch(df, batch, pairs_per_prompt or None, seed)
+    typer.echo(f"{added} new item(s) from {df['prompt'].nunique()} prompt(s) in {db}; label them with "
+               f"`alignflow label serve --db {db}`")
 
 
 @label_app.command("serve")

@@ -264,7 +264,8 @@ def _run_only(ctx: StageContext, spec, only: str, tracker: Tracker, from_run: st
             raise ValueError(f"run {from_run} has no finished stage {src!r} to feed {only}.{slot}")
         o = upstream[src]
         if store.lookup(o.type, o.key) is None:
-            raise ValueError(f"the output of stage {src!r} of run {from_run} is not in {store.root} any more")
+            raise ValueError(f"the output of stage {src!r} of run {from_run} is not in {store.root} any more (or was "
+                             "changed on disk since): run the whole pipeline to compute it again")
         inputs[slot] = dataclasses.replace(o, path=str(store.final(o.type, o.key)))
     result = STAGE_TASK.with_options(name=stage.name).submit(ctx, stage, inputs).result()
     return {only: result}

@@ -50,12 +50,20 @@ class LabelStore:
             con.close()
 
     # -- items ------------------------------------------------------------------------------------
-    def add_batch(self, samples: pd.DataFrame, batch: str) -> int:
-        """Pair every two distinct answers of each prompt. Returns how many new items were added."""
+    def add_batch(self, samples: pd.DataFrame, batch: str, pairs_per_prompt: int | None = 1, seed: int = 0) -> int:
+        """Items from every prompt's distinct answers: `pairs_per_prompt` pairs of two of them (drawn at random,
+        the same draw for the same seed and prompt), or every pair when None. Returns how many new items were
+        added. Eight answers to a prompt make 28 pairs: a team labels one or two of them, not all."""
+        if pairs_per_prompt is not None and pairs_per_prompt < 1:
+            raise ValueError(f"pairs_per_prompt must be at least 1 (or None for every pair), not {pairs_per_prompt}")
         rows = []
         for prompt, group in samples.groupby("prompt", sort=False):
             answers = list(dict.fromkeys(group["answer"]))
-            for a, b in itertools.combinations(answers, 2):
+            pairs = list(itertools.combinations(answers, 2))
+            if pairs_per_prompt is not None and len(pairs) > pairs_per_prompt:
+                rng = random.Random(hashlib.sha256(f"{seed}\0{prompt}".encode()).hexdigest())
+                pairs = rng.sample(pairs, pairs_per_prompt)
+            for a, b in pairs:
                 item_id = hashlib.sha256("\0".join((prompt, a, b)).encode()).hexdigest()[:16]
                 rows.append((item_id, batch, prompt, a, b, time.time()))
         with self.connect() as con:

@@ -122,8 +122,8 @@ class _ScratchStore:
     def final(self, stage_type: str, key: str) -> Path:
         return self.store.final(stage_type, key)
 
-    def lookup(self, stage_type: str, key: str):
-        return self.store.lookup(stage_type, key)
+    def lookup(self, stage_type: str, key: str, log=None):
+        return self.store.lookup(stage_type, key, log)
 
     def partial(self, stage_type: str, key: str) -> Path:
         path = self.scratch / stage_type / key

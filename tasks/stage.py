@@ -243,7 +243,7 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
     run_id = ctx.tracker.start_run(name, tags, parent_id=ctx.parent_run_id)
     try:
         ctx.tracker.log_params(run_id, params_dict)
-        record = ctx.store.lookup(stage_type, key)
+        record = ctx.store.lookup(stage_type, key, log=ctx.log)
         if record is not None:
             ctx.log(f"[{name}] unchanged inputs, params and code: reusing {record['run_id']}")
             final = ctx.store.final(stage_type, key)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SUCCESS = "_SUCCESS.json"
 SKIP_IN_HASH = {"checkpoints", SUCCESS}
@@ -93,10 +95,24 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def lookup(self, stage_type: str, key: str) -> dict | None:
-        """The success record of a completed output, or None."""
-        marker = self.final(stage_type, key) / SUCCESS
-        return json.loads(marker.read_text()) if marker.is_file() else None
+    def lookup(self, stage_type: str, key: str, log: Callable[[str], None] | None = None) -> dict | None:
+        """The success record of a completed output whose files still have the content hash they were
+        published with, or None. An output changed on disk since (an edited or truncated file, a file added
+        or removed) is never reused: it is moved aside to `<key>.tampered-<time>/`, kept for a look, reported
+        through `log` (else the `alignflow` logger), and the caller computes it again."""
+        final = self.final(stage_type, key)
+        marker = final / SUCCESS
+        if not marker.is_file():
+            return None
+        record = json.loads(marker.read_text())
+        if dir_hash(final) == record.get("content_hash"):
+            return record
+        aside = final.with_name(f"{key}.tampered-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(final, aside)
+        (log or logging.getLogger("alignflow").warning)(
+            f"the stored {stage_type} output {final} no longer has the content hash it was written with (a file "
+            f"was changed, added or removed since): not reused, moved to {aside.name}, and computed again")
+        return None
 
     def publish(self, stage_type: str, key: str, record: dict) -> tuple[Path, str]:
         """Seal a partial folder: hash it, write the success record, rename. Returns (path, hash)."""

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -128,7 +129,12 @@ class Tracker:
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
-        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+        with warnings.catch_warnings():
+            # MLflow's own noise, not the user's: its registry holds LocalArtifactDatasetSource twice, and the
+            # schema hint is about serving a model on this data, which nobody does with a training table
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
         inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
         # Two branches logging the same dataset race on MLflow's check-then-insert of the dataset row:
         # serialise within the process, and retry once (the row then exists) across processes.

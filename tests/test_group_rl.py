@@ -118,6 +118,15 @@ def test_group_trainers_learn_to_raise_reward(sandbox_tokenizer, cfg_type, kw):
     assert last > first + 0.5, (first, last)
 
 
+def test_groups_scored_alike_are_counted_without_signal(sandbox_tokenizer):
+    """Prompt 0's answers all score 3.7 (eight equal floats whose float std need not be 0), the others differ."""
+    model, prompts, cfg = setup(sandbox_tokenizer, GRPOConfig, iterations=1, prompts_per_batch=4, group_size=8)
+    trainer = GroupTrainer(model, sandbox_tokenizer, prompts, {"f": lambda ps, answers: [0.0] * len(answers)}, cfg)
+    trainer.reward_fns = {"f": lambda ps, answers: [3.7] * 8 + [float(i) for i in range(len(answers) - 8)]}
+    stats = trainer.rollout([0, 1, 2, 3])["stats"]
+    assert stats["groups_without_signal"] == 0.25
+
+
 def params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 

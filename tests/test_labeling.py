@@ -33,6 +33,36 @@ def store(tmp_path) -> LabelStore:
     return s
 
 
+def test_label_create_makes_one_pair_a_prompt_unless_told(tmp_path):
+    """500 prompts x 8 answers made 180,443 items before the cap (every two answers of a prompt); now one
+    pair a prompt, drawn by the seed, and the command says how many items from how many prompts."""
+    samples = pd.DataFrame({"prompt": [f"question {i} ?" for i in range(6) for _ in range(8)],
+                            "answer": [f"answer {i} {k} ." for i in range(6) for k in range(8)], "sample": list(range(8)) * 6,
+                            "messages": "", "prompt_index": [i for i in range(6) for _ in range(8)]})
+    path = tmp_path / "samples.parquet"
+    samples.to_parquet(path)
+    cli = [sys.executable, "-m", "flows.cli", "label", "create", str(path)]
+    run = lambda *args: subprocess.run(cli + list(args), capture_output=True, text=True, timeout=120)  # noqa: E731
+    one = run("--db", str(tmp_path / "one.db"))
+    assert one.returncode == 0, one.stderr
+    assert "6 new item(s) from 6 prompt(s)" in one.stdout
+    items = LabelStore(tmp_path / "one.db").connect
+    with items() as con:
+        first = sorted(tuple(r) for r in con.execute("SELECT prompt, answer_a, answer_b FROM items"))
+    assert len({prompt for prompt, _, _ in first}) == 6  # one a prompt, each of two different answers
+    assert all(a != b for _, a, b in first)
+    assert "12 new item(s)" in run("--db", str(tmp_path / "two.db"), "--pairs-per-prompt", "2").stdout
+    assert "168 new item(s)" in run("--db", str(tmp_path / "all.db"), "--pairs-per-prompt", "0").stdout  # 6 x 28
+    again = LabelStore(tmp_path / "again.db")
+    again.add_batch(samples, "b", 1, seed=0)
+    with again.connect() as con:  # the same seed draws the same pairs
+        assert sorted(tuple(r) for r in con.execute("SELECT prompt, answer_a, answer_b FROM items")) == first
+    other = LabelStore(tmp_path / "other.db")
+    other.add_batch(samples, "b", 1, seed=1)
+    with other.connect() as con:
+        assert sorted(tuple(r) for r in con.execute("SELECT prompt, answer_a, answer_b FROM items")) != first
+
+
 def test_judgements_map_display_order_and_are_stored_once(tmp_path):
     s = store(tmp_path)
     item = s.next_item("alice")

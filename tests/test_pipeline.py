@@ -297,17 +297,22 @@ def test_a_diverging_stage_stops_within_a_step_and_fails_its_runs(env):
     assert not (Path(env["tmp"]) / "runs" / "stages" / "sft" / stage.data.tags["alignflow.cache_key"]).exists()
 
 
-def test_new_contents_at_the_same_path_rerun_the_readers(env):
-    """Keys hash what is in the files, not their paths: changed preference data re-runs its readers."""
+def test_a_stored_output_changed_on_disk_is_reported_and_computed_again(env):
+    """A cached output is checked against the content hash it was published with before any reuse: an
+    edited preferences file is never read. The entry is moved aside and the label stage runs again; its
+    output is the first run's, byte for byte, so its readers stay cache hits."""
     import pandas as pd
 
-    label_dir = Path(env["first"]["stages"]["label"]["path"])
+    first = env["first"]["stages"]["label"]
+    label_dir = Path(first["path"])
     df = pd.read_parquet(label_dir / "preferences.parquet")
     df.loc[0, ["chosen", "rejected"]] = df.loc[0, ["rejected", "chosen"]].values
     df.to_parquet(label_dir / "preferences.parquet", index=False)
     result = env["run"]()
-    ran = {n for n, s in result["stages"].items() if not s["cached"]}
-    assert ran == {"reward_model", "dpo", "ppo", "evaluate_dpo", "evaluate_ppo"}
+    assert {n for n, s in result["stages"].items() if not s["cached"]} == {"label"}
+    assert result["stages"]["label"]["content_hash"] == first["content_hash"]
+    [aside] = label_dir.parent.glob(f"{label_dir.name}.tampered-*")
+    assert not pd.read_parquet(aside / "preferences.parquet").equals(pd.read_parquet(label_dir / "preferences.parquet"))
 
 
 def test_deploy_builds_a_scheduled_deployment(tmp_path):

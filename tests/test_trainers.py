@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 from alignment.data import PairExample
 from alignment.models import PolicyWithValueHead, RewardModel
 from alignment.sampling import SamplingParams
-from alignment.trainers.common import NonFiniteLossError, TrainConfig
+from alignment.trainers.common import NonFiniteLossError, TrainConfig, minibatch
 from alignment.trainers.dpo import DPOConfig, DPOTrainer, pair_logps
 from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from alignment.trainers.reward import RewardConfig, RewardTrainer
@@ -242,3 +242,38 @@ def test_ppo_missing_eos_penalty_lowers_the_return_of_cut_off_answers(sandbox_to
     assert torch.equal(penalised["truncated"].bool(), truncated)
     diff = penalised["returns"][rows, first] - plain["returns"][rows, first]
     assert torch.allclose(diff, -2.0 * truncated.float(), atol=1e-5)
+
+
+def test_a_minibatch_keeps_only_the_columns_its_rows_use():
+    am = torch.tensor([[0, 0, 1, 1, 1, 0],   # left padding 2, right padding 1
+                       [0, 1, 1, 1, 1, 1],
+                       [1, 1, 1, 0, 0, 0]])
+    batch = {"attention_mask": am, "ids": torch.arange(18).view(3, 6), "scores": torch.tensor([0.5, 1.5, 2.5])}
+    one = minibatch(batch, [0])
+    assert one["attention_mask"].tolist() == [[1, 1, 1]]
+    assert one["ids"].tolist() == [[2, 3, 4]]
+    assert one["scores"].tolist() == [0.5]
+    two = minibatch(batch, [2, 0])  # columns 0-4: row 2 starts at 0, row 0 ends at 4
+    assert two["ids"].tolist() == [[12, 13, 14, 15, 16], [0, 1, 2, 3, 4]]
+    assert minibatch(batch, [1])["ids"].tolist() == [[7, 8, 9, 10, 11]]
+
+
+def test_ppo_loss_of_a_cut_minibatch_equals_the_full_width_one(sandbox_tokenizer, monkeypatch):
+    """Dropping the padding columns changes no number: the same losses as the rows at full width."""
+    import alignment.trainers.ppo as ppo_module
+
+    model, prompts, reward_fn, cfg = ppo_setup(sandbox_tokenizer, iterations=1)
+    trainer = PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg)
+    batch = trainer.rollout(prompts)
+    width = batch["sequences"].shape[1]
+    # 3 columns of padding on the left and 5 on the right of every row, as a wider rollout would have
+    wide = {k: torch.nn.functional.pad(v, (3, 5), value=sandbox_tokenizer.pad_token_id if k == "sequences" else 0)
+            if v.dim() == 2 else v for k, v in batch.items()}
+    rows = [0, 3, 5, 6]
+    assert minibatch(wide, rows)["sequences"].shape[1] <= width
+    cut, cut_metrics = trainer.micro_loss(wide, rows)
+    monkeypatch.setattr(ppo_module, "minibatch", lambda b, i: {k: v[i] for k, v in b.items()})
+    full, full_metrics = trainer.micro_loss(wide, rows)
+    assert float(cut) == pytest.approx(float(full), abs=1e-5)
+    for key in ("policy_loss", "value_loss", "entropy"):
+        assert float(cut_metrics[key]) == pytest.approx(float(full_metrics[key]), abs=1e-5), key

@@ -106,6 +106,21 @@ class StepSampler:
         return idx[self.rank :: self.world_size]
 
 
+def minibatch(batch: dict[str, Tensor], indices: list[int]) -> dict[str, Tensor]:
+    """The rows `indices` of a rollout batch, cut to the columns any of them uses.
+
+    A rollout is as wide as its longest prompt plus its longest answer; a minibatch of shorter rows would
+    spend most of its forward and backward passes on padding. Columns where no chosen row has a real token
+    (attention_mask 0) are dropped at both ends. Every [B, T] tensor is cut alike and [B] tensors are only
+    indexed, so per-token losses are unchanged: padding is masked out, and positions come from the mask.
+    """
+    am = batch["attention_mask"][indices]  # [b, T]
+    used = am.any(0).nonzero().squeeze(-1)  # columns holding a real token of some row
+    start, end = int(used[0]), int(used[-1]) + 1
+    width = am.shape[1]
+    return {k: v[indices][:, start:end] if v.dim() == 2 and v.shape[1] == width else v[indices] for k, v in batch.items()}
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Turn on activation checkpointing in every transformers model inside `model` (policy, value model,
     reward backbone); use_reentrant=False so frozen embeddings (LoRA) still pass gradients on."""

@@ -27,7 +27,7 @@ from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
-from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler
+from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler, minibatch
 
 ADVANTAGES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
 
@@ -129,12 +129,14 @@ class GroupTrainer:
         else:
             advantages = group_advantages(grouped, scale=cfg.advantage == "grpo")
         batch["advantages"] = advantages.reshape(-1)
-        group_std = scores.view(cfg.prompts_per_batch, cfg.group_size).std(-1)
+        by_group = scores.view(cfg.prompts_per_batch, cfg.group_size)
+        group_std = by_group.std(-1)
         stats = {
             "reward": float(total.mean()),
             **{f"reward/{name}": float(v.mean()) for name, v in each.items()},
             "reward_std_in_group": float(group_std.mean()),
-            "groups_without_signal": float((group_std == 0).float().mean()),  # all answers scored alike: no gradient
+            # all answers scored alike: no gradient (compared exactly: a float std of equal scores need not be 0)
+            "groups_without_signal": float((by_group == by_group[:, :1]).all(-1).float().mean()),
             **({"kl": float(kl.mean())} if cfg.beta else {}),  # measured only where there is a reference
             "answer_len": float(out.answer_mask.sum(-1).float().mean()),
             "truncated": float(truncated.float().mean()),
@@ -144,13 +146,14 @@ class GroupTrainer:
     # -- updates -------------------------------------------------------------------------------
     def micro_loss(self, batch: dict, indices: list[int]):
         cfg = self.cfg
-        ids, am, mask = batch["sequences"][indices], batch["attention_mask"][indices], batch["mask"][indices]
+        mb = minibatch(batch, indices)
+        ids, am, mask = mb["sequences"], mb["attention_mask"], mb["mask"]
         logits = self.opt.model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
         logps, _ = sequence_logprobs(logits, ids, mask)  # [b, T]
-        old = batch["old_logps"][indices] if self.needs_old_logps else logps.detach()
-        ref = batch["ref_logps"][indices] if "ref_logps" in batch else None
+        old = mb["old_logps"] if self.needs_old_logps else logps.detach()
+        ref = mb.get("ref_logps")
         loss, metrics = group_policy_loss(
-            logps, old, batch["advantages"][indices], mask, cfg.clip_eps_low, cfg.clip_eps_high,
+            logps, old, mb["advantages"], mask, cfg.clip_eps_low, cfg.clip_eps_high,
             ref_logps=ref, beta=0.0 if cfg.kl_in_reward else cfg.beta, loss_type=cfg.loss_type,
         )
         return loss, metrics

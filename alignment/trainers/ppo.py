@@ -23,7 +23,7 @@ from alignment.lora import has_adapters, reference_mode
 from alignment.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
-from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler
+from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler, minibatch
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """reward_fn(prompts, answers) -> scores [B]; text in, so the reward model may use its own tokenizer."""
@@ -112,7 +112,7 @@ class PPOTrainer:
     # -- updates -------------------------------------------------------------------------------
     def micro_loss(self, batch: dict[str, torch.Tensor], indices: list[int]):
         cfg = self.cfg
-        mb = {k: v[indices] for k, v in batch.items()}
+        mb = minibatch(batch, indices)
         logits, values = self.opt.model(mb["sequences"], mb["attention_mask"])  # [b, T, V], [b, T]
         logps, _ = sequence_logprobs(logits, mb["sequences"], mb["mask"])
         pg_loss, metrics = ppo_policy_loss(logps, mb["logps"], mb["advantages"], mb["mask"], cfg.clip_eps)

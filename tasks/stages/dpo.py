@@ -42,7 +42,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt},
                         {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
     ref_file = ctx.store.final("reference_logps", ref_key) / "logps.safetensors"
-    reference_logps = load_file(str(ref_file))["logps"] if ref_file.is_file() else None
+    reference_logps = load_file(str(ref_file))["logps"] if ctx.store.lookup("reference_logps", ref_key, log=ctx.log) else None
     set_seed(p.dpo.train.seed)
     if p.lora is not None:
         policy = add_lora(policy, p.lora)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from tasks.data import DataError
 from tasks.stage import StageParams, StageSpec, read_table
@@ -21,8 +21,9 @@ class Params(StageParams):
     held_out: float = 0.15  # fraction of pairs marked split=test
     db: str = "labels.db"  # human: the label store that `alignflow label serve` writes to
     min_judgements: int = 0  # human: wait until this many judgements of this batch exist
+    pairs_per_prompt: int | None = Field(1, ge=1)  # human: items a prompt (pairs of its answers, drawn at random); None: all
     wait_timeout_s: float = 86_400.0  # human: give up waiting after this long (the stage fails)
-    seed: int = 0  # simulated: the labeler's noise
+    seed: int = 0  # simulated: the labeler's noise; human: the draw of pairs
 
 
 class Stage(StageSpec):
@@ -64,7 +65,7 @@ def human_labels(ctx, p: Params, samples, batch: str):
     from tasks.labeling import LabelStore
 
     store = LabelStore(p.db)
-    added = store.add_batch(samples, batch)
+    added = store.add_batch(samples, batch, p.pairs_per_prompt, p.seed)
     ctx.log(f"[label] {added} new item(s) in {p.db}; label them with `alignflow label serve --db {p.db}`")
     deadline = time.time() + p.wait_timeout_s
     while len(store.judgements(batch)) < p.min_judgements:
