@@ -29,7 +29,7 @@ from flows.config import PipelinesFile  # noqa: E402
 from tasks.stage import STOP, StageContext, execute  # noqa: E402
 from tasks.stages import MODULES  # noqa: E402
 from tasks.store import StageOutput, Store  # noqa: E402
-from tasks.tracking import NOTE, Tracker  # noqa: E402
+from tasks.tracking import NOTE, Tracker, environment  # noqa: E402
 
 
 class _ExplainedErrors(logging.Filter):
@@ -186,7 +186,7 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
         except ValueError:  # not the main thread: leave signals alone
             previous = None
     try:
-        tracker.log_params(parent, pipeline_params(cfg, stages))
+        tracker.log_params(parent, {**pipeline_params(cfg, stages), **environment()})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pipelines.resolved.yaml"
             path.write_text(resolved_yaml)

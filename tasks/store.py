@@ -76,9 +76,19 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
+@lru_cache(maxsize=1)
+def runtime_versions() -> dict[str, str]:
+    """The versions of the libraries that compute a stage's numbers: torch's kernels and transformers' models
+    change outputs between releases, so an upgrade computes every stage again instead of reusing old ones."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers")}
+
+
 def stage_key(stage_type: str, params: dict, input_hashes: dict[str, str]) -> str:
     payload = json.dumps(
-        {"type": stage_type, "params": params, "inputs": input_hashes, "code": code_version()}, sort_keys=True, default=str
+        {"type": stage_type, "params": params, "inputs": input_hashes, "code": code_version(), "runtime": runtime_versions()},
+        sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 

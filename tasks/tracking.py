@@ -53,6 +53,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "prefect", "mlflow", "alignflow")
+
+
+def environment() -> dict[str, str]:
+    """What a run ran on: the Python, the versions of the packages that make or track its numbers, and the
+    git commit. Logged as the pipeline run's `env.*` params, so MLflow's compare view and `alignflow runs
+    compare` show where two runs' environments differ."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"env.python": platform.python_version(), "env.git_commit": git_commit()}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            env[f"env.{name}"] = version(name)
+        except PackageNotFoundError:
+            env[f"env.{name}"] = "not installed"
+    return env
+
+
 def prepare_sqlite(uri: str) -> None:
     """WAL journal for a local sqlite store, so parallel writers wait instead of failing on locks."""
     if not uri.startswith("sqlite:///"):

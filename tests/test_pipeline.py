@@ -352,6 +352,15 @@ def test_parent_runs_carry_params_results_and_overrides(env):
     assert a.data.params["settings.seed"] == "0" and a.data.params["evaluate_dpo.gates.eval/kl"] == "<= 100"
     assert {k for k in a.data.params if a.data.params[k] != b.data.params[k]} == {"dpo.dpo.beta"}
     assert a.data.tags["alignflow.overrides"] == "none" and b.data.tags["alignflow.overrides"] == "dpo.dpo.beta=0.25"
+    # the environment capsule: what the run ran on, as params (so a difference shows in every comparison)
+    import platform
+
+    import torch
+    import transformers
+
+    assert a.data.params["env.python"] == platform.python_version()
+    assert a.data.params["env.torch"] == torch.__version__ and a.data.params["env.transformers"] == transformers.__version__
+    assert {"env.accelerate", "env.prefect", "env.mlflow", "env.alignflow", "env.git_commit"} <= a.data.params.keys()
     assert "--set dpo.dpo.beta=0.25" in b.data.tags["mlflow.note.content"]
     assert b.info.run_name == f"tiny {b.info.run_id[:8]}"
     # results: the same numbers as the stages wrote, for the stages that ran and for those reused from the cache
@@ -370,6 +379,36 @@ def test_parent_runs_carry_params_results_and_overrides(env):
     assert all("alignflow.stage" not in tracker.client.get_run(r).data.tags for r in listed)
     experiment = tracker.client.get_experiment(tracker.experiment_id)
     assert "`<stage>.<param>`" in experiment.tags["mlflow.note.content"] and "- **tiny**" in experiment.tags["mlflow.note.content"]
+
+
+def test_another_torch_or_transformers_version_computes_every_stage_again(monkeypatch):
+    from tasks import store
+
+    key = store.stage_key("sft", {"lr": 0.1}, {"policy": "abc"})
+    assert store.stage_key("sft", {"lr": 0.1}, {"policy": "abc"}) == key
+    for name in ("torch", "transformers"):
+        versions = {**store.runtime_versions(), name: "0.0.1"}
+        monkeypatch.setattr(store, "runtime_versions", lambda versions=versions: versions)
+        assert store.stage_key("sft", {"lr": 0.1}, {"policy": "abc"}) != key, name
+
+
+def test_runs_compare_shows_where_two_runs_environments_differ(env, monkeypatch):
+    """A run on another torch (here: the environment capsule of one, every stage reused) shows its version
+    among the params that differ."""
+    import flows.pipeline
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    real = flows.pipeline.environment()
+    monkeypatch.setattr(flows.pipeline, "environment", lambda: {**real, "env.torch": "9.9.9"})
+    other = env["run"]()
+    cfg = str(Path(env["tmp"]) / "pipelines.yaml")
+    out = CliRunner().invoke(app, ["runs", "compare", env["first"]["parent_run_id"], other["parent_run_id"], "-c", cfg])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert next(line for line in lines if "env.torch" in line).split() == ["*", "env.torch", real["env.torch"], "9.9.9"]
+    assert not [line for line in lines if "env.transformers" in line]  # equal: shown only with --all
 
 
 def test_a_param_longer_than_mlflow_allows_is_cut_with_a_marker():
