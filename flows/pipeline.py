@@ -164,12 +164,13 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
     store = Store(cfg.settings.workdir)
     for run_id in tracker.fail_dead_runs():
         logger.warning(f"marked run {run_id} FAILED: its process died while it was RUNNING")
+        crash_flow_run(tracker.client.get_run(run_id).data.tags.get(FLOW_RUN_TAG), logger)
     overrides = list(overrides or [])
     shown = " ".join(f"--set {o}" for o in overrides)
-    from prefect.runtime import deployment
+    from prefect.runtime import deployment, flow_run
 
     parent = tracker.start_run(pipeline, {
-        "alignflow.pipeline": pipeline, "alignflow.overrides": "; ".join(overrides) or "none",
+        "alignflow.pipeline": pipeline, "alignflow.overrides": "; ".join(overrides) or "none", FLOW_RUN_TAG: flow_run.id or "",
         **({"alignflow.deployment": deployment.name} if deployment.name else {}),
         NOTE: f"{spec.description}\n\n" + (f"Overrides: `{shown}`" if overrides else "No overrides: the pipeline as written.")
         + (f"\n\nOnly stage `{only}`, on the outputs of run {from_run}." if only else ""),
@@ -269,6 +270,29 @@ def _run_only(ctx: StageContext, spec, only: str, tracker: Tracker, from_run: st
         inputs[slot] = dataclasses.replace(o, path=str(store.final(o.type, o.key)))
     result = STAGE_TASK.with_options(name=stage.name).submit(ctx, stage, inputs).result()
     return {only: result}
+
+
+FLOW_RUN_TAG = "alignflow.prefect_flow_run"
+"""The pipeline run's tag holding its Prefect flow run id: what to mark CRASHED if its process dies."""
+
+
+def crash_flow_run(flow_run_id: str | None, logger) -> None:
+    """Mark the Prefect flow run of a pipeline run whose process died (kill -9, a lost machine) CRASHED, as
+    its MLflow runs are marked FAILED: Prefect cannot see the death of a process it does not supervise, and
+    the flow run would show RUNNING in its UI for ever."""
+    if not flow_run_id:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except Exception:  # noqa: BLE001 - ObjectNotFound: another Prefect server (or database) ran it
+            return
+        if state is not None and not state.is_final():
+            client.set_flow_run_state(flow_run_id, Crashed(message="its process died while the flow was running"), force=True)
+            logger.warning(f"marked Prefect flow run {flow_run_id} CRASHED: its process died while it was running")
 
 
 def resolved_yaml(raw: dict) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
 import pytest
 
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
@@ -84,7 +85,11 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     exp = client.get_experiment_by_name("crash")
     assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
     killed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
-    assert {r.data.tags.get("alignflow.stage", "pipeline") for r in killed} >= {"ppo"}
+    assert {r.data.tags.get("alignflow.stage", "pipeline") for r in killed} >= {"ppo", "pipeline"}
+    # the dead process's Prefect flow run is CRASHED, not RUNNING for ever in Prefect's UI
+    [dead] = [r for r in killed if "alignflow.stage" not in r.data.tags]
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(dead.data.tags["alignflow.prefect_flow_run"]).state.type.value == "CRASHED"
     [second] = client.search_runs([exp.experiment_id], "tags.`alignflow.pipeline` = 'crash' and attributes.status = 'FINISHED'")
     stages = {r.data.tags["alignflow.stage"]: r for r in client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{second.info.run_id}'")}
@@ -94,14 +99,17 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     assert ppo_output(crash)["content_hash"] == ppo_output(straight)["content_hash"]
 
 
-def test_sigterm_marks_runs_killed_and_nothing_stays_running(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_exits_130_and_marks_runs_killed(tmp_path, sig):
+    """SIGTERM (a work pool cancelling, `kill`) or SIGINT (Ctrl-C) in the middle of PPO: exit 130, the stage
+    and pipeline runs KILLED, none left RUNNING."""
     d = setup_dir(tmp_path / "term")
     proc = subprocess.Popen(CLI, cwd=d, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list((d / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*")):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, out[-2000:]
     assert "run the same command again to resume" in out
