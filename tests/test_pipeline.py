@@ -246,6 +246,28 @@ def test_gates_register_only_passing_policies(env):
     assert [m.name for m in tracker.client.search_registered_models()] == ["tiny-dpo"]
 
 
+def test_cli_exit_codes_a_failed_gate_3_a_failed_stage_1(env):
+    """`alignflow run` as a user runs it: a failed gate exits 3 and names the gate, and registers nothing
+    new; a stage that raises (here it diverges) exits 1 with what to do, its stage and pipeline runs FAILED
+    and the error tagged."""
+    tracker, cfg = env["tracker"], str(Path(env["tmp"]) / "pipelines.yaml")
+    cli = [ALIGNFLOW, "run", "tiny", "-c", cfg]
+    gate = subprocess.run(cli, capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert gate.returncode == 3, gate.stdout[-2000:] + gate.stderr[-2000:]
+    assert "EVALUATION GATES FAILED" in gate.stderr and "evaluate_ppo: eval/gold_win_rate" in gate.stderr
+    assert [m.name for m in tracker.client.search_registered_models()] == ["tiny-dpo"]
+    assert [int(v.version) for v in tracker.client.search_model_versions("name = 'tiny-dpo'")] == [1]  # a cache hit registers nothing
+    parent = env["first"]["parent_run_id"]
+    diverged = subprocess.run(cli + ["--only", "sft", "--from-run", parent, "--set", "sft.sft.train.lr=1e15"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert diverged.returncode == 1, diverged.stdout[-2000:] + diverged.stderr[-2000:]
+    assert "training diverged" in diverged.stderr and "Lower the learning rate" in diverged.stderr
+    assert "Traceback" not in diverged.stderr
+    [failed] = tracker.runs("tags.alignflow.overrides = 'sft.sft.train.lr=1e15' and attributes.status = 'FAILED'")
+    [stage] = children(tracker, failed.info.run_id).values()
+    assert stage.info.status == "FAILED" and "NonFiniteLossError" in stage.data.tags["alignflow.error"]
+
+
 def test_unchanged_rerun_recomputes_nothing(env):
     second = env["run"]()
     assert all(s["cached"] for s in second["stages"].values())
