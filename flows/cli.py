@@ -428,7 +428,8 @@ def label_export(out: Path = typer.Argument(..., help="Output .jsonl, .csv or .p
         df.to_json(tmp, orient="records", lines=True, force_ascii=False)
     tmp.replace(out)
     agreement = store.agreement()
-    typer.echo(f"{len(df)} pair(s) -> {out}; agreement {agreement['agreement']:.3f} on {agreement['items_with_2plus']} doubly-labeled item(s)")
+    typer.echo(f"{len(df)} pair(s) -> {out}; on {agreement['items_with_2plus']} item(s) judged by two or more people: "
+               f"raw agreement {agreement['agreement']:.3f}, Fleiss' kappa {agreement['fleiss_kappa']:.3f}")
 
 
 @app.command()

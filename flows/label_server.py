@@ -10,7 +10,10 @@ import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from tasks.labeling import LabelStore
+from tasks.labeling import LabelError, LabelStore
+
+MAX_BODY = 4096  # bytes: a judgement is three short strings
+JUDGEMENT = '{"item_id": "...", "annotator": "your name", "key": "1" | "2" | "t" | "s"}'
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>alignflow labeling</title>
@@ -96,26 +99,43 @@ def make_server(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) ->
             self.end_headers()
             self.wfile.write(body)
 
+        def error(self, code: int, sentence: str) -> None:
+            self.reply(code, json.dumps({"error": sentence}).encode())
+
         def do_GET(self):
             url = urlparse(self.path)
             if url.path == "/":
                 return self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
             if url.path == "/api/next":
                 annotator = parse_qs(url.query).get("annotator", [""])[0]
+                if not annotator.strip():
+                    return self.error(400, "An annotator id is required: open the page as /?annotator=YOUR_NAME.")
                 body = {"item": store.next_item(annotator), "progress": store.progress(annotator)}
                 return self.reply(200, json.dumps(body).encode())
             if url.path == "/api/agreement":
                 return self.reply(200, json.dumps(store.agreement()).encode())
-            self.reply(404, b'{"error": "not found"}')
+            self.error(404, f"There is no page {url.path} here: the labeling page is /.")
 
         def do_POST(self):
             if urlparse(self.path).path != "/api/judge":
-                return self.reply(404, b'{"error": "not found"}')
+                return self.error(404, f"There is nothing to post to at {urlparse(self.path).path}: judgements go to /api/judge.")
             try:
-                data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return self.error(400, "The request has no valid Content-Length.")
+            if length > MAX_BODY:
+                self.close_connection = True  # the body is not read: the connection cannot carry another request
+                return self.error(400, f"The request body is {length} bytes; a judgement is at most {MAX_BODY}.")
+            try:
+                data = json.loads(self.rfile.read(length) or b"null")
+            except ValueError:
+                return self.error(400, f"The request body is not JSON. Send {JUDGEMENT}.")
+            if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("item_id", "annotator", "key")):
+                return self.error(400, f"A judgement needs item_id, annotator and key, each a string: {JUDGEMENT}.")
+            try:
                 stored = store.record(data["item_id"], data["annotator"], data["key"])
-            except (ValueError, KeyError, TypeError) as err:
-                return self.reply(400, json.dumps({"error": str(err)}).encode())
+            except LabelError as err:
+                return self.error(400, str(err))
             self.reply(200, json.dumps({"stored": stored}).encode())
 
     return ThreadingHTTPServer((host, port), Handler)

@@ -94,14 +94,14 @@ class LabelStore:
     def record(self, item_id: str, annotator: str, key: str) -> bool:
         """Store a judgement given by key 1 / 2 / t / s. Returns False if it was already stored."""
         if key not in CHOICES:
-            raise ValueError(f"unknown key {key!r}: use 1, 2, t or s")
+            raise LabelError(f"The key {key!r} is not a judgement: use 1 (left is better), 2 (right), t (tie) or s (skip).")
         if not annotator.strip():
-            raise ValueError("an annotator id is required")
+            raise LabelError("An annotator id is required: open the page as /?annotator=YOUR_NAME.")
         left = self.left_answer(item_id, annotator)
         choice = {"left": left, "right": "b" if left == "a" else "a"}.get(CHOICES[key], CHOICES[key])
         with self.connect() as con:
             if con.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
-                raise KeyError(f"no labeling item {item_id!r}")
+                raise LabelError(f"There is no labeling item {item_id}: reload the page for the next one.")
             cur = con.execute("INSERT OR IGNORE INTO judgements VALUES (?, ?, ?, ?, ?)",
                               (item_id, annotator, choice, left, time.time()))
             return cur.rowcount == 1
@@ -126,15 +126,19 @@ class LabelStore:
         return hashlib.sha256(df[["item_id", "annotator", "choice"]].to_csv(index=False).encode()).hexdigest()
 
     def agreement(self) -> dict[str, float]:
-        """Pairs judged (not skipped) by two or more annotators: the fraction of annotator pairs that agree."""
+        """Pairs judged (not skipped) by two or more annotators: the raw agreement (the fraction of annotator
+        pairs on an item that agree) and Fleiss' kappa (agreement beyond what the annotators' overall choice
+        rates would give by chance; 1 = perfect, 0 = chance, below 0 = worse than chance)."""
         df = self.judgements()
         df = df[df["choice"] != "skip"]
+        rated = [group["choice"].tolist() for _, group in df.groupby("item_id") if len(group) >= 2]
         agree = total = 0
-        for _, group in df.groupby("item_id"):
-            for x, y in itertools.combinations(group["choice"].tolist(), 2):
+        for choices in rated:
+            for x, y in itertools.combinations(choices, 2):
                 total += 1
                 agree += x == y
-        return {"items_with_2plus": int((df.groupby("item_id").size() >= 2).sum()), "agreement": agree / total if total else float("nan")}
+        return {"items_with_2plus": len(rated), "agreement": agree / total if total else float("nan"),
+                "fleiss_kappa": fleiss_kappa(rated)}
 
     def export(self, batch: str | None = None) -> pd.DataFrame:
         """Standard pairs (prompt, chosen, rejected) by majority vote; ties, skips and split votes dropped."""
@@ -150,3 +154,30 @@ class LabelStore:
             out.append({"prompt": first["prompt"], "chosen": chosen, "rejected": rejected,
                         "annotators": ",".join(sorted(group["annotator"]))})
         return pd.DataFrame(out, columns=["prompt", "chosen", "rejected", "annotators"])
+
+
+class LabelError(ValueError):
+    """A judgement the store refuses; the message is a sentence for the person at the page."""
+
+
+def fleiss_kappa(rated: list[list[str]]) -> float:
+    """Fleiss' kappa over items rated by two or more annotators each (rated: the choices given to each item;
+    the number of raters may differ between items). P_i = (sum_j n_ij^2 - n_i) / (n_i (n_i - 1)) is the
+    agreement on item i, P = mean_i P_i, p_j = share of all ratings in category j, P_e = sum_j p_j^2, and
+    kappa = (P - P_e) / (1 - P_e). NaN without items, or when every rating is the same category (P_e = 1)."""
+    rated = [r for r in rated if len(r) >= 2]
+    if not rated:
+        return float("nan")
+    per_item = []
+    totals: dict[str, int] = {}
+    for choices in rated:
+        counts: dict[str, int] = {}
+        for c in choices:
+            counts[c] = counts.get(c, 0) + 1
+            totals[c] = totals.get(c, 0) + 1
+        n = len(choices)
+        per_item.append((sum(k * k for k in counts.values()) - n) / (n * (n - 1)))
+    n_ratings = sum(totals.values())
+    p_bar = sum(per_item) / len(per_item)
+    p_e = sum((k / n_ratings) ** 2 for k in totals.values())
+    return float("nan") if p_e == 1 else (p_bar - p_e) / (1 - p_e)

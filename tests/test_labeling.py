@@ -2,12 +2,14 @@
 Chromium (Playwright), a server killed mid-session, the terminal mode, and the pipeline's label stage."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 import types
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -76,8 +78,21 @@ def test_judgements_map_display_order_and_are_stored_once(tmp_path):
     assert (df.iloc[0]["answer_a"] if chosen_letter == "a" else df.iloc[0]["answer_b"]) == shown_left
     assert s.next_item("alice")["prompt"] == "how can i sleep better ?"
     assert s.progress("alice") == {"done": 1, "total": 2}
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="The key 'x' is not a judgement: use 1"):
         s.record(item["id"], "bob", "x")
+
+
+def test_fleiss_kappa_by_hand():
+    from tasks.labeling import fleiss_kappa
+
+    # two items, two raters each, both agree on each: P = 1; ratings a, a, b, b -> P_e = 0.5 -> kappa 1
+    assert fleiss_kappa([["a", "a"], ["b", "b"]]) == pytest.approx(1.0)
+    # always split a/b: P = 0, P_e = 0.5 -> kappa = -1
+    assert fleiss_kappa([["a", "b"], ["b", "a"]]) == pytest.approx(-1.0)
+    # Fleiss (1971)-style check, 3 raters: [a,a,a], [a,a,b], [b,b,b], [a,b,b]: P_i = 1, 1/3, 1, 1/3 -> P = 2/3;
+    # 12 ratings, 6 a, 6 b -> P_e = 0.5 -> kappa = (2/3 - 1/2) / (1/2) = 1/3
+    assert fleiss_kappa([list("aaa"), list("aab"), list("bbb"), list("abb")]) == pytest.approx(1 / 3)
+    assert math.isnan(fleiss_kappa([["a"]])) and math.isnan(fleiss_kappa([["a", "a"]]))  # one rater; one category only
 
 
 def test_agreement_and_majority_export_by_hand(tmp_path):
@@ -94,7 +109,10 @@ def test_agreement_and_majority_export_by_hand(tmp_path):
     s.record(sleep, "alice", key_for(sleep, "alice", "a"))
     s.record(sleep, "bob", "t")
     # rice: a, a, b -> pairs (a,a) agree, (a,b) x2 disagree -> 1/3; sleep: a vs tie -> disagree -> 1/4
-    assert s.agreement() == {"items_with_2plus": 2, "agreement": pytest.approx(1 / 4)}
+    # Fleiss' kappa: P_rice = (2^2 + 1^2 - 3) / (3 * 2) = 1/3, P_sleep = (1 + 1 - 2) / 2 = 0, P = 1/6;
+    # 5 ratings: a 3/5, b 1/5, tie 1/5 -> P_e = 0.36 + 0.04 + 0.04 = 0.44; kappa = (1/6 - 0.44) / 0.56 = -0.4880952
+    assert s.agreement() == {"items_with_2plus": 2, "agreement": pytest.approx(1 / 4),
+                             "fleiss_kappa": pytest.approx(-0.4880952, abs=1e-6)}
     out = s.export()
     rice_row = out[out["prompt"] == "how do i cook rice ?"].iloc[0]
     assert (rice_row["chosen"], rice_row["rejected"]) == ("rinse it .", "boil it .")  # answer_a won 2-1
@@ -142,6 +160,48 @@ def serve(db: Path, port: int) -> subprocess.Popen:
         except OSError:
             assert time.time() < deadline, "the labeling server did not start"
             time.sleep(0.2)
+
+
+def test_judge_api_refuses_bad_requests_with_sentences_and_writes_nothing(tmp_path):
+    """The page's API on a real server: an unknown item, a bad key, an empty annotator, a body that is not
+    JSON, a judgement with a missing field, and an oversized body are each answered 400 with a sentence
+    (no Python repr), and no judgement is written; a good one is stored."""
+    db = tmp_path / "labels.db"
+    s = store(tmp_path)
+    item = s.next_item("alice")["id"]
+    port = free_port()
+    server = serve(db, port)
+
+    def post(body: bytes) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/judge", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())["error"]
+
+    judge = lambda **kw: post(json.dumps({"item_id": item, "annotator": "alice", "key": "1", **kw}).encode())  # noqa: E731
+    try:
+        for (code, sentence), expected in (
+            (judge(item_id="999999999"), "There is no labeling item 999999999: reload the page"),
+            (judge(key="x"), "The key 'x' is not a judgement"),
+            (judge(annotator="  "), "An annotator id is required"),
+            (post(b"{not json"), "The request body is not JSON"),
+            (post(json.dumps({"item_id": item, "key": "1"}).encode()), "A judgement needs item_id, annotator and key"),
+            (post(json.dumps({"item_id": item, "annotator": "alice", "key": "1", "pad": "x" * 5000}).encode()),
+             "a judgement is at most 4096"),
+        ):
+            assert code == 400 and expected in sentence, (code, sentence)
+            assert sentence.endswith(".") and "Expecting value" not in sentence and "'no labeling" not in sentence
+        assert LabelStore(db).judgements().empty  # nothing was written
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/next?annotator=", timeout=10)
+        assert err.value.code == 400
+        assert judge() == (200, {"stored": True})
+        assert len(LabelStore(db).judgements()) == 1
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_label_page_by_keyboard_survives_a_killed_server(tmp_path):
