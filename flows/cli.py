@@ -378,14 +378,20 @@ def label_serve(db: Path = DbOpt, port: int = typer.Option(8765, help="Port of t
                 host: str = typer.Option("127.0.0.1", help="Interface to listen on.")) -> None:
     """Serve the labeling page: prompt and two answers side by side; keys 1 / 2 / t (tie) / s (skip).
 
-    Every judgement is stored at once; open http://HOST:PORT/?annotator=YOUR_ID.
+    Every judgement is stored at once. On this machine (the default, 127.0.0.1) open
+    http://127.0.0.1:PORT/?annotator=YOUR_ID. For a team, listen on another interface (--host 0.0.0.0):
+    the page then refuses anyone without an invitation link (`alignflow label invite NAME`), and records
+    each judgement under the invited annotator.
 
     Example: alignflow label serve --db labels.db --port 8765
     """
     from flows.label_server import make_server
-    from tasks.labeling import LabelStore
+    from tasks.labeling import LabelError, LabelStore
 
-    server = make_server(LabelStore(db), host, port)
+    try:
+        server = make_server(LabelStore(db), host, port)
+    except LabelError as err:
+        fail(str(err), 2)
     typer.echo(f"labeling page on http://{host}:{port}/ (Ctrl-C stops it)")
     try:
         server.serve_forever()
@@ -393,6 +399,22 @@ def label_serve(db: Path = DbOpt, port: int = typer.Option(8765, help="Port of t
         pass
     finally:
         server.server_close()
+
+
+@label_app.command("invite")
+def label_invite(annotator: str = typer.Argument(..., help="The annotator's id: their judgements are stored under it."),
+                 db: Path = DbOpt, url: str = typer.Option("http://127.0.0.1:8765", help="Where the page is reached.")) -> None:
+    """Create an access link for one annotator (needed when the page listens beyond this machine).
+
+    Example: alignflow label invite alice --db labels.db --url http://labels.example.org:8765
+    """
+    from tasks.labeling import LabelError, LabelStore
+
+    try:
+        token = LabelStore(db).invite(annotator)
+    except LabelError as err:
+        fail(str(err), 2)
+    typer.echo(f"{url.rstrip('/')}/?token={token}")
 
 
 @label_app.command("tui")

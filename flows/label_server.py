@@ -6,6 +6,7 @@ in the SQLite label store (tasks/labeling.py), so closing the tab or killing the
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -46,11 +47,16 @@ PAGE = """<!doctype html>
  <p id="done">All pairs are labeled. Thank you!</p>
 </main>
 <script>
-let annotator = new URLSearchParams(location.search).get("annotator") || localStorage.getItem("annotator");
+const token = new URLSearchParams(location.search).get("token");
+let annotator = token ? "" : new URLSearchParams(location.search).get("annotator") || localStorage.getItem("annotator");
 let item = null, busy = false;
 async function next() {
-  const r = await fetch("/api/next?annotator=" + encodeURIComponent(annotator));
+  const r = await fetch("/api/next?" + (token ? "token=" + encodeURIComponent(token) : "annotator=" + encodeURIComponent(annotator)));
   const data = await r.json();
+  if (!r.ok) { document.getElementById("task").style.display = "none"; document.getElementById("done").style.display = "block";
+               document.getElementById("done").textContent = data.error; return; }
+  annotator = data.annotator;
+  document.getElementById("annot").textContent = "annotator: " + annotator;
   const p = data.progress;
   document.getElementById("fill").style.width = (p.total ? 100 * p.done / p.total : 0) + "%";
   document.getElementById("count").textContent = p.done + " / " + p.total;
@@ -68,11 +74,11 @@ async function judge(key) {
   busy = true;
   try {
     await fetch("/api/judge", {method: "POST", headers: {"Content-Type": "application/json"},
-                               body: JSON.stringify({item_id: item.id, annotator: annotator, key: key})});
+                               body: JSON.stringify({item_id: item.id, annotator: annotator, key: key, token: token || undefined})});
     await next();
   } finally { busy = false; }
 }
-document.addEventListener("keydown", e => { if (["1", "2", "t", "s"].includes(e.key) && annotator) judge(e.key); });
+document.addEventListener("keydown", e => { if (["1", "2", "t", "s"].includes(e.key) && (annotator || token)) judge(e.key); });
 function start() {
   document.getElementById("annot").textContent = "annotator: " + annotator;
   document.getElementById("who").style.display = "none";
@@ -82,12 +88,27 @@ document.getElementById("who").addEventListener("submit", e => {
   e.preventDefault(); annotator = document.getElementById("annotator").value.trim();
   if (annotator) { localStorage.setItem("annotator", annotator); start(); }
 });
-if (annotator) start(); else { document.getElementById("task").style.display = "none"; document.getElementById("who").style.display = "block"; }
+if (annotator || token) start(); else { document.getElementById("task").style.display = "none"; document.getElementById("who").style.display = "block"; }
 </script></body></html>
 """
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def make_server(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+    """The page and its API. On loopback anyone on this machine may label under an id they type; bound to
+    any other interface every request needs an invitation token (`alignflow label invite NAME`), and a
+    judgement is stored under the token's annotator, not under an id the request claims."""
+    need_token = not is_loopback(host)
+    if need_token and not store.has_invitations():
+        raise LabelError(f"The page would listen on {host}, where anyone who can reach it could label: invite each "
+                         f"annotator first with `alignflow label invite NAME --db {store.path}` and send them the link it prints.")
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
             pass
@@ -102,17 +123,36 @@ def make_server(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) ->
         def error(self, code: int, sentence: str) -> None:
             self.reply(code, json.dumps({"error": sentence}).encode())
 
+        def annotator(self, token: str | None, claimed: str) -> str | None:
+            """Who is labeling: the token's annotator when a token is given (required off loopback), else the
+            id the page sent. Answers the request (403 or 400) and returns None when neither holds."""
+            if token:
+                who = store.annotator_for(token)
+                if who is None:
+                    self.error(403, "This link's access token is not valid: ask for a new invitation link.")
+                return who
+            if need_token:
+                self.error(403, "This page needs your invitation link (it carries your access token): ask whoever runs it.")
+                return None
+            if not claimed.strip():
+                self.error(400, "An annotator id is required: open the page as /?annotator=YOUR_NAME.")
+                return None
+            return claimed
+
         def do_GET(self):
             url = urlparse(self.path)
             if url.path == "/":
                 return self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
+            query = parse_qs(url.query)
             if url.path == "/api/next":
-                annotator = parse_qs(url.query).get("annotator", [""])[0]
-                if not annotator.strip():
-                    return self.error(400, "An annotator id is required: open the page as /?annotator=YOUR_NAME.")
-                body = {"item": store.next_item(annotator), "progress": store.progress(annotator)}
+                annotator = self.annotator(query.get("token", [None])[0], query.get("annotator", [""])[0])
+                if annotator is None:
+                    return
+                body = {"item": store.next_item(annotator), "progress": store.progress(annotator), "annotator": annotator}
                 return self.reply(200, json.dumps(body).encode())
             if url.path == "/api/agreement":
+                if need_token and self.annotator(query.get("token", [None])[0], "") is None:
+                    return
                 return self.reply(200, json.dumps(store.agreement()).encode())
             self.error(404, f"There is no page {url.path} here: the labeling page is /.")
 
@@ -130,10 +170,16 @@ def make_server(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) ->
                 data = json.loads(self.rfile.read(length) or b"null")
             except ValueError:
                 return self.error(400, f"The request body is not JSON. Send {JUDGEMENT}.")
-            if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("item_id", "annotator", "key")):
+            if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("item_id", "key")):
                 return self.error(400, f"A judgement needs item_id, annotator and key, each a string: {JUDGEMENT}.")
+            token = data.get("token") if isinstance(data.get("token"), str) else None
+            if token is None and not isinstance(data.get("annotator"), str):
+                return self.error(400, f"A judgement needs item_id, annotator and key, each a string: {JUDGEMENT}.")
+            annotator = self.annotator(token, data.get("annotator") or "")
+            if annotator is None:
+                return
             try:
-                stored = store.record(data["item_id"], data["annotator"], data["key"])
+                stored = store.record(data["item_id"], annotator, data["key"])
             except LabelError as err:
                 return self.error(400, str(err))
             self.reply(200, json.dumps({"stored": stored}).encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ CREATE TABLE IF NOT EXISTS judgements (
     choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'skip')),
     left_answer TEXT NOT NULL CHECK (left_answer IN ('a', 'b')), created REAL NOT NULL,
     PRIMARY KEY (item_id, annotator));
+CREATE TABLE IF NOT EXISTS invitations (
+    token_sha256 TEXT PRIMARY KEY, annotator TEXT NOT NULL, created REAL NOT NULL);
 """
 
 
@@ -106,6 +109,27 @@ class LabelStore:
                               (item_id, annotator, choice, left, time.time()))
             return cur.rowcount == 1
 
+    # -- access -----------------------------------------------------------------------------------
+    def invite(self, annotator: str) -> str:
+        """A new access token for `annotator` (only its hash is stored). A page reached through it judges
+        as that annotator, whatever id the request claims."""
+        if not annotator.strip():
+            raise LabelError("An annotator id is required to invite someone.")
+        token = secrets.token_urlsafe(18)
+        with self.connect() as con:
+            con.execute("INSERT INTO invitations VALUES (?, ?, ?)", (_sha256(token), annotator.strip(), time.time()))
+        return token
+
+    def annotator_for(self, token: str) -> str | None:
+        """The annotator a token was issued to, or None for an unknown token."""
+        with self.connect() as con:
+            row = con.execute("SELECT annotator FROM invitations WHERE token_sha256 = ?", (_sha256(token),)).fetchone()
+        return row["annotator"] if row else None
+
+    def has_invitations(self) -> bool:
+        with self.connect() as con:
+            return con.execute("SELECT 1 FROM invitations LIMIT 1").fetchone() is not None
+
     # -- reading ----------------------------------------------------------------------------------
     def progress(self, annotator: str) -> dict[str, int]:
         with self.connect() as con:
@@ -181,3 +205,7 @@ def fleiss_kappa(rated: list[list[str]]) -> float:
     p_bar = sum(per_item) / len(per_item)
     p_e = sum((k / n_ratings) ** 2 for k in totals.values())
     return float("nan") if p_e == 1 else (p_bar - p_e) / (1 - p_e)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

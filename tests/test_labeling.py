@@ -148,9 +148,9 @@ def test_label_stage_takes_human_judgements(tmp_path):
 # -- the page in a real browser -------------------------------------------------------------------
 
 
-def serve(db: Path, port: int) -> subprocess.Popen:
+def serve(db: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
     cli = str(Path(sys.executable).parent / "alignflow")
-    proc = subprocess.Popen([cli, "label", "serve", "--db", str(db), "--port", str(port)], start_new_session=True,
+    proc = subprocess.Popen([cli, "label", "serve", "--db", str(db), "--port", str(port), "--host", host], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while True:
@@ -200,6 +200,59 @@ def test_judge_api_refuses_bad_requests_with_sentences_and_writes_nothing(tmp_pa
         assert err.value.code == 400
         assert judge() == (200, {"stored": True})
         assert len(LabelStore(db).judgements()) == 1
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_a_page_for_a_team_needs_invitations_and_records_the_invited_annotator(tmp_path):
+    """Bound beyond loopback the page refuses to start without invitations; with them, a request without a
+    token or with a wrong one is refused (403) and writes nothing, and a judgement is stored under the
+    token's annotator whatever id the request claims, also from the page in Chromium."""
+    need_chromium()
+    db = tmp_path / "labels.db"
+    store(tmp_path)
+    cli = str(Path(sys.executable).parent / "alignflow")
+    port = free_port()
+    refused = subprocess.run([cli, "label", "serve", "--db", str(db), "--host", "0.0.0.0", "--port", str(port)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "invite each annotator first with `alignflow label invite NAME" in refused.stderr
+    assert subprocess.run([cli, "label", "invite", " ", "--db", str(db)], capture_output=True, text=True).returncode == 2
+    invited = subprocess.run([cli, "label", "invite", "bob", "--db", str(db), "--url", f"http://127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=60)
+    assert invited.returncode == 0, invited.stderr
+    link = invited.stdout.strip()
+    token = link.split("token=")[1]
+    server = serve(db, port, host="0.0.0.0")
+    item = LabelStore(db).next_item("bob")["id"]
+
+    def call(url: str, body: dict | None = None) -> int:
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST" if body else "GET"), timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert call(f"{base}/api/next?annotator=mallory") == 403
+        assert call(f"{base}/api/next?token=wrong") == 403
+        assert call(f"{base}/api/judge", {"item_id": item, "annotator": "mallory", "key": "1"}) == 403
+        assert call(f"{base}/api/judge", {"item_id": item, "annotator": "mallory", "key": "1", "token": "wrong"}) == 403
+        assert LabelStore(db).judgements().empty
+        assert call(f"{base}/api/judge", {"item_id": item, "annotator": "mallory", "key": "1", "token": token}) == 200
+        assert LabelStore(db).judgements()["annotator"].tolist() == ["bob"]  # the token's annotator, not the claimed one
+        with browser_page(1200, 700) as page:
+            page.goto(link)
+            page.wait_for_selector("text=how can i sleep better ?")  # bob's next item
+            assert page.inner_text("#annot") == "annotator: bob"
+            page.screenshot(path=str(tmp_path / "label_page_invited.png"))
+            page.keyboard.press("2")
+            page.wait_for_selector("#done:visible")
+            page.goto(f"{base}/?annotator=mallory")
+            page.wait_for_selector("text=This page needs your invitation link")
+        keep(tmp_path / "label_page_invited.png")
+        assert sorted(LabelStore(db).judgements()["annotator"]) == ["bob", "bob"]
     finally:
         os.killpg(server.pid, signal.SIGKILL)
 
