@@ -26,6 +26,9 @@ PAGE = """<!doctype html>
  #fill { height: 100%; width: 0; background: #4cc38a; }
  main { max-width: 1100px; margin: 24px auto; padding: 0 24px; }
  .prompt { background: white; border-radius: 8px; padding: 16px 20px; margin-bottom: 16px; font-size: 17px; }
+ .turn { padding: 6px 0; } .turn + .turn { border-top: 1px solid #e5e7eb; }
+ .role { font-size: 12px; text-transform: uppercase; color: #6b7280; display: block; }
+ .turn.assistant div { color: #374151; } .turn.system div { font-style: italic; color: #4b5563; }
  .answers { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
  .answer { background: white; border-radius: 8px; padding: 16px 20px; min-height: 120px; border: 2px solid transparent; }
  .answer h2 { font-size: 13px; text-transform: uppercase; color: #6b7280; margin: 0 0 8px; }
@@ -64,7 +67,16 @@ async function next() {
   document.getElementById("task").style.display = item ? "block" : "none";
   document.getElementById("done").style.display = item ? "none" : "block";
   if (item) {
-    document.getElementById("prompt").textContent = item.prompt;
+    const prompt = document.getElementById("prompt");
+    prompt.replaceChildren();
+    if (item.messages) {  // a conversation: one block a turn, its role above it
+      for (const m of item.messages) {
+        const turn = document.createElement("div"); turn.className = "turn " + m.role;
+        const role = document.createElement("span"); role.className = "role"; role.textContent = m.role;
+        const text = document.createElement("div"); text.textContent = m.content;
+        turn.append(role, text); prompt.append(turn);
+      }
+    } else { prompt.textContent = item.prompt; }
     document.getElementById("left_text").textContent = item.left_text;
     document.getElementById("right_text").textContent = item.right_text;
   }

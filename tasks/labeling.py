@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import random
 import secrets
 import sqlite3
@@ -42,6 +43,8 @@ class LabelStore:
         with self.connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            if "messages" not in {row["name"] for row in con.execute("PRAGMA table_info(items)")}:  # a store from before
+                con.execute("ALTER TABLE items ADD COLUMN messages TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def connect(self):
@@ -62,17 +65,19 @@ class LabelStore:
         rows = []
         for prompt, group in samples.groupby("prompt", sort=False):
             answers = list(dict.fromkeys(group["answer"]))
+            messages = str(group["messages"].iloc[0]) if "messages" in group else ""  # a conversation, shown as turns
             pairs = list(itertools.combinations(answers, 2))
             if pairs_per_prompt is not None and len(pairs) > pairs_per_prompt:
                 rng = random.Random(hashlib.sha256(f"{seed}\0{prompt}".encode()).hexdigest())
                 pairs = rng.sample(pairs, pairs_per_prompt)
             for a, b in pairs:
                 item_id = hashlib.sha256("\0".join((prompt, a, b)).encode()).hexdigest()[:16]
-                rows.append((item_id, batch, prompt, a, b, time.time()))
+                rows.append((item_id, batch, prompt, a, b, time.time(), messages))
         with self.connect() as con:
             before = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             con.execute("BEGIN")
-            con.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
+            con.executemany("INSERT OR IGNORE INTO items (id, batch, prompt, answer_a, answer_b, created, messages) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             con.execute("COMMIT")
             return con.execute("SELECT COUNT(*) FROM items").fetchone()[0] - before
 
@@ -91,7 +96,8 @@ class LabelStore:
             return None
         left = self.left_answer(row["id"], annotator)
         a, b = row["answer_a"], row["answer_b"]
-        return {"id": row["id"], "prompt": row["prompt"], "left": left,
+        return {"id": row["id"], "prompt": row["prompt"], "messages": json.loads(row["messages"]) if row["messages"] else None,
+                "left": left,
                 "left_text": a if left == "a" else b, "right_text": b if left == "a" else a}
 
     def record(self, item_id: str, annotator: str, key: str) -> bool:

@@ -257,6 +257,34 @@ def test_a_page_for_a_team_needs_invitations_and_records_the_invited_annotator(t
         os.killpg(server.pid, signal.SIGKILL)
 
 
+def test_a_conversation_is_shown_as_its_turns(tmp_path):
+    """A multi-turn prompt reaches the page as system, user and assistant turns, each with its role, not as
+    one flattened text."""
+    from tasks.data import prompt_columns
+
+    need_chromium()
+    db = tmp_path / "labels.db"
+    turns = [{"role": "system", "content": "You are a terse cook."},
+             {"role": "user", "content": "How do I cook rice?"},
+             {"role": "assistant", "content": "Rinse it, then simmer it."},
+             {"role": "user", "content": "For how long?"}]
+    columns = prompt_columns(turns)
+    LabelStore(db).add_batch(pd.DataFrame({**{k: [v] * 2 for k, v in columns.items()}, "answer": ["15 minutes.", "An hour."],
+                                           "sample": [0, 1], "prompt_index": [0, 0]}), "chat")
+    port = free_port()
+    server = serve(db, port)
+    try:
+        with browser_page(1200, 700) as page:
+            page.goto(f"http://127.0.0.1:{port}/?annotator=alice")
+            page.wait_for_selector(".turn")
+            shown = page.eval_on_selector_all(".turn", "ts => ts.map(t => [t.querySelector('.role').textContent, t.lastChild.textContent])")
+            page.screenshot(path=str(tmp_path / "label_page_conversation.png"))
+        keep(tmp_path / "label_page_conversation.png")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+    assert shown == [[m["role"], m["content"]] for m in turns]
+
+
 def test_label_page_by_keyboard_survives_a_killed_server(tmp_path):
     need_chromium()
     db = tmp_path / "labels.db"
