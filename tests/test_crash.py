@@ -97,6 +97,13 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     steps = [m.step for m in client.get_metric_history(stages["ppo"].info.run_id, "train/reward")]
     assert steps[0] > 1 and steps[-1] == 20  # resumed after the checkpoint, not from iteration 1
     assert ppo_output(crash)["content_hash"] == ppo_output(straight)["content_hash"]
+    # the ledger: the prompts of each of the 20 iterations, once each and the same as the straight run's
+    # (it, the losses and every metric are in the content hash; spelled out here)
+    [crash_dir], [straight_dir] = ((d / "runs" / "stages" / "ppo").glob("*[!l]") for d in (crash, straight))
+    ledger = [json.loads(line) for line in (crash_dir / "ledger.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in ledger] == list(range(1, 21)) and all(len(row["ids"]) == 16 for row in ledger)
+    assert (crash_dir / "ledger.jsonl").read_text() == (straight_dir / "ledger.jsonl").read_text()
+    assert (crash_dir / "train_metrics.jsonl").read_text() == (straight_dir / "train_metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -1,6 +1,7 @@
 """Per trainer: a tiny learning test (the loss falls / the preferred answer gains), exact resume,
 and the NaN guard. Tiny random Llama models, a few steps, in-process."""
 
+import json
 import math
 
 import pytest
@@ -85,6 +86,24 @@ def test_resume_gives_the_same_parameters(tmp_path):
     assert len(history) == 3
     assert torch.allclose(params(straight.model), params(resumed.model), atol=1e-6)
     assert not torch.allclose(params(first.model), params(resumed.model), atol=1e-6)
+
+
+def test_the_ledger_of_a_killed_and_resumed_run_equals_a_straight_runs(tmp_path):
+    """Which pairs each step consumed: a run killed after its step-3 checkpoint, having already logged step 4,
+    resumes at step 4 and logs it once; the ledger equals the uninterrupted run's, and each epoch of 6
+    steps x 4 pairs = 24 visits covers every one of the 12 pairs twice."""
+    cfg = DPOConfig(TrainConfig(max_steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, group_by_length=False))
+    DPOTrainer(lm(), PAIRS, 0, cfg, output_dir=tmp_path / "a").train()
+    DPOTrainer(lm(), PAIRS, 0, cfg, output_dir=tmp_path / "b").train(stop_at=3)
+    ledger = tmp_path / "b" / "ledger.jsonl"
+    with open(ledger, "a") as fh:  # what the killed process wrote after its last checkpoint
+        fh.write(json.dumps({"step": 4, "ids": [0, 1, 2, 3]}) + "\n")
+    DPOTrainer(lm(), PAIRS, 0, cfg, output_dir=tmp_path / "b").train()
+    straight = [json.loads(line) for line in (tmp_path / "a" / "ledger.jsonl").read_text().splitlines()]
+    assert ledger.read_text() == (tmp_path / "a" / "ledger.jsonl").read_text()
+    assert [row["step"] for row in straight] == [1, 2, 3, 4, 5, 6]
+    visits = sorted(i for row in straight for i in row["ids"])
+    assert len(PAIRS) == 12 and visits == sorted(list(range(12)) * 2)
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -92,18 +92,51 @@ class StepSampler:
     def _positions(self, start: int, count: int) -> list[int]:
         return [self._perm(p // self.n)[p % self.n] for p in range(start, start + count)]
 
+    def global_batch(self, step: int) -> list[int]:
+        """Example indices of global batch `step`, every process's share."""
+        if self.lengths is None:
+            return self._positions(step * self.batch_size, self.batch_size)
+        group = step // self.GROUP
+        members = self._positions(group * self.GROUP * self.batch_size, self.GROUP * self.batch_size)
+        members.sort(key=lambda i: self.lengths[i])
+        g = torch.Generator().manual_seed(self.seed * 7_919 + group)
+        k = int(torch.randperm(self.GROUP, generator=g)[step % self.GROUP])
+        return members[k * self.batch_size : (k + 1) * self.batch_size]
+
     def batch(self, step: int) -> list[int]:
         """Example indices of global batch `step` that belong to this process."""
-        if self.lengths is None:
-            idx = self._positions(step * self.batch_size, self.batch_size)
-        else:
-            group = step // self.GROUP
-            members = self._positions(group * self.GROUP * self.batch_size, self.GROUP * self.batch_size)
-            members.sort(key=lambda i: self.lengths[i])
-            g = torch.Generator().manual_seed(self.seed * 7_919 + group)
-            k = int(torch.randperm(self.GROUP, generator=g)[step % self.GROUP])
-            idx = members[k * self.batch_size : (k + 1) * self.batch_size]
-        return idx[self.rank :: self.world_size]
+        return self.global_batch(step)[self.rank :: self.world_size]
+
+
+class Ledger:
+    """Which examples (or prompts) each optimizer step or iteration consumed: `ledger.jsonl` in the output
+    folder, one line {"step": s, "ids": [...]} a step, written by the main process. A resumed run first
+    cuts the file back to its checkpoint's step, so after any number of kills the ledger equals an
+    uninterrupted run's: nothing skipped, nothing seen twice."""
+
+    FILE = "ledger.jsonl"
+
+    def __init__(self, path: Path | None, main_process: bool = True):
+        self.path = path if main_process else None
+
+    @classmethod
+    def under(cls, output_dir: str | Path | None, main_process: bool = True) -> "Ledger":
+        return cls(Path(output_dir) / cls.FILE if output_dir else None, main_process)
+
+    def resume(self, step: int) -> None:
+        """Keep the steps up to `step` (those the checkpoint holds); 0 starts a fresh ledger."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def record(self, step: int, ids: list[int]) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, "ids": [int(i) for i in ids]}) + "\n")
 
 
 def minibatch(batch: dict[str, Tensor], indices: list[int]) -> dict[str, Tensor]:
@@ -335,9 +368,12 @@ def train_steps(
     latest = checkpointer.latest()
     if latest is not None:
         checkpointer.load(opt, latest)
+    ledger = Ledger.under(checkpointer.directory.parent if checkpointer.directory else None, opt.accelerator.is_main_process)
+    ledger.resume(opt.step)
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     history = []
     for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False):
+        ledger.record(opt.step + 1, sampler.global_batch(opt.step))
         metrics = opt.update(micro_losses, sampler.batch(opt.step), size)
         history.append(metrics)
         if callback is not None:

@@ -27,7 +27,7 @@ from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
-from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler, minibatch
+from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, StepSampler, minibatch
 
 ADVANTAGES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
 
@@ -64,6 +64,7 @@ class GroupTrainer:
         self.ref_model = ref_model.to(self.opt.device) if cfg.beta and ref_model is not None else None
         self.prompt_sampler = StepSampler(len(self.prompts), cfg.prompts_per_batch, cfg.seed)
         self.checkpointer = Checkpointer.under(output_dir)
+        self.ledger = Ledger.under(output_dir, self.opt.accelerator.is_main_process)
         self.iteration = 0
         self.stop_ids = tuple(cfg.sampling.stop_token_ids) or (tokenizer.eos_token_id,)
         self.batch_size = cfg.prompts_per_batch * cfg.group_size
@@ -168,10 +169,12 @@ class GroupTrainer:
         latest = self.checkpointer.latest()
         if latest is not None:
             self.iteration = self.checkpointer.load(self.opt, latest)["iteration"]
+        self.ledger.resume(self.iteration)
         end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
         name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
         history = []
         for _ in tqdm(range(self.iteration, end), desc=name, initial=self.iteration, total=cfg.iterations, leave=False):
+            self.ledger.record(self.iteration + 1, self.prompt_sampler.batch(self.iteration))  # prompt ids
             batch = self.rollout(self.prompt_sampler.batch(self.iteration))
             stats = batch.pop("stats")
             self.opt.model.train()

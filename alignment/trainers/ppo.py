@@ -23,7 +23,7 @@ from alignment.lora import has_adapters, reference_mode
 from alignment.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
-from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization, StepSampler, minibatch
+from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, StepSampler, minibatch
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """reward_fn(prompts, answers) -> scores [B]; text in, so the reward model may use its own tokenizer."""
@@ -53,6 +53,7 @@ class PPOTrainer:
             AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.beta)
         )
         self.checkpointer = Checkpointer.under(output_dir)
+        self.ledger = Ledger.under(output_dir, self.opt.accelerator.is_main_process)
         self.iteration = 0
         self.stop_ids = tuple(cfg.sampling.stop_token_ids) or (tokenizer.eos_token_id,)
 
@@ -130,9 +131,11 @@ class PPOTrainer:
         if latest is not None:
             state = self.checkpointer.load(self.opt, latest)
             self.iteration, self.kl_ctl.value = state["iteration"], state["beta"]
+        self.ledger.resume(self.iteration)
         end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
         history = []
         for _ in tqdm(range(self.iteration, end), desc="ppo", initial=self.iteration, total=cfg.iterations, leave=False):
+            self.ledger.record(self.iteration + 1, self.prompt_sampler.batch(self.iteration))  # prompt ids
             batch = self.rollout([self.prompts[i] for i in self.prompt_sampler.batch(self.iteration)])
             self.opt.model.train()
             step_metrics = []
