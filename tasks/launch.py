@@ -15,6 +15,7 @@ Stopping or killing the pipeline stops the group; a worker's error comes back as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -124,6 +125,9 @@ class _ScratchStore:
 
     def lookup(self, stage_type: str, key: str, log=None):
         return self.store.lookup(stage_type, key, log)
+
+    def lock(self, stage_type: str, key: str, on_wait=None):
+        return contextlib.nullcontext()  # rank 0 holds the real lock; what this rank would publish stays in scratch
 
     def partial(self, stage_type: str, key: str) -> Path:
         path = self.scratch / stage_type / key

@@ -243,38 +243,42 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
     run_id = ctx.tracker.start_run(name, tags, parent_id=ctx.parent_run_id)
     try:
         ctx.tracker.log_params(run_id, params_dict)
-        record = ctx.store.lookup(stage_type, key, log=ctx.log)
-        if record is not None:
-            ctx.log(f"[{name}] unchanged inputs, params and code: reusing {record['run_id']}")
-            final = ctx.store.final(stage_type, key)
-            ctx.tracker.set_tags(run_id, {"alignflow.cache": "hit", "alignflow.reused_run_id": record["run_id"],
-                                          "alignflow.content_hash": record["content_hash"]})
-            ctx.tracker.log_metrics(run_id, stage_metrics(final), step=0)  # so that runs sharing it compare fully
-            ctx.tracker.end_run(run_id)
-            return StageOutput(name, stage_type, str(final), key, record["content_hash"], record["run_id"], cached=True,
-                               duration_s=record.get("duration_s"))
-        ctx.tracker.set_tags(run_id, {"alignflow.cache": "miss"})
-        out = ctx.store.partial(stage_type, key)
-        for slot, o in inputs.items():
-            for data in Path(o.path).glob("*.parquet"):
-                ctx.tracker.log_dataset(run_id, pd.read_parquet(data), source=str(data), name=f"{o.name}/{data.stem}",
-                                        digest=file_hash(data), context=slot)
-        started = time.perf_counter()
-        if stage.resources.launched:
-            from tasks.launch import run_launched
+        # One computation per key, across threads and processes: a second run of the same stage waits here,
+        # then finds the first one's output published and reuses it.
+        waiting = f"[{name}] another run is computing this stage (the same key {key}): waiting to reuse its output"
+        with ctx.store.lock(stage_type, key, on_wait=lambda: ctx.log(waiting)):
+            record = ctx.store.lookup(stage_type, key, log=ctx.log)
+            if record is not None:
+                ctx.log(f"[{name}] unchanged inputs, params and code: reusing {record['run_id']}")
+                final = ctx.store.final(stage_type, key)
+                ctx.tracker.set_tags(run_id, {"alignflow.cache": "hit", "alignflow.reused_run_id": record["run_id"],
+                                              "alignflow.content_hash": record["content_hash"]})
+                ctx.tracker.log_metrics(run_id, stage_metrics(final), step=0)  # so that runs sharing it compare fully
+                ctx.tracker.end_run(run_id)
+                return StageOutput(name, stage_type, str(final), key, record["content_hash"], record["run_id"], cached=True,
+                                   duration_s=record.get("duration_s"))
+            ctx.tracker.set_tags(run_id, {"alignflow.cache": "miss"})
+            out = ctx.store.partial(stage_type, key)
+            for slot, o in inputs.items():
+                for data in Path(o.path).glob("*.parquet"):
+                    ctx.tracker.log_dataset(run_id, pd.read_parquet(data), source=str(data), name=f"{o.name}/{data.stem}",
+                                            digest=file_hash(data), context=slot)
+            started = time.perf_counter()
+            if stage.resources.launched:
+                from tasks.launch import run_launched
 
-            metrics = run_launched(ctx, stage, inputs, out, run_id)
-        else:
-            metrics = module.run(ctx, params, inputs, out, run_id)
-        duration = round(time.perf_counter() - started, 3)  # the stage's own work: no MLflow run set-up or upload
-        (out / METRICS).write_text(json.dumps(metrics, indent=2))
-        final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name, "duration_s": duration})
-        ctx.tracker.log_metrics(run_id, {**metrics, "duration_s": duration}, step=0)
-        ctx.tracker.log_artifact(run_id, final, "output")
-        ctx.tracker.set_tags(run_id, {"alignflow.content_hash": content_hash})
-        ctx.tracker.end_run(run_id)
-        ctx.log(f"[{name}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        return StageOutput(name, stage_type, str(final), key, content_hash, run_id, duration_s=duration)
+                metrics = run_launched(ctx, stage, inputs, out, run_id)
+            else:
+                metrics = module.run(ctx, params, inputs, out, run_id)
+            duration = round(time.perf_counter() - started, 3)  # the stage's own work: no MLflow run set-up or upload
+            (out / METRICS).write_text(json.dumps(metrics, indent=2))
+            final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name, "duration_s": duration})
+            ctx.tracker.log_metrics(run_id, {**metrics, "duration_s": duration}, step=0)
+            ctx.tracker.log_artifact(run_id, final, "output")
+            ctx.tracker.set_tags(run_id, {"alignflow.content_hash": content_hash})
+            ctx.tracker.end_run(run_id)
+            ctx.log(f"[{name}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            return StageOutput(name, stage_type, str(final), key, content_hash, run_id, duration_s=duration)
     except KeyboardInterrupt:
         ctx.tracker.end_run(run_id, "KILLED")
         raise

@@ -9,12 +9,14 @@ A folder without `_SUCCESS.json` is never read, so no partial artifact is ever u
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -104,6 +106,24 @@ class Store:
         path = self.root / stage_type / f"{key}.partial"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @contextmanager
+    def lock(self, stage_type: str, key: str, on_wait: Callable[[], None] | None = None):
+        """Hold the entry `stage_type/key` for computing it: an exclusive lock on `.locks/<type>-<key>` (flock:
+        other processes and other threads wait; the kernel releases it when a process dies, even by kill -9)."""
+        folder = self.root / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{stage_type}-{key}", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def lookup(self, stage_type: str, key: str, log: Callable[[str], None] | None = None) -> dict | None:
         """The success record of a completed output whose files still have the content hash they were

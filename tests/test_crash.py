@@ -125,3 +125,30 @@ def test_sigterm_or_ctrl_c_exits_130_and_marks_runs_killed(tmp_path, sig):
     assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
     killed = {r.data.tags.get("alignflow.stage", "pipeline") for r in client.search_runs([exp.experiment_id], "attributes.status = 'KILLED'")}
     assert killed == {"pipeline", "ppo"}
+
+
+def test_two_runs_at_once_compute_each_stage_once(tmp_path):
+    """Two `alignflow run` processes started together on one working directory and store: both exit 0, each
+    stage is computed by one of them while the other waits on its key's lock and reuses the output, and
+    every published entry still has the content hash it was sealed with."""
+    from tasks.store import dir_hash
+
+    d = setup_dir(tmp_path / "twice")
+    cfg = yaml.safe_load((d / "pipelines.yaml").read_text())
+    cfg["pipelines"]["crash"]["stages"] = cfg["pipelines"]["crash"]["stages"][:5]  # up to the reward model
+    (d / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    procs = [subprocess.Popen(CLI, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-2000:] for out in outs)
+    assert not any("OperationalError" in out or "Traceback" in out for out in outs)
+    client = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crash")
+    stage_runs = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if "alignflow.stage" in r.data.tags]
+    by_stage: dict[str, list[str]] = {}
+    for r in stage_runs:
+        by_stage.setdefault(r.data.tags["alignflow.stage"], []).append(r.data.tags["alignflow.cache"])
+    assert {stage: sorted(caches) for stage, caches in by_stage.items()} == {
+        stage: ["hit", "miss"] for stage in ("world", "sft", "sample", "label", "reward_model")}
+    for marker in (d / "runs" / "stages").glob("*/*/_SUCCESS.json"):
+        assert json.loads(marker.read_text())["content_hash"] == dir_hash(marker.parent), marker

@@ -42,16 +42,17 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt},
                         {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
     ref_file = ctx.store.final("reference_logps", ref_key) / "logps.safetensors"
-    reference_logps = load_file(str(ref_file))["logps"] if ctx.store.lookup("reference_logps", ref_key, log=ctx.log) else None
     set_seed(p.dpo.train.seed)
     if p.lora is not None:
         policy = add_lora(policy, p.lora)
-    trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, p.dpo, reference_logps=reference_logps,
-                         output_dir=out, callback=metrics_logger(ctx, run_id, out))
-    if reference_logps is None:
-        tmp = ctx.store.partial("reference_logps", ref_key)
-        save_file({"logps": trainer.reference_logps.contiguous()}, str(tmp / "logps.safetensors"))
-        ctx.store.publish("reference_logps", ref_key, {"run_id": run_id})
+    with ctx.store.lock("reference_logps", ref_key):  # two DPO stages on the same policy and data compute them once
+        reference_logps = load_file(str(ref_file))["logps"] if ctx.store.lookup("reference_logps", ref_key, log=ctx.log) else None
+        trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, p.dpo, reference_logps=reference_logps,
+                             output_dir=out, callback=metrics_logger(ctx, run_id, out))
+        if reference_logps is None:
+            tmp = ctx.store.partial("reference_logps", ref_key)
+            save_file({"logps": trainer.reference_logps.contiguous()}, str(tmp / "logps.safetensors"))
+            ctx.store.publish("reference_logps", ref_key, {"run_id": run_id})
     ctx.tracker.set_tags(run_id, {"reference_logps.key": ref_key, "reference_logps.reused": reference_logps is not None})
     trainer.train()
     rows = training_history(out)

@@ -102,12 +102,13 @@ def reference_answers(ctx, inputs, reference, tokenizer, prompts: list, p: Param
     key = stage_key("reference_answers", {"sampling": dataclasses.asdict(p.sampling), "seed": p.seed + 8, "prompts": digest},
                     {"reference": inputs["reference"].content_hash})
     stored = ctx.store.final("reference_answers", key) / "answers.json"
-    if ctx.store.lookup("reference_answers", key, log=ctx.log) is not None:
-        ctx.tracker.set_tags(run_id, {"reference_answers.key": key, "reference_answers.reused": True})
-        return json.loads(stored.read_text())
-    answers, _ = generate_answers(reference, tokenizer, prompts, p.sampling, seed=p.seed + 8)
-    (ctx.store.partial("reference_answers", key) / "answers.json").write_text(json.dumps(answers))
-    ctx.store.publish("reference_answers", key, {"run_id": run_id})
+    with ctx.store.lock("reference_answers", key):  # evaluations running at once sample them once
+        if ctx.store.lookup("reference_answers", key, log=ctx.log) is not None:
+            ctx.tracker.set_tags(run_id, {"reference_answers.key": key, "reference_answers.reused": True})
+            return json.loads(stored.read_text())
+        answers, _ = generate_answers(reference, tokenizer, prompts, p.sampling, seed=p.seed + 8)
+        (ctx.store.partial("reference_answers", key) / "answers.json").write_text(json.dumps(answers))
+        ctx.store.publish("reference_answers", key, {"run_id": run_id})
     ctx.tracker.set_tags(run_id, {"reference_answers.key": key, "reference_answers.reused": False})
     return answers
 
