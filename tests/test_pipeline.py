@@ -202,6 +202,24 @@ def test_stages_run_one_at_a_time_on_small_machines(env):
         assert before.info.end_time <= after.info.start_time, (before.data.tags["alignflow.stage"], after.data.tags["alignflow.stage"])
 
 
+def test_concurrent_stages_overlap_and_give_a_serial_runs_outputs(env, tmp_path):
+    """concurrent_stages: true, forced on this small machine: independent stages (DPO beside the reward model
+    and PPO, the two evaluations) run at once, the store takes it without a lock error, and every output has
+    the content hash of the serial run's."""
+    from flows.pipeline import make_tracker, pipeline_flow, resolved_yaml
+
+    data = json.loads(json.dumps(TINY))
+    data["settings"]["concurrent_stages"] = True
+    cfg, raw = load(write_config(tmp_path, data), "tiny")
+    result = pipeline_flow(cfg, "tiny", resolved_yaml(raw))
+    assert {n: s["content_hash"] for n, s in result["stages"].items()} == {
+        n: s["content_hash"] for n, s in env["first"]["stages"].items()}
+    runs = children(make_tracker(cfg), result["parent_run_id"]).values()
+    assert all(r.info.status == "FINISHED" for r in runs)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two stages ran at once"
+
+
 def test_every_stage_run_has_metrics_params_and_lineage(env):
     tracker, first = env["tracker"], env["first"]
     runs = children(tracker, first["parent_run_id"])
