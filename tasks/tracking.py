@@ -91,7 +91,10 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            # a local store keeps artifacts beside the stage outputs; a tracking server keeps them itself (its
+            # --artifacts-destination, reached through the server), where every machine that uses it can read them
+            served = self.uri.startswith(("http://", "https://", "databricks"))
+            location = Path(artifact_root).resolve().as_uri() if artifact_root and not served else None
             # the tag makes MLflow 3's UI open the experiment on its training-runs view
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}

@@ -3,7 +3,10 @@ metrics and lineage on every stage, the cache across runs, stage re-runs, bad co
 
 import json
 import os
+import re
 import signal
+import urllib.request
+import time
 from pathlib import Path
 
 import subprocess
@@ -523,6 +526,53 @@ def test_metrics_are_shown_as_mlflow_rounds_them():
     # MLflow's formatMetric: exponent below 1e-3, 3 decimals below 10, 2 below 100, then 1; halves go up
     assert [_shown(v) for v in (0.40625, 0.0205517, 2.5394e-9, -3.8743e-6, 12.0, 0.0015, 63.456, 150.25, 0.0, float("nan"), "0.5", None)] == [
         "0.406", "0.021", "2.539e-9", "-3.874e-6", "12", "0.002", "63.46", "150.3", "0", "NaN", "0.5", "-"]
+
+
+def test_a_pipeline_tracks_to_an_mlflow_server_with_artifacts_through_it(tmp_path):
+    """`mlflow server` on loopback as the tracking URI: a pipeline runs twice (the second from the cache), the
+    stage outputs are uploaded through the server (mlflow-artifacts:), and lineage and runs compare read
+    everything back from it."""
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from browser import free_port
+    from flows.cli import app
+    from flows.pipeline import pipeline_flow, resolved_yaml
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                              cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        cfg = {"settings": {"seed": 0, "workdir": str(tmp_path / "runs"), "tracking_uri": uri, "experiment": "served"},
+               "pipelines": {"tiny": {"stages": TINY["pipelines"]["tiny"]["stages"][:2]}}}
+        (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+        pipelines, raw = load(tmp_path / "pipelines.yaml", "tiny")
+        runs = [pipeline_flow(pipelines, "tiny", resolved_yaml(raw))["parent_run_id"] for _ in range(2)]
+        client = MlflowClient(uri)
+        [sft] = client.search_runs([client.get_experiment_by_name("served").experiment_id],
+                                   f"tags.mlflow.parentRunId = '{runs[0]}' and tags.`alignflow.stage` = 'sft'")
+        assert sft.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert any(f.path == "output/model" for f in client.list_artifacts(sft.info.run_id, "output"))
+        assert list((tmp_path / "server-artifacts").rglob("model.safetensors"))  # stored by the server, not by us
+        lineage = CliRunner().invoke(app, ["lineage", runs[1], "-c", str(tmp_path / "pipelines.yaml")])
+        assert lineage.exit_code == 0 and "sft" in lineage.output and "world" in lineage.output, lineage.output
+        compared = CliRunner().invoke(app, ["runs", "compare", *runs, "-c", str(tmp_path / "pipelines.yaml")])
+        assert compared.exit_code == 0 and "sft/final_loss" in compared.output, compared.output
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def test_a_pipeline_deployed_to_a_process_work_pool_runs_on_its_worker(tmp_path):
