@@ -47,6 +47,19 @@ def load_or_exit(config: Path | None, pipeline: str | None = None, overrides: li
         fail(f"invalid pipeline config: {err}")
 
 
+def quiet_output() -> None:
+    """What `alignflow run` prints: one line a stage (its `[name] done: ...`), the training progress bars on a
+    terminal, and the summary. Held back: Prefect's line per task state (the Prefect UI has them) and the
+    loading and saving bars of transformers (a tiny model loads in milliseconds, a large one is logged)."""
+    import logging
+
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 HEADLINE = ("eval/kl", "eval/gold_win_rate", "eval/rm_win_rate", "eval/implicit_accuracy", "eval/pref_accuracy",
             "eval/banned_word_rate", "eval/accuracy", "eval/gold_accuracy")
 """The evaluation metrics the run summary shows a stage by (all of them are in MLflow and metrics.json)."""
@@ -77,6 +90,7 @@ def run(
     from flows.pipeline import pipeline_flow, preflight, resolved_yaml
     from alignment.rewards import RewardFunctionError
     from tasks.data import DataError
+    quiet_output()
     try:
         preflight(cfg.pipelines[pipeline], only)  # bad data fails before Prefect, MLflow or any file
         result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run, overrides=set_)

@@ -157,7 +157,7 @@ class Tracker:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
             ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
-        inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+            inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]  # (infers the schema)
         # Two branches logging the same dataset race on MLflow's check-then-insert of the dataset row:
         # serialise within the process, and retry once (the row then exists) across processes.
         with _DATASET_LOCK:

@@ -276,6 +276,11 @@ def test_cli_exit_codes_a_failed_gate_3_a_failed_stage_1(env):
     gate = subprocess.run(cli, capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
     assert gate.returncode == 3, gate.stdout[-2000:] + gate.stderr[-2000:]
     assert "EVALUATION GATES FAILED" in gate.stderr and "evaluate_ppo: eval/gold_win_rate" in gate.stderr
+    shown = gate.stdout + gate.stderr  # a clean run: a line a stage, no warnings, and where to look at the end
+    assert "Warning" not in shown and "Traceback" not in shown, shown
+    assert all(len([line for line in shown.splitlines() if f"[{s['name']}]" in line]) == 1 for s in TINY["pipelines"]["tiny"]["stages"])
+    run_id = re.search(r"^pipeline run ([0-9a-f]{32})$", gate.stdout, re.M).group(1)
+    assert f"`alignflow ui`, run 'tiny {run_id}'" in gate.stdout
     assert [m.name for m in tracker.client.search_registered_models()] == ["tiny-dpo"]
     assert [int(v.version) for v in tracker.client.search_model_versions("name = 'tiny-dpo'")] == [1]  # a cache hit registers nothing
     parent = env["first"]["parent_run_id"]

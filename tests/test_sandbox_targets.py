@@ -49,8 +49,13 @@ def pipeline_run(stdout: str) -> tuple[str, set[str]]:
 
 @pytest.mark.slow
 def test_quickstart_then_compare_methods_align_the_policy_and_compare_in_the_mlflow_ui(tmp_path):
-    first, computed = pipeline_run(alignflow(tmp_path, "run", "quickstart").stdout)
+    quickstart = alignflow(tmp_path, "run", "quickstart")
+    first, computed = pipeline_run(quickstart.stdout)
     assert len(computed) == 9
+    shown = quickstart.stdout + quickstart.stderr  # a clean run: one line a stage, no Python warning or traceback
+    assert "Warning" not in shown and "Traceback" not in shown, shown[-3000:]
+    assert sorted(re.findall(r"\[(\w+)\] done: ", shown)) == sorted(computed)
+    assert f"`alignflow ui`, run 'quickstart {first}'" in quickstart.stdout
     metrics = stage_metrics(tmp_path / "runs")
     assert metrics["reward_model"]["eval/gold_accuracy"] >= 0.80
     check_targets(metrics, ("dpo", "ppo"))

@@ -372,7 +372,7 @@ def train_steps(
     ledger.resume(opt.step)
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     history = []
-    for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False):
+    for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False, disable=None):
         ledger.record(opt.step + 1, sampler.global_batch(opt.step))
         metrics = opt.update(micro_losses, sampler.batch(opt.step), size)
         history.append(metrics)

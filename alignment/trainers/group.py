@@ -173,7 +173,7 @@ class GroupTrainer:
         end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
         name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
         history = []
-        for _ in tqdm(range(self.iteration, end), desc=name, initial=self.iteration, total=cfg.iterations, leave=False):
+        for _ in tqdm(range(self.iteration, end), desc=name, initial=self.iteration, total=cfg.iterations, leave=False, disable=None):
             self.ledger.record(self.iteration + 1, self.prompt_sampler.batch(self.iteration))  # prompt ids
             batch = self.rollout(self.prompt_sampler.batch(self.iteration))
             stats = batch.pop("stats")

@@ -134,7 +134,7 @@ class PPOTrainer:
         self.ledger.resume(self.iteration)
         end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
         history = []
-        for _ in tqdm(range(self.iteration, end), desc="ppo", initial=self.iteration, total=cfg.iterations, leave=False):
+        for _ in tqdm(range(self.iteration, end), desc="ppo", initial=self.iteration, total=cfg.iterations, leave=False, disable=None):
             self.ledger.record(self.iteration + 1, self.prompt_sampler.batch(self.iteration))  # prompt ids
             batch = self.rollout([self.prompts[i] for i in self.prompt_sampler.batch(self.iteration)])
             self.opt.model.train()
