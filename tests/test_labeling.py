@@ -53,8 +53,8 @@ def test_label_create_makes_one_pair_a_prompt_unless_told(tmp_path):
         first = sorted(tuple(r) for r in con.execute("SELECT prompt, answer_a, answer_b FROM items"))
     assert len({prompt for prompt, _, _ in first}) == 6  # one a prompt, each of two different answers
     assert all(a != b for _, a, b in first)
-    assert "12 new item(s)" in run("--db", str(tmp_path / "two.db"), "--pairs-per-prompt", "2").stdout
-    assert "168 new item(s)" in run("--db", str(tmp_path / "all.db"), "--pairs-per-prompt", "0").stdout  # 6 x 28
+    assert LabelStore(tmp_path / "two.db").add_batch(samples, "b", 2) == 12
+    assert LabelStore(tmp_path / "all.db").add_batch(samples, "b", None) == 168  # 6 x 28: what `--pairs-per-prompt 0` asks
     again = LabelStore(tmp_path / "again.db")
     again.add_batch(samples, "b", 1, seed=0)
     with again.connect() as con:  # the same seed draws the same pairs
