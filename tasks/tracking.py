@@ -6,12 +6,14 @@ MlflowClient (never the thread-local "active run"), so parallel branches can log
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sqlite3
 import subprocess
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -82,26 +84,43 @@ def prepare_sqlite(uri: str) -> None:
         con.execute("PRAGMA journal_mode=WAL")
 
 
+@contextmanager
+def _store_lock(uri: str):
+    """An exclusive lock beside a local sqlite store (`<file>.lock`) while it is opened; nothing for a server."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, tracking_uri: str | None, experiment: str, artifact_root: str | Path | None = None,
                  description: str | None = None):
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         self.experiment = experiment
-        prepare_sqlite(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            # a local store keeps artifacts beside the stage outputs; a tracking server keeps them itself (its
-            # --artifacts-destination, reached through the server), where every machine that uses it can read them
-            served = self.uri.startswith(("http://", "https://", "databricks"))
-            location = Path(artifact_root).resolve().as_uri() if artifact_root and not served else None
-            # the tag makes MLflow 3's UI open the experiment on its training-runs view
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
-            )
-            tags = {}
-        else:
-            self.experiment_id, tags = exp.experiment_id, exp.tags
+        with _store_lock(self.uri):  # two processes opening a new store would both create its tables and experiment
+            prepare_sqlite(self.uri)
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(experiment)  # (creates and migrates the tables of a new store)
+            if exp is None:
+                # a local store keeps artifacts beside the stage outputs; a tracking server keeps them itself (its
+                # --artifacts-destination, reached through the server), where every machine that uses it reads them
+                served = self.uri.startswith(("http://", "https://", "databricks"))
+                location = Path(artifact_root).resolve().as_uri() if artifact_root and not served else None
+                # the tag makes MLflow 3's UI open the experiment on its training-runs view
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+                )
+                tags = {}
+            else:
+                self.experiment_id, tags = exp.experiment_id, exp.tags
         if description and tags.get(NOTE) != description:
             self.client.set_experiment_tag(self.experiment_id, NOTE, description)
 

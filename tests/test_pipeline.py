@@ -338,7 +338,7 @@ def test_a_diverging_stage_stops_within_a_step_and_fails_its_runs(env):
         env["run"](["sft.sft.train.lr=1e12"], only="sft", from_run=parent)
     assert "Lower the learning rate" in str(err.value)
     assert err.value.__notes__[0].startswith("stage 'sft' (MLflow run ")  # where, for the command line's message
-    [failed] = tracker.runs("tags.alignflow.only = 'sft' and attributes.status = 'FAILED'")
+    [failed] = tracker.runs("tags.alignflow.overrides = 'sft.sft.train.lr=1e12' and attributes.status = 'FAILED'")
     [stage] = children(tracker, failed.info.run_id).values()
     assert stage.info.status == "FAILED" and "NonFiniteLossError" in stage.data.tags["alignflow.error"]
     assert [m.step for m in tracker.client.get_metric_history(stage.info.run_id, "train/loss")] == [1]  # one step, then stop
@@ -546,7 +546,7 @@ def test_a_pipeline_tracks_to_an_mlflow_server_with_artifacts_through_it(tmp_pat
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "server-artifacts")],
                               cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
