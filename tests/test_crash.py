@@ -63,8 +63,13 @@ def ppo_output(d: Path) -> dict:
 
 
 def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
-    straight = setup_dir(tmp_path / "straight")
-    run_cli(straight)
+    straight = setup_dir(tmp_path / "straight")  # uninterrupted, in this process (a flow run as the CLI's, minus its start-up)
+    from flows.config import load
+    from flows.pipeline import pipeline_flow, resolved_yaml
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    cfg, raw = load(straight / "pipelines.yaml", "crash")
+    pipeline_flow(cfg, "crash", resolved_yaml(raw))
 
     crash = setup_dir(tmp_path / "crash")
     proc = subprocess.Popen(CLI, cwd=crash, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,

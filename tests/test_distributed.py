@@ -25,7 +25,7 @@ from chat_model import TEXTS, build_chat_model
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
 
 CLI = str(Path(sys.executable).parent / "alignflow")
-DPO_STEPS = 24
+DPO_STEPS = 36  # enough that the workers cannot finish in the moment between the kill and their SIGTERM
 
 
 def config(root: Path, processes: int, model: Path, prefs: Path) -> Path:

@@ -597,7 +597,8 @@ def test_a_pipeline_deployed_to_a_process_work_pool_runs_on_its_worker(tmp_path)
                               env=env, capture_output=True, text=True, timeout=120)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert f"in work pool '{pool}'" in deployed.stdout and f"prefect worker start --pool {pool}" in deployed.stdout
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--limit", "1"], cwd=tmp_path, env=env,
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--limit", "1"], cwd=tmp_path,
+                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},  # (asks every 10 s by default)
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         run = subprocess.run([prefect, "deployment", "run", "alignflow-pipeline/alignflow-tiny", "--watch", "--watch-timeout", "300"],

@@ -1,7 +1,7 @@
 """The shipped quickstart pipeline, `alignflow run quickstart` in a fresh directory: alignment must
 really work, on request phrasings that training never saw. Then the user's next step: `alignflow run
 compare-methods`, which reuses the quickstart's stages and adds GRPO and RLOO; the two pipeline runs
-compared with `runs compare` and in MLflow's own UI, with the comparison's table and figure.
+compared with `runs compare`, the comparison's table, and its figure in MLflow's own UI.
 
 Seed 0 on the development machine: benchmarks/RESULTS.md. Floating-point results differ between CPUs, so
 the win-rate bound sits a little below the issue's 0.80 target; KL, banned words and the reward model are
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import browser_page, compare_url, grid_row, keep, mlflow_ui, need_chromium, run_artifact_url
+from browser import browser_page, keep, mlflow_ui, need_chromium, run_artifact_url
 
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
 
@@ -62,14 +62,14 @@ def test_quickstart_then_compare_methods_align_the_policy_and_compare_in_the_mlf
     check_targets(metrics, ("dpo", "ppo"))
 
     # The comparison reuses every quickstart stage from the cache and adds GRPO and RLOO, evaluated alike.
-    # Here they train 4 iterations instead of 30 (the suite's time): what is checked is the comparison, its
+    # Here they train 2 iterations instead of 30 (the suite's time): what is checked is the comparison, its
     # reuse of the cache, table, `runs compare` and figure; the four methods' targets over seeds 0-4 are
     # benchmarks/bench_methods.py's (RESULTS.md), and GRPO and RLOO learning is tests/test_group_rl.py's.
-    result = alignflow(tmp_path, "run", "compare-methods", "--set", "grpo.grpo.iterations=4", "--set", "rloo.rloo.iterations=4")
+    result = alignflow(tmp_path, "run", "compare-methods", "--set", "grpo.grpo.iterations=2", "--set", "rloo.rloo.iterations=2")
     second, computed = pipeline_run(result.stdout)
     assert computed == {"grpo", "rloo", "evaluate_grpo", "evaluate_rloo"}, result.stdout
     metrics = stage_metrics(tmp_path / "runs")
-    for method in ("grpo", "rloo"):  # four iterations already move the policy towards the reward model
+    for method in ("grpo", "rloo"):  # two iterations already move the policy towards the reward model
         m = metrics[f"evaluate_{method}"]
         assert 0 < m["eval/kl"] <= 6.0 and m["eval/rm_reward_mean"] > m["eval/ref_rm_reward_mean"], (method, m)
 
@@ -103,29 +103,16 @@ def test_quickstart_then_compare_methods_align_the_policy_and_compare_in_the_mlf
     assert next(line for line in methods if "eval/gold_win_rate" in line).split() == [
         "eval/gold_win_rate", *(_shown(wins[i]) for i in (0, 2, 1, 3))]
 
-    # MLflow's compare view of the two pipeline runs and the comparison's figure, in headless Chromium
+    # the comparison's figure (one colour a method, curves along training) on its run's page in MLflow's UI,
+    # in headless Chromium; its table's values are checked above through the downloaded comparison/methods.csv
     need_chromium()
-    shot, figure_shot = tmp_path / "mlflow_compare.png", tmp_path / "mlflow_methods_figure.png"
+    figure_shot = tmp_path / "mlflow_methods_figure.png"
     with mlflow_ui(tmp_path) as base, browser_page(1500, 1300) as page:
-        experiment = a.info.experiment_id
-        page.goto(compare_url(base, experiment, [first, second]))
-        toggles = page.get_by_text("Show diff only")
-        toggles.first.wait_for(timeout=60_000)
-        for i in range(toggles.count()):  # params, metrics, tags: only what differs
-            toggles.nth(i).click()
-        page.get_by_text("Visualizations", exact=True).click()  # folded: the tables come first
-        if page.get_by_role("button", name="Close").count():
-            page.get_by_role("button", name="Close").first.click()  # the assistant's side panel
-        page.screenshot(path=str(shot))  # before the metrics grid scrolls (its names column lags behind its values)
-        assert grid_row(page, "evaluate_dpo/eval/gold_win_rate") == []  # reused from the cache: no difference
-        # the comparison's figure (one colour a method, curves along training) on its run's page; its table's
-        # values are checked above through the downloaded comparison/methods.csv
-        page.goto(run_artifact_url(base, experiment, second, "reward_vs_kl.png"))
+        page.goto(run_artifact_url(base, a.info.experiment_id, second, "reward_vs_kl.png"))
         page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth > 500)", timeout=60_000)
         page.screenshot(path=str(figure_shot))
-    assert shot.stat().st_size > 50_000 and figure_shot.stat().st_size > 30_000
-    for picture in (shot, figure_shot):
-        keep(picture)
+    assert figure_shot.stat().st_size > 30_000
+    keep(figure_shot)
 
 
 def check_targets(metrics: dict, methods: tuple[str, ...]) -> None:
