@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from tasks.data import DataError, prompt_of
-from tasks.store import StageOutput, Store, dir_hash, file_hash, stage_key
+from tasks.store import StageOutput, Store, file_hash, stage_key
 
 if TYPE_CHECKING:  # torch, transformers, pandas and MLflow are imported where a stage runs, so that loading
     import pandas as pd  # and validating pipelines.yaml (every stage module's Params) takes a fraction of a second
@@ -225,8 +225,8 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
         raise KeyboardInterrupt("stop requested")
     name, stage_type, params = stage.name, stage.type, stage.params
     params_dict = {"params": params.model_dump(mode="json")}
-    # Hash what the input folders hold now (not what was recorded), so new contents re-run this stage.
-    inputs = {slot: dataclasses.replace(o, content_hash=dir_hash(Path(o.path))) for slot, o in inputs.items()}
+    # An input's content hash is what its folder holds: computed when it was published, and checked again by
+    # Store.lookup before a cached output is reused (an edited folder is computed again, never read).
     hashes = {slot: o.content_hash for slot, o in inputs.items()}
     if hasattr(module, "sources"):
         hashes.update(module.sources(params))
