@@ -297,23 +297,24 @@ def deployment_parameters(pipeline: str, config: Path | None, set_: list[str]) -
     return params, cfg.pipelines[pipeline].description or f"alignflow pipeline {pipeline}"
 
 
-def build_deployment(pipeline: str, cron: str | None, config: Path | None, set_: list[str]):
+def build_deployment(pipeline: str, cron: str | None, config: Path | None, set_: list[str], interval: float | None = None):
     """A Prefect deployment of pipeline_flow with the resolved config as its parameters (served here)."""
     from flows.pipeline import pipeline_flow
 
     parameters, description = deployment_parameters(pipeline, config, set_)
-    return pipeline_flow.to_deployment(name=f"alignflow-{pipeline}", cron=cron, parameters=parameters,
+    return pipeline_flow.to_deployment(name=f"alignflow-{pipeline}", cron=cron, interval=interval, parameters=parameters,
                                        description=description, tags=["alignflow", pipeline])
 
 
-def deploy_to_pool(pipeline: str, pool: str, cron: str | None, source: str | None, config: Path | None, set_: list[str]):
+def deploy_to_pool(pipeline: str, pool: str, cron: str | None, source: str | None, config: Path | None, set_: list[str],
+                   interval: float | None = None):
     """Register a deployment whose runs a work pool's workers pick up (returns its id)."""
     from flows.pipeline import pipeline_flow
 
     parameters, description = deployment_parameters(pipeline, config, set_)
     remote = pipeline_flow.from_source(source=source or str(Path(__file__).resolve().parents[1]),
                                        entrypoint="flows/pipeline.py:pipeline_flow")
-    return remote.deploy(name=f"alignflow-{pipeline}", work_pool_name=pool, cron=cron, parameters=parameters,
+    return remote.deploy(name=f"alignflow-{pipeline}", work_pool_name=pool, cron=cron, interval=interval, parameters=parameters,
                          description=description, tags=["alignflow", pipeline], build=False, push=False,
                          print_next_steps=False)
 
@@ -322,6 +323,7 @@ def deploy_to_pool(pipeline: str, pool: str, cron: str | None, source: str | Non
 def deploy(
     pipeline: str = typer.Argument(..., help="Pipeline name in pipelines.yaml."),
     cron: str = typer.Option(None, "--cron", help='Schedule, e.g. "0 3 * * *" (every day at 03:00); without it, runs start on demand.'),
+    interval: float = typer.Option(None, "--interval", min=1, help="Or a run every this many seconds (e.g. 21600: every 6 hours)."),
     pool: str = typer.Option(None, "--pool", help="A Prefect work pool: its workers (process, Docker, Kubernetes) run the pipeline."),
     source: str = typer.Option(None, "--source", help="With --pool: where workers get this code, a git URL or a folder they "
                                                        "can read (default: this checkout's folder)."),
@@ -336,24 +338,27 @@ def deploy(
 
     \b
     alignflow deploy quickstart --cron "0 3 * * *"      serve here (runs until Ctrl-C)
+    alignflow deploy quickstart --interval 21600        the same, every 6 hours
     alignflow deploy quickstart --pool gpus             register; workers on the GPU hosts run it:
         prefect work-pool create gpus --type process    (once)
         prefect worker start --pool gpus                (on each host)
         prefect deployment run alignflow-pipeline/alignflow-quickstart
     """
+    if cron is not None and interval is not None:
+        fail("give --cron or --interval, not both")
+    schedule = f" on schedule {cron!r}" if cron else f" every {interval:g} s" if interval else ""
     if pool is not None:
-        deployment_id = deploy_to_pool(pipeline, pool, cron, source, config, set_)
-        typer.echo(f"deployment alignflow-pipeline/alignflow-{pipeline} ({deployment_id}) in work pool {pool!r}"
-                   + (f" on schedule {cron!r}" if cron else ""))
+        deployment_id = deploy_to_pool(pipeline, pool, cron, source, config, set_, interval)
+        typer.echo(f"deployment alignflow-pipeline/alignflow-{pipeline} ({deployment_id}) in work pool {pool!r}{schedule}")
         typer.echo(f"start a worker on each host: prefect worker start --pool {pool}")
         typer.echo(f"start a run now: prefect deployment run alignflow-pipeline/alignflow-{pipeline}")
         return
-    if cron is None:
-        fail("give --cron to serve the pipeline here on a schedule, or --pool to deploy it to a work pool's workers")
+    if not schedule:
+        fail("give --cron or --interval to serve the pipeline here on a schedule, or --pool to deploy it to a work pool's workers")
     from prefect import serve
 
-    deployment = build_deployment(pipeline, cron, config, set_)
-    typer.echo(f"serving deployment {deployment.name} on schedule {cron!r}")
+    deployment = build_deployment(pipeline, cron, config, set_, interval)
+    typer.echo(f"serving deployment alignflow-pipeline/{deployment.name}{schedule} (Ctrl-C stops)")
     serve(deployment)
 
 

@@ -179,6 +179,8 @@ def worker(job_file: Path) -> int:
         if rank == 0 or not (launch / "error.json").exists():
             _write(launch / "error.json", {"type": type(err).__name__, "message": str(err), "rank": rank})
         raise
+    finally:
+        ctx.tracker.flush(job["run_id"])  # the training metrics rank 0 held back (the pipeline ends the run)
     state.wait_for_everyone()
     if rank == 0:
         _write(launch / "metrics.json", metrics)

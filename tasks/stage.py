@@ -103,13 +103,17 @@ class StageContext:
     log: Callable[[str], None] = print
 
 
+METRICS_EVERY_S = 2.0  # training metrics reach MLflow at most this long after their step
+
+
 def metrics_logger(ctx: StageContext, run_id: str, out: Path):
-    """Per step: to MLflow (with the step) and to the stage's history file (kept across a crash)."""
+    """Per step: to the stage's history file (kept across a crash), and to MLflow with the step, written
+    together every METRICS_EVERY_S seconds (the rest when the run ends)."""
 
     def log(step: int, metrics: dict[str, float]) -> None:
         if STOP.is_set():
             raise KeyboardInterrupt("stop requested")
-        ctx.tracker.log_metrics(run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+        ctx.tracker.log_metrics(run_id, {f"train/{k}": v for k, v in metrics.items()}, step, every_s=METRICS_EVERY_S)
         with open(out / HISTORY, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
 

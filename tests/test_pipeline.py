@@ -459,6 +459,21 @@ def test_runs_compare_shows_where_two_runs_environments_differ(env, monkeypatch)
     assert not [line for line in lines if "env.transformers" in line]  # equal: shown only with --all
 
 
+def test_training_metrics_are_written_together_and_all_by_the_end_of_the_run(tmp_path):
+    """Training steps' metrics reach MLflow in one write every `every_s` seconds (the first at once);
+    ending the run, whatever its status, writes what was held back."""
+    from tasks.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "buffered")
+    run_id = tracker.start_run("stage", {})
+    for step in range(1, 6):
+        tracker.log_metrics(run_id, {"train/loss": 1.0 / step}, step, every_s=3600)
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "train/loss")] == [1]
+    tracker.end_run(run_id, "KILLED")
+    history = tracker.client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 6)]
+
+
 def test_a_param_longer_than_mlflow_allows_is_cut_with_a_marker():
     from tasks.tracking import CUT, param_value
 
@@ -578,6 +593,50 @@ def test_a_pipeline_tracks_to_an_mlflow_server_with_artifacts_through_it(tmp_pat
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def test_a_served_deployment_fires_on_its_schedule(tmp_path):
+    """`alignflow deploy NAME --interval S` serves a scheduled deployment from its process, against the
+    session's Prefect server: the server's scheduler creates the run, the served process runs it, it
+    completes, and its MLflow parent run names the deployment and the Prefect flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    cfg = {"settings": {"seed": 0, "workdir": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "experiment": "served"},
+           "pipelines": {"nightly": {"stages": [TINY["pipelines"]["tiny"]["stages"][0]]}}}
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # (asks every 10 s by default)
+    served = subprocess.Popen([ALIGNFLOW, "deploy", "nightly", "-c", str(tmp_path / "pipelines.yaml"), "--interval", "20"],
+                              cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    completed, deployment = None, None
+    try:
+        with get_client(sync_client=True) as prefect:
+            deadline = time.time() + 240
+            while time.time() < deadline and completed is None and served.poll() is None:
+                time.sleep(1)
+                try:
+                    deployment = prefect.read_deployment_by_name("alignflow-pipeline/alignflow-nightly")
+                except Exception:  # not registered yet
+                    continue
+                runs = prefect.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                assert not [r for r in runs if r.state and r.state.is_final() and not r.state.is_completed()], runs
+                completed = next((r for r in runs if r.state and r.state.is_completed()), None)
+    finally:
+        os.killpg(served.pid, signal.SIGKILL)  # serving never ends by itself
+        output = served.communicate(timeout=60)[0]
+        if deployment is not None:
+            with get_client(sync_client=True) as prefect:
+                prefect.delete_deployment(deployment.id)  # and its scheduled runs: nothing left on the shared server
+    assert completed is not None, output[-3000:]
+    assert "serving deployment alignflow-pipeline/alignflow-nightly every 20 s" in output
+    assert completed.auto_scheduled  # created by the server's scheduler, not by `prefect deployment run`
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("served").experiment_id], "tags.`alignflow.pipeline` = 'nightly'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["alignflow.deployment"] == "alignflow-nightly"
+    assert parent.data.tags["alignflow.prefect_flow_run"] == str(completed.id)
 
 
 def test_a_pipeline_deployed_to_a_process_work_pool_runs_on_its_worker(tmp_path):
