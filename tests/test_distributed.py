@@ -25,7 +25,7 @@ from chat_model import TEXTS, build_chat_model
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
 
 CLI = str(Path(sys.executable).parent / "alignflow")
-DPO_STEPS = 36  # enough that the workers cannot finish in the moment between the kill and their SIGTERM
+DPO_STEPS = 12
 
 
 def config(root: Path, processes: int, model: Path, prefs: Path) -> Path:
@@ -61,16 +61,16 @@ def history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
 
 
-def workers_of(root: Path) -> list[str]:
-    """Command lines of live processes that work on this test's pipeline."""
-    found = []
+def workers_of(root: Path) -> dict[int, str]:
+    """Process id -> command line of the live processes that work on this test's pipeline."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
         if "tasks.launch" in text and str(root) in text:
-            found.append(text)
+            found[int(cmdline.parent.name)] = text
     return found
 
 
@@ -99,12 +99,25 @@ def test_two_process_stages_match_one_process_and_resume_after_kill_9(tmp_path):
         checkpoint = list((two / "runs" / "stages" / "dpo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json"))
         time.sleep(0.05)
     assert checkpoint, "the 2-process DPO stage never wrote a checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline's process; its torchrun group runs in a session of its own
+    # Freeze the stage's processes (its torchrun group runs in a session of its own) where the checkpoint was
+    # seen, kill -9 the pipeline's process, and let them go on: the launcher's SIGTERM from the dead parent
+    # (PR_SET_PDEATHSIG) is pending by then, so they cannot train to the end before it stops them.
+    groups = set()
+    for pid in workers_of(two):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        os.killpg(group, signal.SIGSTOP)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for group in groups:
+        os.killpg(group, signal.SIGCONT)
     deadline = time.time() + 30
     while time.time() < deadline and workers_of(two):
         time.sleep(0.2)
-    assert workers_of(two) == [], "the stage's processes outlived the killed pipeline"
+    assert workers_of(two) == {}, "the stage's processes outlived the killed pipeline"
     assert not list((two / "runs" / "stages" / "dpo").glob("*/_SUCCESS.json"))  # nothing half-published
     [latest] = [p for p in (two / "runs" / "stages" / "dpo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json")]
     steps_done = json.loads(latest.read_text())["step"]
