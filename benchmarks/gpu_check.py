@@ -1,12 +1,12 @@
 """The GPU check: each measurement a part of its own (run by gpu_check.sh, each under a time limit), then
 one report that merges them into gpu_check.json and a RESULTS.md section.
 
-    python benchmarks/gpu_check.py part {env,dpo,reward,rollout,sandbox} --out DIR [--dry-run]
+    python benchmarks/gpu_check.py part {env,dpo,reward,rollout,grpo,sandbox} --out DIR [--dry-run]
     python benchmarks/gpu_check.py report DIR [--into benchmarks/RESULTS.md]
 
 Parts: DPO and reward-model training against TRL in the same process (Qwen2-0.5B shapes, bf16, random
 weights); rollouts against transformers' `generate`, both with a static KV cache (and so compiled on a
-GPU), plus our dynamic cache uncompiled; the sandbox quickstart's SFT, reward-model, DPO and PPO training
+GPU), plus our dynamic cache uncompiled; one GRPO step against TRL's GRPOTrainer; the sandbox quickstart's SFT, reward-model, DPO and PPO training
 through the core library (benchmarks/sandbox_chain.py). `--dry-run`: tiny shapes on whatever device there
 is, so the script is checked on CPU in CI (the peer runs where TRL is installed).
 """
@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PARTS = ("env", "dpo", "reward", "rollout", "sandbox")
+PARTS = ("env", "dpo", "reward", "rollout", "grpo", "sandbox")
 TARGETS = {  # issue 16, on one H100
     "dpo": "DPO >= 120k tokens/s and >= 2x TRL",
     "reward": "reward model >= 100k tokens/s",
     "rollout": "rollouts >= 20 completions/s at 256 new tokens",
+    "grpo": "GRPO step faster than TRL's GRPOTrainer (issue 14: >= 1.5x on CPU)",
 }
 START, END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
 
@@ -108,6 +109,21 @@ def part_rollout(dry: bool) -> dict:
     dynamic = measure(w, device(), batch, new, repeats, cache="dynamic", compile=False, peer=False)
     return {"workload": vars(w), "batch": batch, "new_tokens": new, "static": compiled, "dynamic": dynamic["ours"],
             "target_met": compiled["ours"]["completions_per_s"] >= 20}
+
+
+def part_grpo(dry: bool) -> dict:
+    """One GRPO step (8 prompts x 8 answers of up to 64 new tokens, one update) against TRL's GRPOTrainer
+    (benchmarks/bench_grpo.py), bf16 on a GPU."""
+    import dataclasses
+
+    import bench_grpo
+
+    w = dataclasses.replace(workload(dry), prompt_tokens=16 if dry else 32, steps=2 if dry else 4, warmup=1)
+    ours = bench_grpo.ours(w, device())
+    theirs = peer(bench_grpo.trl, w, device())
+    return {"workload": vars(w), "prompts": bench_grpo.PROMPTS, "group": bench_grpo.GROUP, "new_tokens": bench_grpo.NEW_TOKENS,
+            "ours": ours, "trl": theirs, "ratio": ratio(ours, theirs, "completions_per_s"),
+            "target_met": (ratio(ours, theirs, "completions_per_s") or 0) > 1}
 
 
 def part_sandbox(dry: bool) -> dict:
@@ -192,6 +208,18 @@ def markdown(r: dict) -> str:
                   "and a full forward over its samples (bf16 rounding when the KV cache is used right; large when not)."]
         lines += ["", f"Ratio alignflow / HF generate (static cache): {_n(p['static'].get('ratio'), 2)}x. "
                   f"Target {'met' if p['target_met'] else 'NOT met'}.", ""]
+    p = r["grpo"]
+    lines.append(f"**GRPO step** ({TARGETS['grpo']}):")
+    if "error" in p:
+        lines += [f"not measured: {p['error']}", ""]
+    else:
+        lines += [f"{p['prompts']} prompts x {p['group']} answers, up to {p['new_tokens']} new tokens, prompts of "
+                  f"{p['workload']['prompt_tokens']} tokens, one update a step, beta 0, loss dapo, bf16.", "",
+                  "| trainer | completions/s | s/step |", "| --- | ---: | ---: |"]
+        for label, t in (("alignflow GroupTrainer", p["ours"]), ("TRL GRPOTrainer", p["trl"])):
+            lines.append(f"| {label} | not run: {t['error'][:120]} | |" if "error" in t
+                         else f"| {label} | {_n(t['completions_per_s'], 1)} | {_n(t['step_s'], 2)} |")
+        lines += ["", f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x. Target {'met' if p['target_met'] else 'NOT met'}.", ""]
     p = r["sandbox"]
     lines.append("**The sandbox quickstart's training through the core library** (`benchmarks/sandbox_chain.py`, the "
                  "quickstart's values from pipelines.yaml, fp32):")

@@ -24,13 +24,15 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     rollout = result["rollout"]
     assert rollout["static"]["ours"]["completions_per_s"] > 0 and rollout["static"]["peer"]["completions_per_s"] > 0
     assert rollout["dynamic"]["completions_per_s"] > 0
+    grpo = result["grpo"]
+    assert grpo["ours"]["completions_per_s"] > 0 and grpo["trl"]["completions_per_s"] > 0 and grpo["ratio"] > 0
     sandbox = result["sandbox"]
     assert list(sandbox["seconds"]) == ["world", "sft", "sample+label", "reward_model", "dpo", "ppo", "evaluate"]
     assert sandbox["pairs"] > 0 and 0 <= sandbox["dpo_gold_win_rate"] <= 1 and sandbox["ppo_kl"] >= 0
 
     section = (tmp_path / "gpu_check.md").read_text()
     assert section.startswith("<!-- gpu_check:start -->") and section.rstrip().endswith("<!-- gpu_check:end -->")
-    assert "| TRL (defaults) |" in section and "dry run" in section
+    assert "| TRL (defaults) |" in section and "| TRL GRPOTrainer |" in section and "dry run" in section
     # --into puts the section into a RESULTS.md once, and replaces it on the next report
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nearlier text\n")
