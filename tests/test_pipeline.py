@@ -474,6 +474,33 @@ def test_training_metrics_are_written_together_and_all_by_the_end_of_the_run(tmp
     assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 6)]
 
 
+def test_a_new_store_is_a_copy_of_an_empty_one_made_once(tmp_path, monkeypatch, caplog):
+    """The first new sqlite store of an MLflow version is built by MLflow (its migrations) into the cache
+    folder; later new stores are copies of it, with no migration run, and work as MLflow stores."""
+    import logging
+    import sqlite3
+
+    import mlflow
+
+    from tasks.tracking import Tracker
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "first")
+    template = tmp_path / "cache" / "alignflow" / f"mlflow-{mlflow.__version__}-empty.db"
+    assert template.is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mlflow.store.db.utils"):
+        tracker = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "second")
+    assert "Creating initial MLflow database tables" not in caplog.text
+    run_id = tracker.start_run("stage", {"alignflow.stage": "sft"})
+    tracker.log_metrics(run_id, {"loss": 0.5}, 1)
+    tracker.end_run(run_id)
+    assert tracker.client.get_run(run_id).data.metrics == {"loss": 0.5}
+    assert {e.name for e in tracker.client.search_experiments()} == {"Default", "second"}
+    with sqlite3.connect(template) as a, sqlite3.connect(tmp_path / "b" / "mlflow.db") as b:  # the same schema version
+        assert a.execute("select version_num from alembic_version").fetchall() == b.execute("select version_num from alembic_version").fetchall()
+
+
 def test_a_param_longer_than_mlflow_allows_is_cut_with_a_marker():
     from tasks.tracking import CUT, param_value
 
