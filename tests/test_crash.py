@@ -111,25 +111,31 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     assert (crash_dir / "train_metrics.jsonl").read_text() == (straight_dir / "train_metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_or_ctrl_c_exits_130_and_marks_runs_killed(tmp_path, sig):
-    """SIGTERM (a work pool cancelling, `kill`) or SIGINT (Ctrl-C) in the middle of PPO: exit 130, the stage
-    and pipeline runs KILLED, none left RUNNING."""
-    d = setup_dir(tmp_path / "term")
-    proc = subprocess.Popen(CLI, cwd=d, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((d / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*")):
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    out = proc.communicate(timeout=180)[0]
-    assert proc.returncode == 130, out[-2000:]
-    assert "run the same command again to resume" in out
-    client = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("crash")
-    assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
-    killed = {r.data.tags.get("alignflow.stage", "pipeline") for r in client.search_runs([exp.experiment_id], "attributes.status = 'KILLED'")}
-    assert killed == {"pipeline", "ppo"}
+def test_sigterm_and_ctrl_c_exit_130_and_mark_runs_killed(tmp_path):
+    """SIGTERM (a work pool cancelling, `kill`) and SIGINT (Ctrl-C) in the middle of PPO, each to its own
+    `alignflow run` (the two run at once): exit 130, the stage and pipeline runs KILLED, none left RUNNING."""
+    procs = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        d = setup_dir(tmp_path / sig.name)
+        procs[sig] = d, subprocess.Popen(CLI, cwd=d, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+    waiting, deadline = set(procs), time.time() + 300
+    while waiting and time.time() < deadline:  # each gets its signal as soon as its PPO wrote a checkpoint
+        for sig in list(waiting):
+            d, proc = procs[sig]
+            if list((d / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*")) or proc.poll() is not None:
+                proc.send_signal(sig)
+                waiting.discard(sig)
+        time.sleep(0.1)
+    for sig, (d, proc) in procs.items():
+        out = proc.communicate(timeout=180)[0]
+        assert proc.returncode == 130, (sig.name, out[-2000:])
+        assert "run the same command again to resume" in out
+        client = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("crash")
+        assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
+        killed = {r.data.tags.get("alignflow.stage", "pipeline") for r in client.search_runs([exp.experiment_id], "attributes.status = 'KILLED'")}
+        assert killed == {"pipeline", "ppo"}, sig.name
 
 
 def test_two_runs_at_once_compute_each_stage_once(tmp_path):

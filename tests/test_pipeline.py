@@ -622,79 +622,73 @@ def test_a_pipeline_tracks_to_an_mlflow_server_with_artifacts_through_it(tmp_pat
         server.wait()
 
 
-def test_a_served_deployment_fires_on_its_schedule(tmp_path):
-    """`alignflow deploy NAME --interval S` serves a scheduled deployment from its process, against the
-    session's Prefect server: the server's scheduler creates the run, the served process runs it, it
-    completes, and its MLflow parent run names the deployment and the Prefect flow run."""
+def test_deployments_served_on_a_schedule_and_in_a_work_pool_run_and_name_their_deployment(tmp_path):
+    """Both ways of `alignflow deploy`, against the session's Prefect server, at once (the suite's time):
+    - served: `alignflow deploy nightly --interval 20` serves a scheduled deployment from its process; the
+      server's scheduler creates the run, the served process runs it, it completes;
+    - work pool: `alignflow deploy tiny --pool P` to a `process` work pool, one worker started here, a run
+      started with `prefect deployment run`; it completes.
+    Each run's MLflow parent run names its deployment (and the served one its Prefect flow run)."""
+    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    cfg = {"settings": {"seed": 0, "workdir": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "experiment": "served"},
-           "pipelines": {"nightly": {"stages": [TINY["pipelines"]["tiny"]["stages"][0]]}}}
-    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # (asks every 10 s by default)
-    served = subprocess.Popen([ALIGNFLOW, "deploy", "nightly", "-c", str(tmp_path / "pipelines.yaml"), "--interval", "20"],
-                              cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    completed, deployment = None, None
-    try:
-        with get_client(sync_client=True) as prefect:
-            deadline = time.time() + 240
-            while time.time() < deadline and completed is None and served.poll() is None:
-                time.sleep(1)
-                try:
-                    deployment = prefect.read_deployment_by_name("alignflow-pipeline/alignflow-nightly")
-                except Exception:  # not registered yet
-                    continue
-                runs = prefect.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-                assert not [r for r in runs if r.state and r.state.is_final() and not r.state.is_completed()], runs
-                completed = next((r for r in runs if r.state and r.state.is_completed()), None)
-    finally:
-        os.killpg(served.pid, signal.SIGKILL)  # serving never ends by itself
-        output = served.communicate(timeout=60)[0]
-        if deployment is not None:
-            with get_client(sync_client=True) as prefect:
-                prefect.delete_deployment(deployment.id)  # and its scheduled runs: nothing left on the shared server
-    assert completed is not None, output[-3000:]
-    assert "serving deployment alignflow-pipeline/alignflow-nightly every 20 s" in output
-    assert completed.auto_scheduled  # created by the server's scheduler, not by `prefect deployment run`
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [parent] = client.search_runs([client.get_experiment_by_name("served").experiment_id], "tags.`alignflow.pipeline` = 'nightly'")
-    assert parent.info.status == "FINISHED" and parent.data.tags["alignflow.deployment"] == "alignflow-nightly"
-    assert parent.data.tags["alignflow.prefect_flow_run"] == str(completed.id)
-
-
-def test_a_pipeline_deployed_to_a_process_work_pool_runs_on_its_worker(tmp_path):
-    """`alignflow deploy --pool` against the session's Prefect server: a `process` work pool, one worker
-    started here, a run started with `prefect deployment run`; it completes and its MLflow parent run names
-    the deployment."""
     prefect = str(Path(sys.executable).parent / "prefect")
     env = {**os.environ, "TQDM_DISABLE": "1"}
     assert env.get("PREFECT_API_URL"), "the test session starts a Prefect server (tests/conftest.py)"
-    pool = f"pool-{tmp_path.name[-12:]}".replace("_", "-")
-    cfg = {"settings": {"seed": 0, "workdir": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "experiment": "deployed"},
-           "pipelines": {"tiny": {"stages": [TINY["pipelines"]["tiny"]["stages"][0], TINY["pipelines"]["tiny"]["stages"][1]]}}}
-    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
-    subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True, timeout=120)
-    deployed = subprocess.run([ALIGNFLOW, "deploy", "tiny", "-c", str(tmp_path / "pipelines.yaml"), "--pool", pool], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=120)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    assert f"in work pool '{pool}'" in deployed.stdout and f"prefect worker start --pool {pool}" in deployed.stdout
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--limit", "1"], cwd=tmp_path,
-                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},  # (asks every 10 s by default)
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stages = TINY["pipelines"]["tiny"]["stages"]
+    for name, kept in (("nightly", stages[:1]), ("tiny", stages[:2])):
+        (tmp_path / name).mkdir()
+        cfg = {"settings": {"seed": 0, "workdir": str(tmp_path / name / "runs"), "tracking_uri": f"sqlite:///{tmp_path / name / 'mlflow.db'}",
+                            "experiment": name}, "pipelines": {name: {"stages": kept}}}
+        (tmp_path / name / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+
+    served = subprocess.Popen([ALIGNFLOW, "deploy", "nightly", "-c", str(tmp_path / "nightly" / "pipelines.yaml"), "--interval", "20"],
+                              cwd=tmp_path / "nightly", env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},  # (every 10 s by default)
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker, deployment, completed = None, None, None
     try:
+        pool = f"pool-{tmp_path.name[-12:]}".replace("_", "-")
+        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True, timeout=120)
+        deployed = subprocess.run([ALIGNFLOW, "deploy", "tiny", "-c", str(tmp_path / "tiny" / "pipelines.yaml"), "--pool", pool],
+                                  cwd=tmp_path / "tiny", env=env, capture_output=True, text=True, timeout=120)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert f"in work pool '{pool}'" in deployed.stdout and f"prefect worker start --pool {pool}" in deployed.stdout
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--limit", "1"], cwd=tmp_path / "tiny",
+                                  env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},  # (every 10 s by default)
+                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run = subprocess.run([prefect, "deployment", "run", "alignflow-pipeline/alignflow-tiny", "--watch", "--watch-timeout", "300"],
                              env=env, capture_output=True, text=True, timeout=360)
-    finally:  # the run is over; a worker's graceful shutdown takes a minute, and there is nothing to keep
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=60)
-    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-    from mlflow import MlflowClient
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [parent] = client.search_runs([client.get_experiment_by_name("deployed").experiment_id], "tags.`alignflow.pipeline` = 'tiny'")
-    assert parent.info.status == "FINISHED" and parent.data.tags["alignflow.deployment"] == "alignflow-tiny"
+        with get_client(sync_client=True) as client:  # the served deployment's first scheduled run
+            deadline = time.time() + 240
+            while time.time() < deadline and completed is None and served.poll() is None:
+                try:
+                    deployment = client.read_deployment_by_name("alignflow-pipeline/alignflow-nightly")
+                except Exception:  # not registered yet
+                    time.sleep(1)
+                    continue
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                assert not [r for r in runs if r.state and r.state.is_final() and not r.state.is_completed()], runs
+                completed = next((r for r in runs if r.state and r.state.is_completed()), None)
+                time.sleep(0 if completed else 1)
+    finally:  # serving never ends by itself, and a worker's graceful shutdown takes a minute: nothing to keep
+        for proc in (served, worker):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        output = served.communicate(timeout=60)[0]
+        if worker is not None:
+            worker.wait(timeout=60)
+        if deployment is not None:
+            with get_client(sync_client=True) as client:
+                client.delete_deployment(deployment.id)  # and its scheduled runs: nothing left on the shared server
+    assert completed is not None, output[-3000:]
+    assert "serving deployment alignflow-pipeline/alignflow-nightly every 20 s" in output
+    assert completed.auto_scheduled  # created by the server's scheduler, not by `prefect deployment run`
+    for name in ("nightly", "tiny"):
+        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        [parent] = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`alignflow.pipeline` = '{name}'")
+        assert parent.info.status == "FINISHED" and parent.data.tags["alignflow.deployment"] == f"alignflow-{name}", name
+        if name == "nightly":
+            assert parent.data.tags["alignflow.prefect_flow_run"] == str(completed.id)
