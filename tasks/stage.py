@@ -240,7 +240,7 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
         lineage.update({
             f"lineage.{slot}.stage": o.name, f"lineage.{slot}.run_id": o.run_id,
             f"lineage.{slot}.content_hash": o.content_hash,
-            f"lineage.{slot}.artifact_uri": f"{ctx.tracker.artifact_uri(o.run_id)}/output",
+            f"lineage.{slot}.artifact_uri": ctx.tracker.output_uri(o.run_id, o.path),
         })
     tags = {"alignflow.stage": name, "alignflow.stage_type": stage_type, "alignflow.cache_key": key,
             "alignflow.processes": str(stage.resources.processes), **lineage}

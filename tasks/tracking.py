@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -244,8 +245,21 @@ class Tracker:
             except Exception:  # noqa: BLE001 - MlflowException wrapping sqlite's IntegrityError
                 self.client.log_inputs(run_id, inputs)
 
-    def artifact_uri(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.artifact_uri
+    def artifact_uri(self, run_id: str) -> str | None:
+        """The run's artifact root; None when this tracking store does not hold the run (a stage output
+        the cache kept from runs tracked elsewhere, or from before mlflow.db was deleted)."""
+        try:
+            return self.client.get_run(run_id).info.artifact_uri
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return None
+
+    def output_uri(self, run_id: str, path: str | Path) -> str:
+        """Where a stage output's files are: its run's `output` artifacts, or its folder in the stage
+        store when this tracking store does not hold that run."""
+        root = self.artifact_uri(run_id)
+        return f"{root}/output" if root else Path(path).resolve().as_uri()
 
     # -- hygiene ----------------------------------------------------------------------------------
     def fail_dead_runs(self) -> list[str]:
@@ -267,13 +281,16 @@ class Tracker:
     def runs(self, filter_string: str = "", max_results: int = 100) -> Iterable:
         return self.client.search_runs([self.experiment_id], filter_string, max_results=max_results, order_by=["attributes.start_time DESC"])
 
-    def register(self, run_id: str, artifact_path: str, name: str) -> str:
-        """Register run_id's artifact folder in the model registry. Returns the version."""
+    def register(self, run_id: str, output_path: str | Path, name: str) -> str:
+        """Register the model of a stage output (its run's `output/model` artifacts, or its folder in the
+        stage store when this tracking store does not hold that run). Returns the version."""
         try:
             self.client.get_registered_model(name)
         except Exception:  # noqa: BLE001 - mlflow raises its own RestException for a missing model
             self.client.create_registered_model(name)
-        version = self.client.create_model_version(name, f"{self.artifact_uri(run_id)}/{artifact_path}", run_id=run_id)
+        tracked = self.artifact_uri(run_id) is not None
+        version = self.client.create_model_version(name, f"{self.output_uri(run_id, output_path)}/model",
+                                                   run_id=run_id if tracked else None)
         return version.version
 
 

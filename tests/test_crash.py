@@ -4,6 +4,7 @@ run is left RUNNING. The pipeline runs as a real `alignflow` process so that it 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,16 +63,31 @@ def ppo_output(d: Path) -> dict:
     return json.loads(marker.read_text())
 
 
-def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
-    straight = setup_dir(tmp_path / "straight")  # uninterrupted, in this process (a flow run as the CLI's, minus its start-up)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The pipeline uninterrupted, in this process (a flow run as the CLI's, minus its start-up): the
+    reference of the resumed run, and the finished stages the other runs here start from."""
     from flows.config import load
     from flows.pipeline import pipeline_flow, resolved_yaml
 
+    d = setup_dir(tmp_path_factory.mktemp("crash") / "straight")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    cfg, raw = load(straight / "pipelines.yaml", "crash")
+    cfg, raw = load(d / "pipelines.yaml", "crash")
     pipeline_flow(cfg, "crash", resolved_yaml(raw))
+    return d
 
-    crash = setup_dir(tmp_path / "crash")
+
+def upstream_of(straight: Path, d: Path) -> Path:
+    """d's stage store holds the straight run's finished stages up to the reward model (not PPO): a run
+    in d reuses them (its own MLflow store starts empty) and computes PPO."""
+    for entry in (straight / "runs" / "stages").glob("*/*"):
+        if entry.parent.name != "ppo" and entry.is_dir() and not entry.name.endswith(".partial"):
+            shutil.copytree(entry, d / "runs" / "stages" / entry.parent.name / entry.name)
+    return d
+
+
+def test_kill_9_mid_stage_then_rerun_resumes(tmp_path, straight):
+    crash = upstream_of(straight, setup_dir(tmp_path / "crash"))
     proc = subprocess.Popen(CLI, cwd=crash, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -111,12 +127,12 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path):
     assert (crash_dir / "train_metrics.jsonl").read_text() == (straight_dir / "train_metrics.jsonl").read_text()
 
 
-def test_sigterm_and_ctrl_c_exit_130_and_mark_runs_killed(tmp_path):
+def test_sigterm_and_ctrl_c_exit_130_and_mark_runs_killed(tmp_path, straight):
     """SIGTERM (a work pool cancelling, `kill`) and SIGINT (Ctrl-C) in the middle of PPO, each to its own
     `alignflow run` (the two run at once): exit 130, the stage and pipeline runs KILLED, none left RUNNING."""
     procs = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        d = setup_dir(tmp_path / sig.name)
+        d = upstream_of(straight, setup_dir(tmp_path / sig.name))
         procs[sig] = d, subprocess.Popen(CLI, cwd=d, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True)
     waiting, deadline = set(procs), time.time() + 300

@@ -363,6 +363,29 @@ def test_a_stored_output_changed_on_disk_is_reported_and_computed_again(env):
     assert not pd.read_parquet(aside / "preferences.parquet").equals(pd.read_parquet(label_dir / "preferences.parquet"))
 
 
+def test_a_stage_cache_kept_without_its_mlflow_store_is_reused(env, tmp_path):
+    """A new MLflow store (mlflow.db deleted, another tracking URI) over a stage cache whose runs it does not
+    hold: the cached stages are reused, lineage points at their folders in the stage store, and a policy is
+    registered from there. (This raised `Run with id=... not found`.)"""
+    import shutil
+
+    from flows.pipeline import make_tracker, pipeline_flow, resolved_yaml
+
+    for entry in (env["tmp"] / "runs" / "stages").glob("*/*"):  # every finished stage but the DPO evaluation
+        stage = json.loads((entry / "_SUCCESS.json").read_text()).get("stage") if (entry / "_SUCCESS.json").is_file() else None
+        if stage and stage != "evaluate_dpo":
+            shutil.copytree(entry, tmp_path / "runs" / "stages" / entry.parent.name / entry.name)
+    cfg, raw = load(write_config(tmp_path), "tiny")
+    result = pipeline_flow(cfg, "tiny", resolved_yaml(raw))
+    assert {n for n, s in result["stages"].items() if not s["cached"]} == {"evaluate_dpo"}
+    tracker = make_tracker(cfg)
+    run = tracker.client.get_run(result["stages"]["evaluate_dpo"]["run_id"])
+    dpo_dir = Path(result["stages"]["dpo"]["path"])
+    assert run.data.tags["lineage.policy.artifact_uri"] == dpo_dir.resolve().as_uri()
+    [version] = tracker.client.search_model_versions("name = 'tiny-dpo'")
+    assert version.source == f"{dpo_dir.resolve().as_uri()}/model" and not version.run_id
+
+
 def test_deploy_builds_a_scheduled_deployment(tmp_path):
     from flows.cli import build_deployment
 
@@ -686,9 +709,7 @@ def test_deployments_served_on_a_schedule_and_in_a_work_pool_run_and_name_their_
     assert completed is not None, output[-3000:]
     assert "serving deployment alignflow-pipeline/alignflow-nightly every 20 s" in output
     assert completed.auto_scheduled  # created by the server's scheduler, not by `prefect deployment run`
-    for name in ("nightly", "tiny"):
-        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
-        [parent] = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`alignflow.pipeline` = '{name}'")
+    for name, which in (("nightly", f"tags.`alignflow.prefect_flow_run` = '{completed.id}'"), ("tiny", "tags.`alignflow.pipeline` = 'tiny'")):
+        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")  # (the schedule may have fired again meanwhile)
+        [parent] = client.search_runs([client.get_experiment_by_name(name).experiment_id], which)
         assert parent.info.status == "FINISHED" and parent.data.tags["alignflow.deployment"] == f"alignflow-{name}", name
-        if name == "nightly":
-            assert parent.data.tags["alignflow.prefect_flow_run"] == str(completed.id)

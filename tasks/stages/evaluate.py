@@ -160,7 +160,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     if failed:
         ctx.log(f"EVALUATION GATE FAILED for {inputs['policy'].name}: " + "; ".join(failed) + " -> the policy is NOT registered")
     elif p.register_as:
-        version = ctx.tracker.register(inputs["policy"].run_id, "output/model", p.register_as)
+        version = ctx.tracker.register(inputs["policy"].run_id, inputs["policy"].path, p.register_as)
         tags["registered"] = f"{p.register_as}/{version}"
     ctx.tracker.set_tags(run_id, tags)
     return metrics
