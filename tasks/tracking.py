@@ -190,7 +190,8 @@ class Tracker:
         sqlite store costs 10-20 ms, which was about 10 s of the quickstart's 600 training steps."""
         import time
 
-        items = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()]
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         with self._pending_lock:
             pending = self._pending.setdefault(run_id, [])
             pending += items
@@ -288,9 +289,9 @@ class Tracker:
             self.client.get_registered_model(name)
         except Exception:  # noqa: BLE001 - mlflow raises its own RestException for a missing model
             self.client.create_registered_model(name)
-        tracked = self.artifact_uri(run_id) is not None
-        version = self.client.create_model_version(name, f"{self.output_uri(run_id, output_path)}/model",
-                                                   run_id=run_id if tracked else None)
+        root = self.artifact_uri(run_id)
+        source = f"{root}/output/model" if root else (Path(output_path).resolve() / "model").as_uri()
+        version = self.client.create_model_version(name, source, run_id=run_id if root else None)
         return version.version
 
 
