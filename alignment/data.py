@@ -75,15 +75,27 @@ def fit_to_length(
     return prompt_ids, [list(a[:room]) for a in answers]
 
 
+def _prompt_key(prompt: Prompt):
+    return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
+
+
 def tokenize_pairs(
     tokenizer, prompts: Sequence[Prompt], chosen: Sequence[str], rejected: Sequence[str], max_length: int
 ) -> list[PairExample]:
+    """Each distinct prompt and answer is tokenised once: pairs share them (a prompt with k answers makes
+    up to k(k-1)/2 pairs), and the tokenizer's Python overhead, not its work, is what a call costs."""
+    prompt_ids: dict = {}
+    answer_ids: dict[str, list[int]] = {}
     out = []
     for p, c, r in zip(prompts, chosen, rejected, strict=True):
-        prompt_ids, (c_ids, r_ids) = fit_to_length(
-            encode_prompt(tokenizer, p), [encode_answer(tokenizer, c), encode_answer(tokenizer, r)], max_length
-        )
-        out.append(PairExample(prompt_ids, c_ids, r_ids))
+        key = _prompt_key(p)
+        if key not in prompt_ids:
+            prompt_ids[key] = encode_prompt(tokenizer, p)
+        for a in (c, r):
+            if a not in answer_ids:
+                answer_ids[a] = encode_answer(tokenizer, a)
+        fitted, (c_ids, r_ids) = fit_to_length(prompt_ids[key], [answer_ids[c], answer_ids[r]], max_length)
+        out.append(PairExample(list(fitted), c_ids, r_ids))
     return out
 
 

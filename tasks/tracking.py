@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _DATASET_LOCK = threading.Lock()
+SCHEMA_ROWS = 1000  # rows a logged dataset's column types are inferred from
 MAX_PARAM = 6000  # MLflow's limit on a param value (MAX_PARAM_VAL_LENGTH)
 CUT = " ...[cut: the full value is in pipelines.resolved.yaml]"
 NOTE = "mlflow.note.content"  # what MLflow's UI shows as the description of a run or an experiment
@@ -237,6 +238,9 @@ class Tracker:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
             ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+            # the column types, read from the first rows: MLflow reads every value of every column (3-4 s
+            # for the quickstart's tables), and a table written through a pandera contract has one type a column
+            ds.schema = mlflow.data.from_pandas(df.head(SCHEMA_ROWS), source=source).schema
             inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]  # (infers the schema)
         # Two branches logging the same dataset race on MLflow's check-then-insert of the dataset row:
         # serialise within the process, and retry once (the row then exists) across processes.

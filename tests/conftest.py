@@ -21,6 +21,11 @@ def pytest_configure(config):
     collected), so that flows (in-process, and `alignflow run` in subprocesses, which inherit
     PREFECT_API_URL) do not each start a temporary server (10-15 s a flow on 2 cores)."""
     global _PREFECT_SERVER
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        # pytest-xdist workers (and the pipelines they start) run torch on one thread each: two processes of
+        # two OpenMP threads on two cores spin against each other (a 5-minute test took 14 minutes)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
     if os.environ.get("PREFECT_API_URL") or hasattr(config, "workerinput"):
         return
     with socket.socket() as s:
@@ -41,15 +46,24 @@ def _stop_prefect_server() -> None:
     _PREFECT_SERVER.wait()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first: the sandbox's minutes-long learning tests (marked slow), then those that run
+    pipelines (they use the Prefect server), then the rest. The suite runs on two pytest-xdist workers
+    (pyproject.toml), one test at a time each: started first, the long tests run beside the short ones
+    instead of alone at the end."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "prefect_server" not in item.fixturenames))
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """Wait (once) until the session's Prefect server answers: modules that run flows use it
-    (`pytestmark = pytest.mark.usefixtures("prefect_server")`); the others run while it starts."""
-    if _PREFECT_SERVER is None:
+    (`pytestmark = pytest.mark.usefixtures("prefect_server")`); the others run while it starts. An xdist
+    worker waits on the server its controller started (PREFECT_API_URL, inherited)."""
+    if not os.environ.get("PREFECT_API_URL"):
         return
     deadline = time.time() + 120
     while time.time() < deadline:
-        if _PREFECT_SERVER.poll() is not None:
+        if _PREFECT_SERVER is not None and _PREFECT_SERVER.poll() is not None:
             raise RuntimeError(f"the test session's Prefect server exited with code {_PREFECT_SERVER.returncode}")
         try:
             with urllib.request.urlopen(os.environ["PREFECT_API_URL"] + "/health", timeout=2):

@@ -102,7 +102,7 @@ def test_accumulation_weighs_per_token_losses_by_tokens():
     assert {len(examples[i][1]) for i in whole.sampler.batch(0)} == {2, 9, 4}  # ... of answers of unequal length
     assert len(g_whole) == len(g_accumulated) == 2
     for a, b in zip(g_whole, g_accumulated):  # (the parameters after Adam would amplify float noise in
-        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()  # near-zero gradients: compare gradients)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()  # near-zero gradients: compare gradients)
 
 
 def test_clipping_holds_at_max_grad_norm():

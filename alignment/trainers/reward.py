@@ -70,14 +70,23 @@ class RewardTrainer:
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[PairExample], batch_size: int = 64) -> dict[str, float]:
-        """Accuracy (r_w > r_l) and mean margin on held-out pairs."""
+        """Accuracy (r_w > r_l) and mean margin on held-out pairs. With shared_prefix, a row is a prompt with
+        its distinct answers, each scored once (alignment.prefix.group_by_prompt), as training reads them."""
         if not examples:
             return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
         model = self.model.eval()
         diffs = []
-        for i in range(0, len(examples), batch_size):
-            chosen, rejected = self.rewards(examples[i : i + batch_size], model)
-            diffs.append(chosen - rejected)
+        if self.cfg.shared_prefix:
+            groups = group_by_prompt(examples)
+            step = max(1, batch_size // 8)  # a group holds up to 16 answers
+            for i in range(0, len(groups), step):
+                part = groups[i : i + step]
+                chosen, rejected = pair_values(model(shared=collate_groups(part, self.pad_token_id).to(self.opt.device)), part)
+                diffs.append(chosen - rejected)
+        else:
+            for i in range(0, len(examples), batch_size):
+                chosen, rejected = self.rewards(examples[i : i + batch_size], model)
+                diffs.append(chosen - rejected)
         diff = torch.cat(diffs)
         return {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()), "pairs": len(examples)}
 
