@@ -175,65 +175,64 @@ def markdown(r: dict) -> str:
              f"(CUDA {env.get('cuda')}), transformers {env.get('transformers')}, accelerate {env.get('accelerate')}, "
              f"TRL {env.get('trl') or 'not installed'}. Every figure below comes from one run of the script; "
              f"the full record is `gpu_check.json`.", ""]
-    for name, title in (("dpo", "DPO"), ("reward", "Reward model")):
+    parts = [("dpo", f"**DPO** ({TARGETS['dpo']}):", lambda p: _trainer_lines("dpo", p)),
+             ("reward", f"**Reward model** ({TARGETS['reward']}):", lambda p: _trainer_lines("reward", p)),
+             ("rollout", f"**Rollouts** ({TARGETS['rollout']}):", _rollout_lines),
+             ("grpo", f"**GRPO step** ({TARGETS['grpo']}):", _grpo_lines),
+             ("sandbox", "**The sandbox quickstart's training through the core library** (`benchmarks/sandbox_chain.py`, the "
+                         "quickstart's values from pipelines.yaml, fp32):", _sandbox_lines)]
+    for name, title, body in parts:  # a part's title, then its figures or why it was not measured
         p = r[name]
-        lines.append(f"**{title}** ({TARGETS[name]}):")
-        if "error" in p:
-            lines += [f"not measured: {p['error']}", ""]
-            continue
-        w = p["workload"]
-        lines += [f"{w['pairs']} pairs x ({w['prompt_tokens']} + {w['answer_tokens']}) tokens, vocab {w['vocab']}, hidden "
-                  f"{w['hidden']}, {w['layers']} layers, bf16 autocast, random weights.", ""]
-        rows = [("alignflow (reference precomputed)" if name == "dpo" else "alignflow", p["ours"])]
-        if name == "dpo":
-            rows.append(("alignflow (reference every step)", p["ours_ref_every_step"]))
-        rows.append(("TRL (defaults)", p["trl"]))
-        lines += _trainer_rows(rows)
-        lines += ["", f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x"
-                  + (f" ({_n(p['ratio_ref_every_step'], 2)}x with the reference every step)" if name == "dpo" else "")
-                  + f". Target {'met' if p['target_met'] else 'NOT met'}.", ""]
-    p = r["rollout"]
-    lines.append(f"**Rollouts** ({TARGETS['rollout']}):")
-    if "error" in p:
-        lines += [f"not measured: {p['error']}", ""]
-    else:
-        lines += [f"{p['batch']} prompts x {p['workload']['prompt_tokens']} tokens, {p['new_tokens']} new tokens each (no early "
-                  f"stop), bf16, best of the timed batches after a warm-up call (which compiles).", "",
-                  "| sampler | completions/s | new tokens/s | s/batch | warm-up s | log-prob gap |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for s in (p["static"]["ours"], p["static"].get("peer", {}), p["dynamic"]):
-            if s:
-                lines.append(f"| {s['name']} | {_n(s['completions_per_s'], 2)} | {_n(s['new_tokens_per_s'])} | {_n(s['batch_s'], 3)} | "
-                             f"{_n(s['warmup_s'], 1)} | {_n(s.get('logp_gap'), 3)} |")
-        lines += ["", "Log-prob gap: the largest |log pi(token)| difference between what our sampler recorded while decoding "
-                  "and a full forward over its samples (bf16 rounding when the KV cache is used right; large when not)."]
-        lines += ["", f"Ratio alignflow / HF generate (static cache): {_n(p['static'].get('ratio'), 2)}x. "
-                  f"Target {'met' if p['target_met'] else 'NOT met'}.", ""]
-    p = r["grpo"]
-    lines.append(f"**GRPO step** ({TARGETS['grpo']}):")
-    if "error" in p:
-        lines += [f"not measured: {p['error']}", ""]
-    else:
-        lines += [f"{p['prompts']} prompts x {p['group']} answers, up to {p['new_tokens']} new tokens, prompts of "
-                  f"{p['workload']['prompt_tokens']} tokens, one update a step, beta 0, loss dapo, bf16.", "",
-                  "| trainer | completions/s | s/step |", "| --- | ---: | ---: |"]
-        for label, t in (("alignflow GroupTrainer", p["ours"]), ("TRL GRPOTrainer", p["trl"])):
-            lines.append(f"| {label} | not run: {t['error'][:120]} | |" if "error" in t
-                         else f"| {label} | {_n(t['completions_per_s'], 1)} | {_n(t['step_s'], 2)} |")
-        lines += ["", f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x. Target {'met' if p['target_met'] else 'NOT met'}.", ""]
-    p = r["sandbox"]
-    lines.append("**The sandbox quickstart's training through the core library** (`benchmarks/sandbox_chain.py`, the "
-                 "quickstart's values from pipelines.yaml, fp32):")
-    if "error" in p:
-        lines += [f"not measured: {p['error']}", ""]
-    else:
-        lines += ["", "| stage | " + " | ".join(p["seconds"]) + " | total |", "| --- |" + " ---: |" * (len(p["seconds"]) + 1),
-                  "| seconds | " + " | ".join(_n(v, 1) for v in p["seconds"].values()) + f" | {_n(p['total_s'], 1)} |", "",
-                  f"Reward model accuracy (held-out labels) {_n(p['rm_accuracy'], 3)}; DPO: KL {_n(p['dpo_kl'], 2)}, gold win rate "
-                  f"{_n(p['dpo_gold_win_rate'], 3)}, banned words {_n(p['dpo_banned_word_rate'], 3)}; PPO: KL {_n(p['ppo_kl'], 2)}, "
-                  f"gold win rate {_n(p['ppo_gold_win_rate'], 3)}, banned words {_n(p['ppo_banned_word_rate'], 3)} "
-                  f"(SFT: {_n(p['dpo_ref_banned_word_rate'], 3)}).", ""]
+        lines += [title, *([f"not measured: {p['error']}", ""] if "error" in p else body(p))]
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _trainer_lines(name: str, p: dict) -> list[str]:
+    w = p["workload"]
+    lines = [f"{w['pairs']} pairs x ({w['prompt_tokens']} + {w['answer_tokens']}) tokens, vocab {w['vocab']}, hidden "
+             f"{w['hidden']}, {w['layers']} layers, bf16 autocast, random weights.", ""]
+    rows = [("alignflow (reference precomputed)" if name == "dpo" else "alignflow", p["ours"])]
+    if name == "dpo":
+        rows.append(("alignflow (reference every step)", p["ours_ref_every_step"]))
+    rows.append(("TRL (defaults)", p["trl"]))
+    return lines + _trainer_rows(rows) + [
+        "", f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x"
+        + (f" ({_n(p['ratio_ref_every_step'], 2)}x with the reference every step)" if name == "dpo" else "")
+        + f". Target {'met' if p['target_met'] else 'NOT met'}.", ""]
+
+
+def _rollout_lines(p: dict) -> list[str]:
+    lines = [f"{p['batch']} prompts x {p['workload']['prompt_tokens']} tokens, {p['new_tokens']} new tokens each (no early "
+             f"stop), bf16, best of the timed batches after a warm-up call (which compiles).", "",
+             "| sampler | completions/s | new tokens/s | s/batch | warm-up s | log-prob gap |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for s in (p["static"]["ours"], p["static"].get("peer", {}), p["dynamic"]):
+        if s:
+            lines.append(f"| {s['name']} | {_n(s['completions_per_s'], 2)} | {_n(s['new_tokens_per_s'])} | {_n(s['batch_s'], 3)} | "
+                         f"{_n(s['warmup_s'], 1)} | {_n(s.get('logp_gap'), 3)} |")
+    return lines + ["", "Log-prob gap: the largest |log pi(token)| difference between what our sampler recorded while decoding "
+                    "and a full forward over its samples (bf16 rounding when the KV cache is used right; large when not).",
+                    "", f"Ratio alignflow / HF generate (static cache): {_n(p['static'].get('ratio'), 2)}x. "
+                    f"Target {'met' if p['target_met'] else 'NOT met'}.", ""]
+
+
+def _grpo_lines(p: dict) -> list[str]:
+    lines = [f"{p['prompts']} prompts x {p['group']} answers, up to {p['new_tokens']} new tokens, prompts of "
+             f"{p['workload']['prompt_tokens']} tokens, one update a step, beta 0, loss dapo, bf16.", "",
+             "| trainer | completions/s | s/step |", "| --- | ---: | ---: |"]
+    for label, t in (("alignflow GroupTrainer", p["ours"]), ("TRL GRPOTrainer", p["trl"])):
+        lines.append(f"| {label} | not run: {t['error'][:120]} | |" if "error" in t
+                     else f"| {label} | {_n(t['completions_per_s'], 1)} | {_n(t['step_s'], 2)} |")
+    return lines + ["", f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x. Target {'met' if p['target_met'] else 'NOT met'}.", ""]
+
+
+def _sandbox_lines(p: dict) -> list[str]:
+    return ["", "| stage | " + " | ".join(p["seconds"]) + " | total |", "| --- |" + " ---: |" * (len(p["seconds"]) + 1),
+            "| seconds | " + " | ".join(_n(v, 1) for v in p["seconds"].values()) + f" | {_n(p['total_s'], 1)} |", "",
+            f"Reward model accuracy (held-out labels) {_n(p['rm_accuracy'], 3)}; DPO: KL {_n(p['dpo_kl'], 2)}, gold win rate "
+            f"{_n(p['dpo_gold_win_rate'], 3)}, banned words {_n(p['dpo_banned_word_rate'], 3)}; PPO: KL {_n(p['ppo_kl'], 2)}, "
+            f"gold win rate {_n(p['ppo_gold_win_rate'], 3)}, banned words {_n(p['ppo_banned_word_rate'], 3)} "
+            f"(SFT: {_n(p['dpo_ref_banned_word_rate'], 3)}).", ""]
 
 
 def report(parts_dir: Path, out: Path, into: Path | None) -> None:
