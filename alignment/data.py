@@ -75,8 +75,9 @@ def fit_to_length(
     return prompt_ids, [list(a[:room]) for a in answers]
 
 
-def _prompt_key(prompt: Prompt):
-    return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
+def _prompt_key(prompt: Prompt) -> str:
+    """What render_prompt reads of a prompt (a message's content may be a list of parts: repr, not hash)."""
+    return prompt if isinstance(prompt, str) else repr([(m["role"], m["content"]) for m in prompt])
 
 
 def tokenize_pairs(

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from alignment.data import encode_answer, encode_prompt, render_prompt, tokenize_demonstrations
+from alignment.data import encode_answer, encode_prompt, fit_to_length, render_prompt, tokenize_demonstrations, tokenize_pairs
 from tasks.schemas import DataError
 from tasks.stage import token_preflight
 
@@ -64,3 +64,19 @@ def test_preflight_names_the_rows_it_rejects(sandbox_tokenizer):
         tok.chat_template = None
     demos = tokenize_demonstrations(tok, [prompt], ["rinse the rice ."], max_length=64)
     assert demos[0][1][-1] == tok.eos_token_id and demos[0][0][0] == tok.bos_token_id
+
+
+def test_pairs_that_share_prompts_and_answers_are_tokenised_as_each_alone(sandbox_tokenizer):
+    """tokenize_pairs tokenises each distinct prompt and answer once; every pair must still be what it is on
+    its own, the one whose long answer cuts the shared prompt included (and the cut must not reach the others)."""
+    tok = sandbox_tokenizer
+    prompt = "user : how do i cook rice ? assistant :"  # <bos> + 10 tokens
+    short, other, long = "rinse it .", "boil it .", "rinse the rice and use two cups of water ."  # 3, 3 and 10 tokens + <eos>
+    prompts, chosen, rejected = [prompt, USER, prompt, prompt, USER], [short, short, long, short, other], [other, other, short, other, short]
+    pairs = tokenize_pairs(tok, prompts, chosen, rejected, max_length=16)
+    for e, p, c, r in zip(pairs, prompts, chosen, rejected):
+        prompt_ids, (c_ids, r_ids) = fit_to_length(encode_prompt(tok, p), [encode_answer(tok, c), encode_answer(tok, r)], 16)
+        assert (e.prompt_ids, e.chosen_ids, e.rejected_ids) == (prompt_ids, c_ids, r_ids)
+    # 11 + 11 > 16: the long pair keeps the prompt's last 8 tokens and 8 of each answer; the next pair, 11 + 4
+    assert [len(pairs[i].prompt_ids) for i in (0, 2, 3)] == [11, 8, 11] and len(pairs[2].chosen_ids) == 8
+    assert pairs[1].prompt_ids != pairs[0].prompt_ids  # a conversation and a text are different prompts
