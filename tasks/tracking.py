@@ -241,7 +241,7 @@ class Tracker:
             # the column types, read from the first rows: MLflow reads every value of every column (3-4 s
             # for the quickstart's tables), and a table written through a pandera contract has one type a column
             ds.schema = mlflow.data.from_pandas(df.head(SCHEMA_ROWS), source=source).schema
-            inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]  # (infers the schema)
+            inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
         # Two branches logging the same dataset race on MLflow's check-then-insert of the dataset row:
         # serialise within the process, and retry once (the row then exists) across processes.
         with _DATASET_LOCK:

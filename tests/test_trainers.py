@@ -49,8 +49,9 @@ def test_reward_model_learns_preference():
 
 
 def test_reward_model_evaluation_scores_each_answer_once_and_equals_the_pair_by_pair_one():
-    """Held-out pairs share answers (a prompt's k answers make up to k(k-1)/2 pairs): the evaluation reads
-    each prompt's distinct answers once; its accuracy and margin are the pair-by-pair forward passes'."""
+    """Held-out pairs share answers (a prompt's k answers make up to k(k-1)/2 pairs): with group_by_prompt the
+    evaluation reads each prompt's distinct answers once; its accuracy and margin are the pair-by-pair
+    forward passes'."""
     torch.manual_seed(0)
     rm = RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1)))
     answers = [[10 + i, 12, 2] for i in range(5)] + [[20, 21, 22, 23, 2]]
@@ -62,7 +63,7 @@ def test_reward_model_evaluation_scores_each_answer_once_and_equals_the_pair_by_
 
     with torch.no_grad():
         diff = torch.stack([score(e.prompt_ids, e.chosen_ids) - score(e.prompt_ids, e.rejected_ids) for e in pairs])
-    grouped = RewardTrainer(rm, pairs, 0, RewardConfig(TrainConfig(max_steps=1))).evaluate(pairs, batch_size=16)
+    grouped = RewardTrainer(rm, pairs, 0, RewardConfig(TrainConfig(max_steps=1), group_by_prompt=True)).evaluate(pairs, batch_size=16)
     assert grouped["pairs"] == 45
     assert grouped["accuracy"] == pytest.approx(float((diff > 0).float().mean()), abs=1e-9)
     assert 0 < grouped["accuracy"] < 1  # a random model: both outcomes occur, so the comparison means something

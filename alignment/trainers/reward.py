@@ -70,13 +70,14 @@ class RewardTrainer:
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[PairExample], batch_size: int = 64) -> dict[str, float]:
-        """Accuracy (r_w > r_l) and mean margin on held-out pairs. With shared_prefix, a row is a prompt with
-        its distinct answers, each scored once (alignment.prefix.group_by_prompt), as training reads them."""
+        """Accuracy (r_w > r_l) and mean margin on held-out pairs. With group_by_prompt, a row is a prompt with
+        its distinct answers, each scored once (alignment.prefix.group_by_prompt), as training reads them
+        (opt-in, as for training: a row grows with a prompt's answers)."""
         if not examples:
             return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
         model = self.model.eval()
         diffs = []
-        if self.cfg.shared_prefix:
+        if self.groups is not None:
             groups = group_by_prompt(examples)
             step = max(1, batch_size // 8)  # a group holds up to 16 answers
             for i in range(0, len(groups), step):
