@@ -11,7 +11,7 @@ from alignment.config import RewardConfig  # noqa: F401 - re-exported
 from alignment.data import PairExample, collate_pairs
 from alignment.losses import reward_model_loss
 from alignment.models import RewardModel
-from alignment.prefix import collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values
+from alignment.prefix import PromptGroup, collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -51,14 +51,19 @@ class RewardTrainer:
         rewards = model(input_ids, attention_mask)  # [2B]
         return rewards.chunk(2)
 
+    def group_rewards(self, groups: Sequence[PromptGroup], model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(preferred [N], other [N]) over all N pairs of the prompt groups, each answer scored once, one
+        forward pass (a row per group)."""
+        model = model or self.opt.model
+        return pair_values(model(shared=collate_groups(groups, self.pad_token_id).to(self.opt.device)), groups)
+
     def micro_size(self, indices: list[int]) -> int:
         """What micro_loss is a mean over: pairs (a prompt group holds several)."""
         return pair_count(self.groups, indices)
 
     def micro_loss(self, indices: list[int]):
         if self.groups is not None:
-            groups = [self.groups[i] for i in indices]
-            chosen, rejected = pair_values(self.opt.model(shared=collate_groups(groups, self.pad_token_id).to(self.opt.device)), groups)
+            chosen, rejected = self.group_rewards([self.groups[i] for i in indices])
         else:
             chosen, rejected = self.rewards([self.examples[i] for i in indices])
         return reward_model_loss(chosen, rejected, self.cfg.margin, self.cfg.center_coef)
@@ -81,8 +86,7 @@ class RewardTrainer:
             groups = group_by_prompt(examples)
             step = max(1, batch_size // 8)  # a group holds up to 16 answers
             for i in range(0, len(groups), step):
-                part = groups[i : i + step]
-                chosen, rejected = pair_values(model(shared=collate_groups(part, self.pad_token_id).to(self.opt.device)), part)
+                chosen, rejected = self.group_rewards(groups[i : i + step], model)
                 diffs.append(chosen - rejected)
         else:
             for i in range(0, len(examples), batch_size):
