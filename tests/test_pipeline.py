@@ -672,9 +672,12 @@ def test_deployments_served_on_a_schedule_and_in_a_work_pool_run_and_name_their_
     worker, deployment, completed = None, None, None
     try:
         pool = f"pool-{tmp_path.name[-12:]}".replace("_", "-")
-        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True, timeout=120)
-        deployed = subprocess.run([ALIGNFLOW, "deploy", "tiny", "-c", str(tmp_path / "tiny" / "pipelines.yaml"), "--pool", pool],
-                                  cwd=tmp_path / "tiny", env=env, capture_output=True, text=True, timeout=120)
+        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True, timeout=300)
+        try:  # (once, in one of eight suite runs, this took over 120 s beside the other worker's pipelines)
+            deployed = subprocess.run([ALIGNFLOW, "deploy", "tiny", "-c", str(tmp_path / "tiny" / "pipelines.yaml"), "--pool", pool],
+                                      cwd=tmp_path / "tiny", env=env, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as err:  # what it printed, to see where it waited
+            pytest.fail(f"`alignflow deploy --pool` ran over 300 s; its output:\n{err.stdout}\n{err.stderr}")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert f"in work pool '{pool}'" in deployed.stdout and f"prefect worker start --pool {pool}" in deployed.stdout
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--limit", "1"], cwd=tmp_path / "tiny",
