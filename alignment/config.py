@@ -86,6 +86,9 @@ class DPOConfig:
     # every labeled pair among them; train.batch_size then counts prompts (alignment.prefix.group_by_prompt)
 
 
+VALUE_MODELS = ("reward_model", "policy", "shared")
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     """Defaults as TRL's PPOConfig (lr 3e-6, 4 PPO epochs, KL coefficient 0.05, clip 0.2, vf_coef 0.1)."""
@@ -114,8 +117,14 @@ class PPOConfig:
     checkpoint_every: int = 0  # save a resumable checkpoint every N iterations; 0 = only at the end
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (GPU)
     gradient_checkpointing: bool = False  # recompute activations in the update's backward pass (less memory)
-    separate_value_model: bool = False  # the value function on its own copy of the backbone, not a head on
-    # the policy's trunk (value gradients then cannot disturb the policy; twice the weights)
+    value_model: str = "reward_model"  # the value function V(s_t), as TRL's PPOTrainer builds it: "reward_model"
+    # = its own backbone and head, initialised from the reward model's (InstructGPT's choice too: the values
+    # start out knowing what scores well); "policy" = its own copy of the policy's backbone, the head at zero;
+    # "shared" = a head on the policy's trunk (half the weights, but value gradients reach the policy)
+
+    def __post_init__(self):
+        if self.value_model not in VALUE_MODELS:
+            raise ValueError(f"value_model must be one of {', '.join(VALUE_MODELS)}, not {self.value_model!r}")
 
     def train_config(self) -> TrainConfig:
         """The optimizer settings: one optimizer step per minibatch, constant LR."""

@@ -7,6 +7,7 @@ Remote code is never trusted unless the caller asks for it with the trust_remote
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import threading
@@ -75,6 +76,20 @@ def load_causal_lm(
     )
 
 
+@contextlib.contextmanager
+def quiet_load_report():
+    """transformers' load report held back: loading an LM as a sequence classifier (head "missing", LM head
+    "unexpected") or a reward model as a bare backbone (head "unexpected") is what was asked for."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 @serialized
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen reference model: a deep copy in eval mode with no gradients."""
@@ -109,16 +124,10 @@ class RewardModel(nn.Module):
         transformers' load report (score head "missing", LM head "unexpected") is expected for an LM
         base and is not printed.
         """
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
+        with quiet_load_report():
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(name_or_path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
             )
-        finally:
-            hf_logging.set_verbosity(verbosity)
         return cls(model)
 
     @property
@@ -151,6 +160,23 @@ class RewardModel(nn.Module):
         self.model.save_pretrained(str(path))
 
 
+def reward_head(path: Path, name: str, like: nn.Linear) -> dict[str, Tensor]:
+    """The scalar head `name` of a saved sequence classifier as a state dict for `like` (a Linear(H, 1)); the
+    bias is 0 when the head has none (Llama's and Qwen's score heads have none)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if f"{name}.weight" in f.keys():
+                weight = f.get_tensor(f"{name}.weight")
+                bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in f.keys() else torch.zeros(1)
+                if weight.shape != like.weight.shape:
+                    raise ValueError(f"{path}: its {name} head is {tuple(weight.shape)}, not a scalar head {tuple(like.weight.shape)}")
+                return {"weight": weight.to(like.weight.dtype), "bias": bias.to(like.bias.dtype)}
+    raise ValueError(f"{path}: no `{name}` head in {', '.join(f.name for f in files) or 'no safetensors file'}: is it a reward model?")
+
+
 class PolicyWithValueHead(nn.Module):
     """A causal-LM policy pi_theta and a value function V(s_t) for PPO.
 
@@ -176,22 +202,38 @@ class PolicyWithValueHead(nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str | Path,
-        separate_value_model: bool = False,
+        value_model: str = "shared",
+        reward_model: str | Path | None = None,
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
     ) -> "PolicyWithValueHead":
+        """The policy at name_or_path with a value function (PPOConfig.value_model): "shared", a head on the
+        policy's trunk; "policy", a copy of the policy's backbone; "reward_model", the backbone and scalar head
+        of the reward model at `reward_model` (as TRL's PPOTrainer). The reward model reads the policy's token
+        ids then: it must share the policy's tokenizer. A directory saved by save_pretrained loads its own
+        value function back, whatever value_model says."""
         path = Path(name_or_path)
         policy = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        value_model = None
+        value_model_dir, head = None, None
         if (path / cls.VALUE_MODEL_DIR).is_dir():
-            value_model = AutoModel.from_pretrained(str(path / cls.VALUE_MODEL_DIR), dtype=dtype)
-        elif separate_value_model:
-            value_model = AutoModel.from_pretrained(
-                str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
-            )
-        model = cls(policy, value_model)
+            value_model_dir = path / cls.VALUE_MODEL_DIR
+        elif value_model == "policy":
+            value_model_dir = path
+        elif value_model == "reward_model":
+            if reward_model is None:
+                raise ValueError('value_model="reward_model" needs the reward model\'s directory as reward_model=')
+            value_model_dir, head = Path(reward_model), "score"
+        elif value_model != "shared":
+            raise ValueError(f"value_model must be 'reward_model', 'policy' or 'shared', not {value_model!r}")
+        backbone = None
+        if value_model_dir is not None:
+            with quiet_load_report():  # a reward model's score head is "unexpected" in a bare backbone
+                backbone = AutoModel.from_pretrained(str(value_model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = cls(policy, backbone)
         if (path / cls.VALUE_HEAD_FILE).is_file():
             model.value_head.load_state_dict(load_file(str(path / cls.VALUE_HEAD_FILE)))
+        elif head is not None:
+            model.value_head.load_state_dict(reward_head(value_model_dir, head, model.value_head))
         return model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -134,6 +134,7 @@ def run(tiny: bool = False) -> dict:
     set_seed(rm_cfg.train.seed)
     rm = RewardTrainer(RewardModel.from_pretrained(work / "sft"), pairs[:n_train], tokenizer.pad_token_id, rm_cfg)
     rm.train()
+    rm.model.save_pretrained(work / "rm")  # PPO's value model starts from it
     out["rm_accuracy"] = rm.evaluate(pairs[n_train:] or pairs[:1])["accuracy"]
     clock.lap("reward_model")
 
@@ -146,7 +147,7 @@ def run(tiny: bool = False) -> dict:
     ppo_cfg = merged(PPOConfig(), p["ppo"]["ppo"])
     set_seed(ppo_cfg.seed)
     reward_fn = reward_scores(rm.model, tokenizer, rm_cfg.max_length)
-    ppo = PPOTrainer(PolicyWithValueHead.from_pretrained(work / "sft", separate_value_model=ppo_cfg.separate_value_model),
+    ppo = PPOTrainer(PolicyWithValueHead.from_pretrained(work / "sft", ppo_cfg.value_model, work / "rm"),
                      tokenizer, train_prompts[: p["ppo"]["prompts"]], reward_fn, ppo_cfg)
     last = ppo.train()[-1]
     out["ppo_final_kl"] = last["kl"]

@@ -60,8 +60,20 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+RENAMED = {"separate_value_model": "value_model: reward_model, policy or shared"}
+"""Parameters of earlier versions, and what replaced them: the unknown-parameter message says so."""
+
+
+def _message(e: dict) -> str:
+    if e["type"] in MESSAGES:
+        name = e["loc"][-1] if e["loc"] else None
+        return MESSAGES[e["type"]] + (f" (replaced by {RENAMED[name]})" if name in RENAMED else "")
+    return e["msg"].removeprefix("Value error, ")
+
+
 def _errors(err: ValidationError) -> str:
-    return "\n".join(f"{_loc(tuple(e['loc']))}: {MESSAGES.get(e['type'], e['msg'])}" for e in err.errors())
+    """One line a problem: where, and what (a validator's own sentence without pydantic's "Value error, ")."""
+    return "\n".join(f"{_loc(tuple(e['loc']))}: {_message(e)}" for e in err.errors())
 
 
 def apply_overrides(raw: dict, overrides: list[str], pipeline: str) -> dict:
@@ -146,3 +158,24 @@ def check_inputs(pname: str, spec: PipelineSpec) -> list[str]:
             problems.append(f"{where}.resources.accelerate_config: no file {config!r} (paths are relative to where you run alignflow)")
         provides[stage.name] = module.OUTPUT
     return problems
+
+
+def preflight(spec, only: str | None) -> None:
+    """Validate every data file the pipeline reads (all problems at once) and load its reward functions,
+    before any work."""
+    from tasks import rewards
+    from tasks.data import read_prompt_file
+    from tasks.stages.import_preferences import import_preferences
+    from tasks.stages.sft import import_demonstrations
+
+    for stage in spec.stages:
+        if only is not None and only != stage.name:
+            continue
+        if stage.type == "import_preferences":
+            import_preferences(stage.params)
+        elif stage.type == "sft" and stage.params.data:
+            import_demonstrations(stage.params)
+        if getattr(stage.params, "prompts_file", None):
+            read_prompt_file(stage.params.prompts_file)
+        for spec in getattr(stage.params, "reward_functions", []):
+            rewards.load(spec)

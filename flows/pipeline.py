@@ -15,21 +15,14 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-# The temporary local Prefect server can take longer than its default 20 s to start on a busy 2-core box.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-# Offline machines: the temporary server's telemetry call can only fail and log an ERROR line.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-from prefect import flow, get_run_logger  # noqa: E402
-
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect import task  # noqa: E402
-
-from flows.config import PipelinesFile  # noqa: E402
-from tasks.stage import STOP, StageContext, execute  # noqa: E402
-from tasks.stages import MODULES  # noqa: E402
-from tasks.store import StageOutput, Store  # noqa: E402
-from tasks.tracking import NOTE, Tracker, environment  # noqa: E402
+from flows.config import PipelinesFile, preflight
+from tasks.stage import STOP, StageContext, execute
+from tasks.stages import MODULES
+from tasks.store import StageOutput, Store
+from tasks.tracking import NOTE, Tracker, environment
 
 
 class _ExplainedErrors(logging.Filter):
@@ -225,27 +218,6 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
         tracker.end_run(parent, status)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def preflight(spec, only: str | None) -> None:
-    """Validate every data file the pipeline reads (all problems at once) and load its reward functions,
-    before any work."""
-    from tasks import rewards
-    from tasks.data import read_prompt_file
-    from tasks.stages.import_preferences import import_preferences
-    from tasks.stages.sft import import_demonstrations
-
-    for stage in spec.stages:
-        if only is not None and only != stage.name:
-            continue
-        if stage.type == "import_preferences":
-            import_preferences(stage.params)
-        elif stage.type == "sft" and stage.params.data:
-            import_demonstrations(stage.params)
-        if getattr(stage.params, "prompts_file", None):
-            read_prompt_file(stage.params.prompts_file)
-        for spec in getattr(stage.params, "reward_functions", []):
-            rewards.load(spec)
 
 
 def _raise_interrupt(signum, frame):

@@ -155,7 +155,7 @@ def test_a_config_refuses_another_familys_advantage(sandbox_tokenizer):
 
 
 @pytest.mark.parametrize("params, inputs, message", [
-    ({}, {}, r"stages\[1\]: Value error, give params.reward_functions, an inputs.reward_model, or both"),
+    ({}, {}, r"stages\[1\]: give params.reward_functions, an inputs.reward_model, or both"),
     ({"reward_functions": ["my_rewards.exact"]}, {}, "reward function 'my_rewards.exact': write it as module:function"),
     ({"reward_functions": ["m:f"], "reward_weights": {"m:g": 2.0}}, {}, r"reward_weights names \['m:g'\], which score nothing"),
     ({"reward_functions": ["m:f"], "grpo": {"group_size": 8, "epochz": 2}}, {}, r"params.grpo.epochz: unknown parameter"),

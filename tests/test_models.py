@@ -67,6 +67,31 @@ def test_policy_with_value_head_round_trip_and_alignment(tmp_path, tiny_lm):
         assert torch.allclose(values, values2, atol=1e-6)
 
 
+def test_a_value_model_from_the_reward_model_starts_as_the_reward_of_each_prefix(tmp_path, tiny_lm):
+    """value_model="reward_model" (TRL's PPO): backbone and head are the reward model's, so before training
+    V(state before token t) is the reward model's score of the answer so far, tokens 0..t-1."""
+    rm = make_reward_model()
+    torch.nn.init.normal_(rm.model.score.weight)  # a head that is not the default zero-ish init
+    rm.save_pretrained(tmp_path / "rm")
+    tiny_lm.save_pretrained(tmp_path / "policy")
+    model = PolicyWithValueHead.from_pretrained(tmp_path / "policy", value_model="reward_model", reward_model=tmp_path / "rm")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        _, values = model(ids, torch.ones_like(ids))
+        prefix_rewards = torch.stack([rm(ids[:, :t], torch.ones(1, t, dtype=torch.long))[0] for t in range(1, 6)])
+    assert values[0, 0] == 0
+    assert torch.allclose(values[0, 1:], prefix_rewards, atol=1e-5)
+    assert values[0, 1:].std() > 1e-3  # the prefixes score differently: not a constant
+    # the other choices: a copy of the policy's backbone with the head at zero, and a head on the trunk
+    copy = PolicyWithValueHead.from_pretrained(tmp_path / "policy", value_model="policy")
+    assert copy.value_model is not None and copy.value_head.weight.abs().sum() == 0
+    assert PolicyWithValueHead.from_pretrained(tmp_path / "policy", value_model="shared").value_model is None
+    with pytest.raises(ValueError, match="reward model's directory"):
+        PolicyWithValueHead.from_pretrained(tmp_path / "policy", value_model="reward_model")
+    with pytest.raises(ValueError, match="no `score` head"):
+        PolicyWithValueHead.from_pretrained(tmp_path / "policy", value_model="reward_model", reward_model=tmp_path / "policy")
+
+
 def test_greedy_sampling_matches_hf_generate_and_respects_padding(tiny_lm):
     tiny_lm.eval()
     ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])

@@ -82,6 +82,16 @@ def test_bad_param_names_its_key_path(tmp_path):
         d["pipelines"]["tiny"]["stages"][1]["params"]["sft"]["train"]["lr"] = "fast"
     assert "pipelines.tiny.stages[1].params.sft.train.lr: Input should be a valid number" in bad(tmp_path, m)
 
+    def value_model(d):
+        d["pipelines"]["tiny"]["stages"][6]["params"]["ppo"]["value_model"] = "critic"
+    assert ("pipelines.tiny.stages[6].params.ppo: value_model must be one of reward_model, policy, shared, not 'critic'"
+            in bad(tmp_path, value_model))
+
+    def old_name(d):
+        d["pipelines"]["tiny"]["stages"][6]["params"]["ppo"]["separate_value_model"] = True
+    assert ("pipelines.tiny.stages[6].params.ppo.separate_value_model: unknown parameter (replaced by value_model: "
+            "reward_model, policy or shared)" in bad(tmp_path, old_name))
+
 
 def test_unknown_param_and_stage_type(tmp_path):
     def typo_type(d):
@@ -716,3 +726,31 @@ def test_deployments_served_on_a_schedule_and_in_a_work_pool_run_and_name_their_
         client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")  # (the schedule may have fired again meanwhile)
         [parent] = client.search_runs([client.get_experiment_by_name(name).experiment_id], which)
         assert parent.info.status == "FINISHED" and parent.data.tags["alignflow.deployment"] == f"alignflow-{name}", name
+
+
+def test_without_a_prefect_server_the_cli_starts_a_temporary_one_and_stops_it(tmp_path):
+    """What a user on a fresh machine meets (the rest of the suite runs on the session's server): without
+    PREFECT_API_URL `alignflow run` starts Prefect's temporary server while it loads its libraries, runs the
+    flow on it and stops it at the end; bad data is reported before any server is started."""
+    stages = TINY["pipelines"]["tiny"]["stages"][:2]
+    path = write_config(tmp_path, {"settings": dict(TINY["settings"]), "pipelines": {"tiny": {"stages": stages}}})
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # a fresh Prefect database, as on a new machine
+    result = subprocess.run([ALIGNFLOW, "run", "tiny", "-c", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert out.count("Starting temporary server") == 1 and "Beginning flow run" in out and "pipeline run " in out, out[-3000:]
+    port = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", out).group(1)
+    assert "Stopping temporary server" in out
+    with pytest.raises(OSError):  # stopped: nothing answers on its port any more
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+
+    bad_prompts = tmp_path / "prompts.jsonl"
+    bad_prompts.write_text('{"prompt": "how do i fix a flat tire ?"}\n{"question": "no prompt here"}\n')
+    sample = {"name": "sample", "type": "sample", "inputs": {"policy": "sft"},
+              "params": {"prompts": 2, "prompts_file": str(bad_prompts), "sampling": {"max_new_tokens": 4}}}
+    path = write_config(tmp_path, {"settings": dict(TINY["settings"]), "pipelines": {"tiny": {"stages": [*stages, sample]}}})
+    result = subprocess.run([ALIGNFLOW, "run", "tiny", "-c", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"bad input data: 1 problem(s) in {bad_prompts}" in result.stderr and "line 2" in result.stderr, result.stderr
+    assert "temporary server" not in result.stdout + result.stderr and "Traceback" not in result.stderr

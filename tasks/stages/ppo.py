@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from alignment.config import LoRAConfig, PPOConfig
+from tasks.data import DataError
 from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, training_history
 from tasks.stages.sample import one_prompt_source, prompts_for, sources  # noqa: F401 - sources: a prompts file is in the key
 
@@ -18,7 +19,8 @@ OUTPUT = ("policy",)
 class Params(StageParams):
     prompts: int = 2000  # how many prompts rollouts are drawn from
     prompts_file: str | None = None  # as for the sample stage; None: the prompts input (split train)
-    ppo: PPOConfig = PPOConfig()  # training (TRL's defaults: lr 3e-6, 4 epochs, KL coefficient 0.05)
+    ppo: PPOConfig = PPOConfig()  # training (TRL's defaults: lr 3e-6, 4 epochs, KL coefficient 0.05, the value
+    # model initialised from the reward model)
     lora: LoRAConfig | None = None  # LoRA adapters on the policy (reference = adapters off); the value model or head trains in full
 
 
@@ -39,7 +41,9 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     tokenizer = load_tokenizer(path)
     reward_fn = load_reward_fn(inputs)
     set_seed(p.ppo.seed)
-    model = PolicyWithValueHead.from_pretrained(path, separate_value_model=p.ppo.separate_value_model)
+    if p.ppo.value_model == "reward_model":
+        same_tokens(tokenizer, load_tokenizer(model_dir(inputs, "reward_model")), inputs)
+    model = PolicyWithValueHead.from_pretrained(path, value_model=p.ppo.value_model, reward_model=model_dir(inputs, "reward_model"))
     if p.lora is not None:
         model.policy = add_lora(model.policy, p.lora)
     trainer = PPOTrainer(model, tokenizer, prompts_for(p, inputs), reward_fn, p.ppo,
@@ -52,3 +56,13 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     last = rows[-1]
     return {"final_reward": last["reward"], "final_kl": last["kl"], "final_policy_loss": last["policy_loss"],
             "final_value_loss": last["value_loss"]}
+
+
+def same_tokens(tokenizer, rm_tokenizer, inputs) -> None:
+    """A value model initialised from the reward model reads the policy's token ids: both must share one
+    vocabulary, or every id would mean another token to it."""
+    if tokenizer.get_vocab() != rm_tokenizer.get_vocab():
+        raise DataError(
+            f"ppo.value_model 'reward_model' reads the policy's tokens, but reward model {inputs['reward_model'].name} has "
+            f"another tokenizer ({len(rm_tokenizer)} tokens, the policy {inputs['policy'].name} {len(tokenizer)}): set "
+            f"ppo.value_model: policy (a copy of the policy's backbone) or shared (a head on the policy)")
