@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import sys
-import threading
 from pathlib import Path
 
 import typer
@@ -61,29 +59,6 @@ def reward_function_named(err: Exception) -> str:
     return " (" + err.__notes__[0] + ")" if getattr(err, "__notes__", None) else ""
 
 
-def start_prefect_server() -> threading.Thread:
-    """Prefect's temporary API server (when no PREFECT_API_URL is set) started now, its process booting on the
-    other core while this one imports torch, transformers and MLflow, instead of after them: the flow begins
-    about 5 s sooner on 2 cores. Its module is imported here, before those (in a thread it would share the
-    interpreter with them and start no sooner). Join the thread before the flow runs; a server that failed
-    to start here is started, and its error reported, by the flow as without this."""
-    from prefect.settings import PREFECT_API_URL
-
-    def start() -> None:
-        if not PREFECT_API_URL.value():
-            with contextlib.suppress(Exception):  # the flow's own start reports what went wrong
-                SubprocessASGIServer().start()
-
-    if not PREFECT_API_URL.value():
-        from prefect.logging.configuration import setup_logging
-        from prefect.server.api.server import SubprocessASGIServer
-
-        setup_logging()  # as importing prefect.main would (later): its "Starting temporary server" line shows
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread
-
-
 HEADLINE = ("eval/kl", "eval/gold_win_rate", "eval/rm_win_rate", "eval/implicit_accuracy", "eval/pref_accuracy",
             "eval/banned_word_rate", "eval/accuracy", "eval/gold_accuracy")
 """The evaluation metrics the run summary shows a stage by (all of them are in MLflow and metrics.json)."""
@@ -120,11 +95,18 @@ def run(
         fail(f"bad input data: {err}", 2)
     except RewardFunctionError as err:
         fail(f"bad reward function{reward_function_named(err)}: {err}", 2)
-    server = start_prefect_server()  # boots while the libraries below import
+    from flows import server
+
+    temporary = server.start()  # boots on the other core while the libraries below import
     from alignment.trainers.common import NonFiniteLossError
     from flows.pipeline import pipeline_flow, resolved_yaml
+    import alignment.models  # noqa: F401 - transformers' model code (about 6 s on 2 cores): now, not in the first stage
     quiet_output()
-    server.join()
+    try:
+        if temporary is not None:
+            temporary.wait_ready()
+    except server.ServerError as err:
+        fail(str(err), 1)
     try:
         result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run, overrides=set_)
     except KeyboardInterrupt:

@@ -325,6 +325,13 @@ def test_changed_param_reruns_only_that_branch(env):
     first = children(env["tracker"], env["first"]["parent_run_id"])
     assert runs["evaluate_dpo"].data.tags["implicit_reward.beta"] == "0.3"
     assert first["evaluate_dpo"].data.tags["implicit_reward.beta"] == "0.1"  # DPO's default
+    # what does not depend on the evaluated policy was computed by the first evaluation and read back here,
+    # the same numbers: the reference's answers and pair log-probs, the reward model's accuracy
+    for kind in ("reference_answers", "reference_pair_logps", "rm_accuracy"):
+        assert first["evaluate_dpo"].data.tags[f"{kind}.reused"] == "False"
+        assert runs["evaluate_dpo"].data.tags[f"{kind}.reused"] == "True"
+    assert runs["evaluate_dpo"].data.metrics["eval/rm_accuracy"] == first["evaluate_dpo"].data.metrics["eval/rm_accuracy"]
+    assert runs["evaluate_dpo"].data.metrics["eval/ref_gold_reward_mean"] == first["evaluate_dpo"].data.metrics["eval/ref_gold_reward_mean"]
 
 
 def test_only_one_stage_on_an_earlier_runs_outputs(env):
@@ -730,27 +737,56 @@ def test_deployments_served_on_a_schedule_and_in_a_work_pool_run_and_name_their_
 
 def test_without_a_prefect_server_the_cli_starts_a_temporary_one_and_stops_it(tmp_path):
     """What a user on a fresh machine meets (the rest of the suite runs on the session's server): without
-    PREFECT_API_URL `alignflow run` starts Prefect's temporary server while it loads its libraries, runs the
-    flow on it and stops it at the end; bad data is reported before any server is started."""
+    PREFECT_API_URL `alignflow run` starts a temporary Prefect server (flows/server.py), runs the flow on it
+    and stops it at exit. Ctrl-C in a terminal (SIGINT to the whole process group) stops the command, not the
+    server first: with Prefect's own temporary server the command hung at exit. Bad data is reported before
+    any server is started."""
     stages = TINY["pipelines"]["tiny"]["stages"][:2]
     path = write_config(tmp_path, {"settings": dict(TINY["settings"]), "pipelines": {"tiny": {"stages": stages}}})
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # a fresh Prefect database, as on a new machine
-    result = subprocess.run([ALIGNFLOW, "run", "tiny", "-c", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    command = [ALIGNFLOW, "run", "tiny", "-c", str(path)]
+    started = re.compile(r"Starting a temporary Prefect server on http://127\.0\.0\.1:(\d+)")
+
+    def stopped(port: str) -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+        except OSError:
+            return True
+        return False
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    assert out.count("Starting temporary server") == 1 and "Beginning flow run" in out and "pipeline run " in out, out[-3000:]
-    port = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", out).group(1)
-    assert "Stopping temporary server" in out
-    with pytest.raises(OSError):  # stopped: nothing answers on its port any more
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+    assert len(started.findall(out)) == 1 and "Beginning flow run" in out and "pipeline run " in out, out[-3000:]
+    assert stopped(started.search(out).group(1))
+
+    long_sft = json.loads(json.dumps(stages))
+    long_sft[1]["params"]["sft"]["train"]["max_steps"] = 100_000
+    path = write_config(tmp_path, {"settings": dict(TINY["settings"]), "pipelines": {"tiny": {"stages": long_sft}}})
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:  # the sft stage is running once the world stage is done
+        lines.append(line)
+        if "[world]" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the interrupted command did not exit: " + "".join(lines)[-2000:])
+    out = "".join(lines) + rest
+    assert proc.returncode == 130 and "interrupted: the running stage was marked KILLED" in out, out[-3000:]
+    assert stopped(started.search(out).group(1))
 
     bad_prompts = tmp_path / "prompts.jsonl"
     bad_prompts.write_text('{"prompt": "how do i fix a flat tire ?"}\n{"question": "no prompt here"}\n')
     sample = {"name": "sample", "type": "sample", "inputs": {"policy": "sft"},
               "params": {"prompts": 2, "prompts_file": str(bad_prompts), "sampling": {"max_new_tokens": 4}}}
     path = write_config(tmp_path, {"settings": dict(TINY["settings"]), "pipelines": {"tiny": {"stages": [*stages, sample]}}})
-    result = subprocess.run([ALIGNFLOW, "run", "tiny", "-c", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"bad input data: 1 problem(s) in {bad_prompts}" in result.stderr and "line 2" in result.stderr, result.stderr
-    assert "temporary server" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert "temporary Prefect server" not in result.stdout + result.stderr and "Traceback" not in result.stderr

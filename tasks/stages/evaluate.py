@@ -90,33 +90,38 @@ def rm_accuracy(reward_fn, pairs: list[dict], batch_size: int = 64) -> float:
     return sum(right) / len(pairs)
 
 
-def reference_answers(ctx, inputs, reference, tokenizer, prompts: list, p: Params, run_id: str) -> list[str]:
-    """The reference's answers to the evaluation prompts, sampled once and stored: every evaluate stage with
-    the same reference, prompts, sampling and seed reuses them (what evaluate_policy would sample itself)."""
-    import dataclasses
-
-    from alignment.evaluation import generate_answers
+def computed_once(ctx, kind: str, params: dict, inputs: dict[str, str], run_id: str, compute):
+    """What every evaluate stage with the same inputs computes alike, whatever policy it evaluates (the
+    reference's answers, its log-probs of the held-out pairs, the reward model's accuracy on them): computed
+    by the first, stored as JSON under `kind` (keyed by params and the inputs' content hashes) and read back by
+    the others. Returns the value, and tags the run with its key and whether it was reused."""
     from tasks.store import stage_key
 
-    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
-    key = stage_key("reference_answers", {"sampling": dataclasses.asdict(p.sampling), "seed": p.seed + 8, "prompts": digest},
-                    {"reference": inputs["reference"].content_hash})
-    stored = ctx.store.final("reference_answers", key) / "answers.json"
-    with ctx.store.lock("reference_answers", key):  # evaluations running at once sample them once
-        if ctx.store.lookup("reference_answers", key, log=ctx.log) is not None:
-            ctx.tracker.set_tags(run_id, {"reference_answers.key": key, "reference_answers.reused": True})
-            return json.loads(stored.read_text())
-        answers, _ = generate_answers(reference, tokenizer, prompts, p.sampling, seed=p.seed + 8)
-        (ctx.store.partial("reference_answers", key) / "answers.json").write_text(json.dumps(answers))
-        ctx.store.publish("reference_answers", key, {"run_id": run_id})
-    ctx.tracker.set_tags(run_id, {"reference_answers.key": key, "reference_answers.reused": False})
-    return answers
+    key = stage_key(kind, params, inputs)
+    stored = ctx.store.final(kind, key) / "value.json"
+    with ctx.store.lock(kind, key):  # evaluations running at once compute it once
+        reused = ctx.store.lookup(kind, key, log=ctx.log) is not None
+        if reused:
+            value = json.loads(stored.read_text())
+        else:
+            value = compute()
+            (ctx.store.partial(kind, key) / "value.json").write_text(json.dumps(value))
+            ctx.store.publish(kind, key, {"run_id": run_id})
+    ctx.tracker.set_tags(run_id, {f"{kind}.key": key, f"{kind}.reused": reused})
+    return value
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
-    import pandas as pd
+    import dataclasses
 
-    from alignment.evaluation import answer_pair_logps, evaluate_policy, pair_metrics
+    import pandas as pd
+    import torch
+
+    from alignment.evaluation import answer_pair_logps, evaluate_policy, generate_answers, pair_metrics
     from tasks import schemas
     from tasks.stages.dpo import trained_beta
     from tasks.stages.train_reward_model import examples, load_reward_fn
@@ -141,17 +146,26 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
         world = load_world(inputs)
         scores.update(gold_fn=gold_scores(world), banned_fn=has_banned_word(world))
-    ref_answers = reference_answers(ctx, inputs, reference, tokenizer, prompts, p, run_id)
+    ref_answers = computed_once(
+        ctx, "reference_answers", {"sampling": dataclasses.asdict(p.sampling), "seed": p.seed + 8, "prompts": digest(prompts)},
+        {"reference": inputs["reference"].content_hash}, run_id,
+        lambda: generate_answers(reference, tokenizer, prompts, p.sampling, seed=p.seed + 8)[0])
     metrics, rows = evaluate_policy(policy, reference, tokenizer, prompts, p.sampling, seed=p.seed + 7,
                                     reference_answers=ref_answers, **scores)
     if test_pairs:
         pairs = examples(tokenizer, test_pairs, p.max_length)
         beta = p.beta if p.beta is not None else trained_beta(inputs["policy"].path) or DPOConfig().beta
         ctx.tracker.set_tags(run_id, {"implicit_reward.beta": beta})
-        metrics.update(pair_metrics(answer_pair_logps(policy, pairs, tokenizer.pad_token_id),
-                                    answer_pair_logps(reference, pairs, tokenizer.pad_token_id), beta))
+        pairs_digest = digest(test_pairs)
+        reference_logps = computed_once(
+            ctx, "reference_pair_logps", {"max_length": p.max_length, "pairs": pairs_digest},
+            {"reference": inputs["reference"].content_hash}, run_id,
+            lambda: answer_pair_logps(reference, pairs, tokenizer.pad_token_id).tolist())
+        metrics.update(pair_metrics(answer_pair_logps(policy, pairs, tokenizer.pad_token_id), torch.tensor(reference_logps), beta))
         if "reward_model" in inputs:
-            metrics["eval/rm_accuracy"] = rm_accuracy(scores["reward_fn"], test_pairs)
+            metrics["eval/rm_accuracy"] = computed_once(
+                ctx, "rm_accuracy", {"pairs": pairs_digest}, {"reward_model": inputs["reward_model"].content_hash}, run_id,
+                lambda: rm_accuracy(scores["reward_fn"], test_pairs))
     df = schemas.validate(pd.DataFrame(rows), schemas.EVALUATION, "evaluation")
     schemas.write_parquet(df, out / "evaluation.parquet")
     failed = check_gates(p.gates, metrics)
