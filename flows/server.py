@@ -51,14 +51,17 @@ class TemporaryServer:
                                   f"`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
             time.sleep(0.1)
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `wait` seconds. At exit the command waits 1 s only: the server finishes
+        closing its connections (this process's) once the process is gone, 2-4 s later."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=wait)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                if wait >= 10:
+                    self.process.kill()
+                    self.process.wait()
 
 
 def start() -> TemporaryServer | None:
@@ -80,8 +83,9 @@ def start() -> TemporaryServer | None:
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     server = TemporaryServer(process, f"http://127.0.0.1:{port}/api", log)
-    atexit.register(server.stop)
+    atexit.register(server.stop, 1.0)
     os.environ["PREFECT_API_URL"] = server.url
+    os.environ.setdefault("PREFECT_UI_URL", "")  # it serves no UI: no "View at <url>" line a flow run
     refresh_global_settings_context()  # Prefect read its settings at import; this picks up the variable
     print(f"Starting a temporary Prefect server on http://127.0.0.1:{port} (to keep flow runs between commands, "
           f"run `prefect server start` and set PREFECT_API_URL)", file=sys.stderr, flush=True)

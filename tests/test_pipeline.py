@@ -748,11 +748,13 @@ def test_without_a_prefect_server_the_cli_starts_a_temporary_one_and_stops_it(tm
     command = [ALIGNFLOW, "run", "tiny", "-c", str(path)]
     started = re.compile(r"Starting a temporary Prefect server on http://127\.0\.0\.1:(\d+)")
 
-    def stopped(port: str) -> bool:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
-        except OSError:
-            return True
+    def stopped(port: str) -> bool:  # within 10 s of the command's exit (it closes its connections first)
+        for _ in range(20):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+            except OSError:
+                return True
+            time.sleep(0.5)
         return False
 
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
