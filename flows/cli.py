@@ -107,6 +107,8 @@ def run(
             temporary.wait_ready()
     except server.ServerError as err:
         fail(str(err), 1)
+    except KeyboardInterrupt:
+        fail("interrupted before the pipeline began: nothing was run", 130)
     try:
         result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run, overrides=set_)
     except KeyboardInterrupt:
