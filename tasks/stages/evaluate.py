@@ -156,15 +156,14 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
         pairs = examples(tokenizer, test_pairs, p.max_length)
         beta = p.beta if p.beta is not None else trained_beta(inputs["policy"].path) or DPOConfig().beta
         ctx.tracker.set_tags(run_id, {"implicit_reward.beta": beta})
-        pairs_digest = digest(test_pairs)
-        reference_logps = computed_once(
-            ctx, "reference_pair_logps", {"max_length": p.max_length, "pairs": pairs_digest},
+        reference_logps = computed_once(  # keyed by the token ids it reads: the policy's tokenizer made them
+            ctx, "reference_pair_logps", {"pairs": digest([(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in pairs])},
             {"reference": inputs["reference"].content_hash}, run_id,
             lambda: answer_pair_logps(reference, pairs, tokenizer.pad_token_id).tolist())
         metrics.update(pair_metrics(answer_pair_logps(policy, pairs, tokenizer.pad_token_id), torch.tensor(reference_logps), beta))
         if "reward_model" in inputs:
             metrics["eval/rm_accuracy"] = computed_once(
-                ctx, "rm_accuracy", {"pairs": pairs_digest}, {"reward_model": inputs["reward_model"].content_hash}, run_id,
+                ctx, "rm_accuracy", {"pairs": digest(test_pairs)}, {"reward_model": inputs["reward_model"].content_hash}, run_id,
                 lambda: rm_accuracy(scores["reward_fn"], test_pairs))
     df = schemas.validate(pd.DataFrame(rows), schemas.EVALUATION, "evaluation")
     schemas.write_parquet(df, out / "evaluation.parquet")
