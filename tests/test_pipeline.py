@@ -674,7 +674,9 @@ def test_deployments_served_on_a_schedule_and_in_a_work_pool_run_and_name_their_
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     prefect = str(Path(sys.executable).parent / "prefect")
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    # the session's server (sqlite) answers 503 while the other worker's pipelines write to it: Prefect's client
+    # retries a 503, 5 times by default, which ran out once in a CI run (deploy --pool failed with a 503)
+    env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_CLIENT_MAX_RETRIES": "20"}
     assert env.get("PREFECT_API_URL"), "the test session starts a Prefect server (tests/conftest.py)"
     stages = TINY["pipelines"]["tiny"]["stages"]
     for name, kept in (("nightly", stages[:1]), ("tiny", stages[:2])):
