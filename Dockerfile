@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY alignment ./alignment
 COPY tasks ./tasks
 COPY flows ./flows
+COPY pipelines.yaml ./
 # Note: from PyPI, torch on x86-64 is the CUDA build (several GB); point pip at a CPU wheel index with
 # --build-arg PIP_EXTRA_INDEX_URL=... for a small CPU image.
 ARG PIP_EXTRA_INDEX_URL=""

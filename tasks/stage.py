@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # torch, transformers, pandas and MLflow are imported where a
 HISTORY = "train_metrics.jsonl"
 METRICS = "metrics.json"  # a stage's final metrics, in its output folder
 STOP = threading.Event()  # set on Ctrl-C / SIGTERM: training stages stop at their next step, marked KILLED
+HOLD = "ALIGNFLOW_TEST_HOLD"  # tests only: "STEP:FILE" holds a training stage after step STEP (see hold_for_test)
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -116,8 +118,22 @@ def metrics_logger(ctx: StageContext, run_id: str, out: Path):
         ctx.tracker.log_metrics(run_id, {f"train/{k}": v for k, v in metrics.items()}, step, every_s=METRICS_EVERY_S)
         with open(out / HISTORY, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        hold_for_test(step)
 
     return log
+
+
+def hold_for_test(step: int) -> None:
+    """With ALIGNFLOW_TEST_HOLD="STEP:FILE" set, a training stage that logs step STEP writes FILE and waits
+    there until it is stopped (Ctrl-C, SIGTERM) or killed. The crash tests signal a stage at a point they
+    choose (after a checkpoint, before the end) instead of after a sleep that races the machine's speed."""
+    at, _, marker = os.environ.get(HOLD, "").partition(":")
+    if not marker or step != int(at):
+        return
+    Path(marker).write_text(f"{os.getpid()}\n")
+    while not STOP.is_set():
+        time.sleep(0.05)
+    raise KeyboardInterrupt("stop requested")
 
 
 def training_history(out: Path) -> list[dict]:

@@ -41,6 +41,7 @@ CONFIG = {
     },
 }
 CLI = [str(Path(sys.executable).parent / "alignflow"), "run", "crash", "-c", "pipelines.yaml"]
+HOLD_AT = 6  # PPO checkpoints every 4 of its 20 iterations
 
 
 def setup_dir(d: Path) -> Path:
@@ -86,17 +87,26 @@ def upstream_of(straight: Path, d: Path) -> Path:
     return d
 
 
+def held(d: Path) -> dict[str, str]:
+    """The environment of an `alignflow run` whose PPO stage waits after iteration HOLD_AT (the checkpoint of
+    iteration 4 written, 14 iterations to go) until it is signalled, and the file it writes when it gets there."""
+    return {**os.environ, "TQDM_DISABLE": "1", "ALIGNFLOW_TEST_HOLD": f"{HOLD_AT}:{d / 'held'}"}
+
+
+def wait_until_held(d: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and not (d / "held").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert (d / "held").exists(), f"PPO never reached iteration {HOLD_AT} (exit {proc.poll()})"
+
+
 def test_kill_9_mid_stage_then_rerun_resumes(tmp_path, straight):
     crash = upstream_of(straight, setup_dir(tmp_path / "crash"))
-    proc = subprocess.Popen(CLI, cwd=crash, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True,
+    proc = subprocess.Popen(CLI, cwd=crash, env=held(crash), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    checkpoints = []
-    while time.time() < deadline and not checkpoints:
-        checkpoints = list((crash / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json"))
-        time.sleep(0.2)
-    assert checkpoints, "PPO never wrote a checkpoint"
-    time.sleep(1.0)
+    wait_until_held(crash, proc)
+    [state] = (crash / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json")
+    assert json.loads(state.read_text())["iteration"] == 4
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list((crash / "runs" / "stages" / "ppo").glob("*/_SUCCESS.json"))  # nothing half-published
@@ -133,16 +143,10 @@ def test_sigterm_and_ctrl_c_exit_130_and_mark_runs_killed(tmp_path, straight):
     procs = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         d = upstream_of(straight, setup_dir(tmp_path / sig.name))
-        procs[sig] = d, subprocess.Popen(CLI, cwd=d, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True)
-    waiting, deadline = set(procs), time.time() + 300
-    while waiting and time.time() < deadline:  # each gets its signal as soon as its PPO wrote a checkpoint
-        for sig in list(waiting):
-            d, proc = procs[sig]
-            if list((d / "runs" / "stages" / "ppo").glob("*.partial/checkpoints/checkpoint-*")) or proc.poll() is not None:
-                proc.send_signal(sig)
-                waiting.discard(sig)
-        time.sleep(0.1)
+        procs[sig] = d, subprocess.Popen(CLI, cwd=d, env=held(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for sig, (d, proc) in procs.items():  # each gets its signal while its PPO waits after a checkpoint
+        wait_until_held(d, proc)
+        proc.send_signal(sig)
     for sig, (d, proc) in procs.items():
         out = proc.communicate(timeout=180)[0]
         assert proc.returncode == 130, (sig.name, out[-2000:])

@@ -93,15 +93,15 @@ def test_two_process_stages_match_one_process_and_resume_after_kill_9(tmp_path):
 
     two = tmp_path / "two"
     args, kw = cli(config(two, 2, model, prefs), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    held = two / "held"  # the stage's processes wait after step 5 (checkpoint 3 written) until they are stopped
+    kw["env"]["ALIGNFLOW_TEST_HOLD"] = f"5:{held}"
     proc = subprocess.Popen(args, **kw)
-    deadline, checkpoint = time.time() + 300, []
-    while time.time() < deadline and not checkpoint and proc.poll() is None:
-        checkpoint = list((two / "runs" / "stages" / "dpo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json"))
+    deadline = time.time() + 300
+    while time.time() < deadline and not held.exists() and proc.poll() is None:
         time.sleep(0.05)
-    assert checkpoint, "the 2-process DPO stage never wrote a checkpoint"
-    # Freeze the stage's processes (its torchrun group runs in a session of its own) where the checkpoint was
-    # seen, kill -9 the pipeline's process, and let them go on: the launcher's SIGTERM from the dead parent
-    # (PR_SET_PDEATHSIG) is pending by then, so they cannot train to the end before it stops them.
+    assert held.exists(), "the 2-process DPO stage never reached step 5"
+    # Freeze the stage's processes (its torchrun group runs in a session of its own), kill -9 the pipeline's
+    # process, and let them go on: the launcher's SIGTERM from the dead parent (PR_SET_PDEATHSIG) stops them.
     groups = set()
     for pid in workers_of(two):
         try:
@@ -121,7 +121,7 @@ def test_two_process_stages_match_one_process_and_resume_after_kill_9(tmp_path):
     assert not list((two / "runs" / "stages" / "dpo").glob("*/_SUCCESS.json"))  # nothing half-published
     [latest] = [p for p in (two / "runs" / "stages" / "dpo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json")]
     steps_done = json.loads(latest.read_text())["step"]
-    assert 0 < steps_done < DPO_STEPS
+    assert steps_done == 3
 
     args, kw = cli(two / "pipelines.yaml", capture_output=True, text=True, timeout=600)
     result = subprocess.run(args, **kw)
