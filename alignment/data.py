@@ -47,6 +47,45 @@ def render_prompt(tokenizer, prompt: Prompt) -> tuple[str, bool]:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", False
 
 
+# Jinja put in front of a chat template that rejects the system role (Gemma, Mistral v0.1): the system
+# text folded into the first user turn (LLaMA-Factory's way for Gemma), or left out.
+SYSTEM_TURN_PREAMBLES = {
+    "merge": (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- if messages | length > 1 and messages[1]['role'] == 'user' -%}"
+        "{%- set messages = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[1]['content']}] + messages[2:] -%}"
+        "{%- else -%}{%- set messages = [{'role': 'user', 'content': messages[0]['content']}] + messages[1:] -%}{%- endif -%}"
+        "{%- endif -%}"),
+    "drop": "{%- if messages and messages[0]['role'] == 'system' -%}{%- set messages = messages[1:] -%}{%- endif -%}",
+}
+PROBE = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello?"},
+         {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "And now?"}]
+
+
+def system_turn_complaint(tokenizer) -> str | None:
+    """The template's own words when it renders a conversation without a system turn but raises on one
+    with it (None: it takes system turns, or it has no template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        tokenizer.apply_chat_template(PROBE, tokenize=False, add_generation_prompt=True)
+        return None
+    except Exception as err:  # noqa: BLE001 - jinja's TemplateError, or whatever the template raises
+        complaint = str(err) or type(err).__name__
+    tokenizer.apply_chat_template(PROBE[1:], tokenize=False, add_generation_prompt=True)  # raises: not about system
+    return complaint
+
+
+def adapt_system_turns(tokenizer, system_turns: str) -> str | None:
+    """With system_turns merge or drop, a template that rejects the system role gets the preamble above
+    (so every stage that loads this tokenizer renders alike, and the saved model too). Returns the
+    template's complaint, or None when it takes system turns."""
+    complaint = system_turn_complaint(tokenizer)
+    if complaint is not None and system_turns in SYSTEM_TURN_PREAMBLES:
+        tokenizer.chat_template = SYSTEM_TURN_PREAMBLES[system_turns] + tokenizer.chat_template
+    return complaint
+
+
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of a prompt. A templated conversation already holds its special tokens (BOS among them),
     so the tokenizer adds none: BOS appears once."""

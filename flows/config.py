@@ -173,9 +173,13 @@ def preflight(spec, only: str | None) -> None:
             continue
         if stage.type == "import_preferences":
             import_preferences(stage.params)
+        elif stage.type == "model" and Path(stage.params.name_or_path).is_dir():
+            from tasks.stages.model import open_tokenizer
+
+            open_tokenizer(stage.params, log=lambda _: None)  # a local folder's tokenizer, before any work
         elif stage.type == "sft" and stage.params.data:
             import_demonstrations(stage.params)
         if getattr(stage.params, "prompts_file", None):
-            read_prompt_file(stage.params.prompts_file)
+            read_prompt_file(stage.params.prompts_file, stage.params.columns)
         for spec in getattr(stage.params, "reward_functions", []):
             rewards.load(spec)

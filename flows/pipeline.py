@@ -26,13 +26,18 @@ from tasks.tracking import NOTE, Tracker, environment
 
 
 class _ExplainedErrors(logging.Filter):
-    """Errors whose message says what to do (bad data, a misbehaving reward function, divergence) are logged
-    by Prefect as a line, without the traceback a user would otherwise read as a crash of alignflow."""
+    """Errors whose message says what to do (bad data, a misbehaving reward function, divergence) reach the
+    user once, as the command line's sentence: Prefect's own ERROR lines about them (a repr of the exception,
+    a traceback) and its "Finished in state Failed(...)" line, which quotes them again, are held back. The
+    flow run's state in Prefect and the MLflow run's alignflow.error tag keep the message."""
+
+    NAMES = ("DataError", "RewardFunctionError", "NonFiniteLossError")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None and _explained(record.exc_info[1]):
-            record.exc_info, record.exc_text = None, None
-        return True
+            return False
+        message = record.getMessage()
+        return not ("exception" in message and any(f"{name}:" in message or f"{name}(" in message for name in self.NAMES))
 
 
 def _explained(err: BaseException) -> bool:

@@ -24,9 +24,17 @@ class DataError(ValueError):
     """Bad input data. The message lists every problem with its place (file and line or row) and what to do."""
 
 
-PREFERENCE_FORMATS = ("auto", "standard", "conversational", "sharegpt", "hh", "ultrafeedback", "implicit")
+PREFERENCE_FORMATS = ("auto", "standard", "conversational", "sharegpt", "hh", "ultrafeedback", "implicit", "openai",
+                      "messages_pair")
 DEMONSTRATION_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+# role names of the layouts in use -> ours: ShareGPT's human/gpt, Gemma's model, turbo-alignment's bot
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "model": "assistant", "bot": "assistant"}
+# other projects' column names -> ours, suggested when a file's layout is not recognised
+SYNONYMS = {"context": "prompt", "question": "prompt", "query": "prompt", "input": "prompt", "answer_w": "chosen",
+            "answer_l": "rejected", "chosen_response": "chosen", "rejected_response": "rejected", "response_j": "chosen",
+            "response_k": "rejected", "preferred": "chosen", "dispreferred": "rejected", "response": "completion",
+            "answer": "completion"}
 
 
 class RowError(ValueError):
@@ -50,6 +58,12 @@ def _lines(path: Path) -> tuple[list[tuple[int, str]], list[str]]:
 def _json_rows(path: Path, lines: list[tuple[int, str]]) -> tuple[list[tuple[int, Any]], list[str]]:
     """(line where each row starts, row) parsed with Python's json, and syntax problems with line and column."""
     text = "\n".join(t for _, t in lines)
+    head = text.lstrip()[:200].lower()
+    if head.startswith("<") and ("<html" in head or "<!doctype" in head or "<?xml" in head):
+        return [], [f"{path}: this is an HTML or XML page, not JSON (a web page saved under a .json/.jsonl name?); "
+                    f"download the raw file (on GitHub: the Raw button) and point the stage at it"]
+    if text.lstrip().startswith("{") and "\n" in text.strip() and _one_object(text):
+        return [(1 + len(text) - len(text.lstrip("\n")), json.loads(text))], []  # one object over many lines: one row
     if text.lstrip().startswith("["):  # one JSON array
         try:
             items = json.loads(text)
@@ -70,6 +84,14 @@ def _json_rows(path: Path, lines: list[tuple[int, str]]) -> tuple[list[tuple[int
             except json.JSONDecodeError as err:
                 problems.append(f"{path}:line {i}, column {err.colno}: not valid JSON ({err.msg})")
     return rows, problems
+
+
+def _one_object(text: str) -> bool:
+    """The whole text is one JSON object (JSON Lines never is, once it has two lines)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _load(builder: str, path: Path, **kwargs):
@@ -113,9 +135,11 @@ def read_rows(source: str | Path) -> tuple[list[tuple[str, str | None, dict]], l
     parsed = [(i, r) for i, r in parsed if isinstance(r, dict)]
     if not problems and parsed:
         try:
-            parsed = list(zip([i for i, _ in parsed], _load("json", path).to_list()))
+            table = _load("json", path).to_list()
         except Exception:  # noqa: BLE001 - rows Arrow cannot hold in one table: the per-row checks say which
-            pass
+            table = None
+        if table is not None and len(table) == len(parsed):  # (one object: datasets reads its keys as columns)
+            parsed = list(zip([i for i, _ in parsed], table))
     return [(f"{path}:line {i}", None, r) for i, r in parsed], problems
 
 
@@ -158,8 +182,24 @@ def _kind(value: Any) -> str:
             float: "a number"}.get(type(value), type(value).__name__)
 
 
+def _content(value: Any, what: str) -> str:
+    """A message's text: a string, or a list of parts ({"type": "text", "text" | "value": ...}, OpenAI's and
+    LLaMA-Factory v1's layouts) joined in order."""
+    if isinstance(value, list):
+        texts = []
+        for k, part in enumerate(value, start=1):
+            kind = part.get("type", "text") if isinstance(part, dict) else None
+            if kind != "text":
+                raise RowError(f"{what}: part {k} is {kind or _kind(part)!r}, not text; alignflow trains on text only, "
+                               f"so leave such rows out (or drop_invalid: true)")
+            texts.append(_text(part.get("text") if part.get("text") is not None else part.get("value"), f"{what}, part {k}"))
+        value = "".join(texts)
+    return _text(value, what)
+
+
 def messages_of(value: Any, column: str) -> list[dict]:
-    """[{role, content}] from role/content or ShareGPT from/value messages, roles normalised."""
+    """[{role, content}] from role/content or ShareGPT from/value messages, roles normalised; content may be
+    a list of text parts."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -175,8 +215,22 @@ def messages_of(value: Any, column: str) -> list[dict]:
         if role not in ROLES:
             raise RowError(f"column {column!r}: message {n} has role {role!r}; use system, user or assistant "
                            f"(ShareGPT: system, human, gpt)")
-        out.append({"role": ROLES[role], "content": _text(content, f"column {column!r}: message {n} content")})
+        if content is None and m.get("tool_calls"):
+            raise RowError(f"column {column!r}: message {n} is a tool call (tool_calls, no content); alignflow does not "
+                           f"train on tool calls yet: leave such rows out (or drop_invalid: true)")
+        out.append({"role": ROLES[role], "content": _content(content, f"column {column!r}: message {n} content")})
     return out
+
+
+def with_system(prompt, row: dict):
+    """A top-level `system` column (LLaMA-Factory's ShareGPT and Alpaca layouts) as the conversation's first
+    turn; a text prompt with a system prompt becomes a conversation. A conversation that has a system turn
+    of its own keeps it."""
+    system = row.get("system")
+    if not isinstance(system, str) or not system.strip():
+        return prompt
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return turns if turns[0]["role"] == "system" else [{"role": "system", "content": system}, *turns]
 
 
 def _answer(value: Any, column: str) -> str:
@@ -235,6 +289,22 @@ def _implicit(r):
     return _split_shared(messages_of(r["chosen"], "chosen"), messages_of(r["rejected"], "rejected"), "implicit prompt")
 
 
+def _messages_pair(r):
+    """LLaMA-Factory v1: chosen_messages / rejected_messages, two whole conversations (loss_weight ignored:
+    the answer is the last turn)."""
+    return _split_shared(messages_of(r["chosen_messages"], "chosen_messages"),
+                         messages_of(r["rejected_messages"], "rejected_messages"), "chosen_messages/rejected_messages")
+
+
+def _openai(r):
+    """OpenAI's preference fine-tuning format: {"input": {"messages": [...]}, "preferred_output": [...],
+    "non_preferred_output": [...]} (each output a list holding the assistant's message)."""
+    if not isinstance(r["input"], dict) or "messages" not in r["input"]:
+        raise RowError(f"column 'input': expected an object with 'messages', found {_kind(r['input'])}")
+    prompt = _conversation_prompt(messages_of(r["input"]["messages"], "input.messages"), "input.messages")
+    return prompt, _answer(r["preferred_output"], "preferred_output"), _answer(r["non_preferred_output"], "non_preferred_output")
+
+
 PAIR_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "standard": (("prompt", "chosen", "rejected"), _standard),
     "conversational": (("prompt", "chosen", "rejected"), _conversational),
@@ -242,11 +312,17 @@ PAIR_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "sharegpt": (("conversations", "chosen", "rejected"), _sharegpt),
     "hh": (("chosen", "rejected"), _hh),
     "implicit": (("chosen", "rejected"), _implicit),
+    "openai": (("input", "preferred_output", "non_preferred_output"), _openai),
+    "messages_pair": (("chosen_messages", "rejected_messages"), _messages_pair),
 }
 
 
 def detect_pair_layout(row: dict) -> str | None:
     keys = set(row)
+    if {"preferred_output", "non_preferred_output"} <= keys:
+        return "openai"
+    if {"chosen_messages", "rejected_messages"} <= keys:
+        return "messages_pair"
     if {"conversations", "chosen", "rejected"} <= keys:
         return "sharegpt"
     if {"prompt", "chosen", "rejected"} <= keys:
@@ -263,8 +339,7 @@ def _alpaca(r):
     user = _text(r["instruction"], "column 'instruction'")
     if isinstance(r.get("input"), str) and r["input"].strip():
         user += "\n\n" + r["input"]
-    system = [{"role": "system", "content": r["system"]}] if isinstance(r.get("system"), str) and r["system"].strip() else []
-    return [(system + [{"role": "user", "content": user}], _text(r["output"], "column 'output'"))]
+    return [([{"role": "user", "content": user}], _text(r["output"], "column 'output'"))]
 
 
 def _demo_conversation(column: str):
@@ -274,8 +349,13 @@ def _demo_conversation(column: str):
         messages = messages_of(r[column], column)
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise RowError(f"column {column!r}: must end with the assistant's answer, after at least one user turn")
-        return [(_conversation_prompt(messages[:t], column), m["content"])
-                for t, m in enumerate(messages) if m["role"] == "assistant" and t > 0 and messages[t - 1]["role"] != "assistant"]
+        weights = [m.get("loss_weight") if isinstance(m, dict) else None for m in
+                   (r[column] if isinstance(r[column], list) else [r[column]])]  # LLaMA-Factory v1: 0 = not trained
+        demos = [(_conversation_prompt(messages[:t], column), m["content"]) for t, m in enumerate(messages)
+                 if m["role"] == "assistant" and t > 0 and messages[t - 1]["role"] != "assistant" and weights[t] != 0]
+        if not demos:
+            raise RowError(f"column {column!r}: no assistant turn to learn (each follows another assistant turn or has loss_weight 0)")
+        return demos
 
     return convert
 
@@ -314,13 +394,11 @@ def convert_rows(source, layouts: dict, detect: Callable, fmt: str, columns: dic
         found = Counter(detect({k: v for k, v in row.items() if v is not None}) for _, _, row in rows)
         found.pop(None, None)
         layout = found.most_common(1)[0][0] if found else None
+    if layout is None and rows:
+        return [], problems + [unknown_layout(rows[0][0], rows[0][2], names)]
     out = []
     for where, split, row in rows:
         keys = sorted(k for k, v in row.items() if v is not None)
-        if layout is None:
-            problems.append(f"{where}: not a known format; keys: {keys}; known formats: {names} "
-                            f"(map other names with columns: {{your_name: prompt, ...}})")
-            continue
         needed = layouts[layout][0]
         missing = [c for c in needed if c not in row]
         if missing:
@@ -331,10 +409,33 @@ def convert_rows(source, layouts: dict, detect: Callable, fmt: str, columns: dic
             problems += [f"{where}: column {c!r}: null value" for c in null]
             continue
         try:
-            out.append((where, split, layouts[layout][1](row)))
+            value = layouts[layout][1](row)
         except RowError as err:
             problems.append(f"{where}: {err}")
+            continue
+        if isinstance(value, list):  # demonstrations: [(prompt, completion)]
+            out.append((where, split, [(with_system(prompt, row), completion) for prompt, completion in value]))
+        else:  # a pair: (prompt, chosen, rejected)
+            out.append((where, split, (with_system(value[0], row), *value[1:])))
     return out, problems
+
+
+FEEDBACK_LABELS = ("label", "is_desirable", "kto_tag", "desirable", "thumbs_up")
+
+
+def unknown_layout(where: str, row: dict, names: str) -> str:
+    """Why no row of a file was recognised, said once: unpaired feedback (KTO) named as such, and a
+    `columns:` mapping suggested from other projects' column names."""
+    keys = sorted(k for k, v in row.items() if v is not None)
+    if any(k in keys for k in FEEDBACK_LABELS) and "chosen" not in keys:
+        label = next(k for k in FEEDBACK_LABELS if k in keys)
+        return (f"{where}: unpaired feedback (the KTO layout: one answer a row with a good/bad {label!r}), not preference "
+                f"pairs; keys: {keys}. alignflow trains on pairs: put a desirable and an undesirable answer to the same "
+                f"prompt into one row (prompt, chosen, rejected), or train an sft stage on the desirable answers alone")
+    mapping = {k: SYNONYMS[k] for k in keys if k in SYNONYMS and SYNONYMS[k] not in keys}
+    hint = ("; this looks like columns: {" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}" if mapping else
+            "; map other names with columns: {your_name: prompt, ...}")
+    return f"{where}: not a known format (no row of the file is); keys: {keys}; known formats: {names}{hint}"
 
 
 def prompt_columns(prompt) -> dict[str, str]:
@@ -350,28 +451,59 @@ def prompt_of(row) -> str | list[dict]:
     return json.loads(messages) if isinstance(messages, str) and messages else row["prompt"]
 
 
-def read_prompt_file(source: str | Path) -> list:
-    """Prompts from a file: `.txt`, one user question a line (a one-turn conversation); a table with a
-    `prompt` column (text or messages) or a `messages` / ShareGPT `conversations` column."""
+PROMPT_COLUMNS = ("prompt", "messages", "conversations", "turns")
+
+
+def _prompt_value(row: dict, column: str):
+    value = row[column]
+    if isinstance(value, str):
+        return _text(value, f"column {column!r}")
+    if column == "turns" or (isinstance(value, list) and value and all(isinstance(t, str) for t in value)):
+        # MT-Bench's turns: the user's questions, each after the model's answer to the one before; the first
+        # is the prompt (a later one needs the model's own answer in front of it)
+        if not isinstance(value, list) or not value:
+            raise RowError(f"column {column!r}: expected a list of the user's turns, found {_kind(value)}")
+        return [{"role": "user", "content": _content(value[0], f"column {column!r}: turn 1")}]
+    return _conversation_prompt(messages_of(value, column), column)
+
+
+def read_prompt_rows(source: str | Path, columns: dict[str, str] | None = None) -> tuple[list, list[dict]]:
+    """(prompts, the other columns of each prompt's row) of a prompts file: `.txt`, one user question a
+    line (a one-turn conversation); a table with a `prompt` column (text or messages), a `messages` /
+    ShareGPT `conversations` column, or MT-Bench's `turns` (the first turn is the prompt). `columns` maps
+    the file's names to ours, e.g. {question: prompt} for GSM8K; a top-level `system` column is the
+    conversation's first turn. The other columns (GSM8K's `answer`) go to reward functions."""
     path = Path(source)
+    columns = columns or {}
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         prompts = [[{"role": "user", "content": line.strip()}] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        extras = [{} for _ in prompts]
     else:
         rows, problems = read_rows(path)
-        prompts = []
+        prompts, extras = [], []
         for where, _, row in rows:
-            column = next((c for c in ("prompt", "messages", "conversations") if row.get(c) is not None), None)
+            row = {columns.get(k, k): v for k, v in row.items()}
+            column = next((c for c in PROMPT_COLUMNS if row.get(c) is not None), None)
             try:
                 if column is None:
-                    raise RowError(f"no prompt: needs a 'prompt', 'messages' or 'conversations' column; keys: {sorted(row)}")
-                value = row[column]
-                prompts.append(_text(value, "column 'prompt'") if isinstance(value, str) else _conversation_prompt(messages_of(value, column), column))
+                    found = sorted(k for k, v in row.items() if v is not None)
+                    guess = next((k for k in found if SYNONYMS.get(k) == "prompt"), None)
+                    raise RowError(f"no prompt: needs a 'prompt', 'messages', 'conversations' or 'turns' column; keys: {found}"
+                                   + (f"; map yours with columns: {{{guess}: prompt}}" if guess else "; map yours with columns: {your_name: prompt}"))
+                prompts.append(with_system(_prompt_value(row, column), row))
+                extras.append({k: v for k, v in row.items() if k not in (column, "system")})
             except RowError as err:
                 problems.append(f"{where}: {err}")
         if problems:
-            raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems))
+            shown = problems if len(problems) <= 20 else problems[:20] + [f"... and {len(problems) - 20} more"]
+            raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(shown))
     if not prompts:
         raise DataError(f"{path}: no prompts")
-    return prompts
+    return prompts, extras
+
+
+def read_prompt_file(source: str | Path, columns: dict[str, str] | None = None) -> list:
+    """The prompts of a prompts file (read_prompt_rows)."""
+    return read_prompt_rows(source, columns)[0]

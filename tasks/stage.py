@@ -209,12 +209,47 @@ def read_prompts(inputs: dict[str, StageOutput], split: str, n: int) -> list:
     return [prompt_of(r) for r in df[df["split"] == split].head(n).to_dict("records")]
 
 
+def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str], None] = print) -> None:
+    """Every distinct conversation shape (its sequence of roles) of the data rendered through the
+    tokenizer's chat template before any training. A template that raises (a role it rejects, turns that
+    do not alternate) is a DataError naming the rows and quoting the template; a template that leaves a
+    message's text out of what it renders (an older Phi-3 drops the system turn) gets one warning a role."""
+    from alignment.data import render_prompt
+
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    shapes: dict[tuple, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            shapes.setdefault(tuple(m["role"] for m in prompt), []).append(i + 1)
+    problems, dropped = [], {}
+    for shape, rows in shapes.items():
+        example = prompts[rows[0] - 1]
+        try:
+            text, _ = render_prompt(tokenizer, example)
+        except Exception as err:  # noqa: BLE001 - jinja's TemplateError, or what the template raises itself
+            problems.append(f"{len(rows)} row(s) with the turns {' -> '.join(shape)} (rows {rows[:10]}"
+                            f"{' ...' if len(rows) > 10 else ''}): the chat template says {str(err) or type(err).__name__!r}")
+            continue
+        for m in example:
+            if m["content"].strip() and m["content"].strip() not in text:
+                dropped[m["role"]] = dropped.get(m["role"], 0) + len(rows)
+    if problems:
+        raise DataError(f"{source}: the model's chat template cannot render {len(problems)} kind(s) of conversation:\n"
+                        + "\n".join(problems) + "\nfix or leave out those rows, or give the model stage a template that "
+                        "takes them (a template that rejects system turns: system_turns: merge folds them into the user's)")
+    for role, n in dropped.items():
+        log(f"warning: {source}: the model's chat template leaves the {role} turn's text out of what it renders, in "
+            f"{n} row(s): the model never reads it; use a template that renders {role} turns if it matters")
+
+
 def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> list:
     """The pairs tokenised for training, checked before any training: BOS at most once at the start, EOS
     once at the end of each answer, no answer truncated to nothing, and chosen != rejected after
     truncation to max_length. A DataError names the rows otherwise. Returns the PairExamples."""
     from alignment.data import tokenize_pairs
 
+    template_preflight(tokenizer, [prompt_of(p) for p in pairs], source)
     examples = tokenize_pairs(tokenizer, [prompt_of(p) for p in pairs], [p["chosen"] for p in pairs],
                               [p["rejected"] for p in pairs], max_length)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id

@@ -15,7 +15,7 @@ USER = {"role": "user", "content": "How do I cook rice?"}
 def read(tmp_path, name, rows):
     path = tmp_path / name
     path.write_text(json.dumps(rows) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in rows))
-    df = import_demonstrations(Params(data=str(path)))
+    df, _ = import_demonstrations(Params(data=str(path)))
     return [(json.loads(m) if m else p, c) for p, m, c in zip(df["prompt"], df["messages"], df["completion"])]
 
 

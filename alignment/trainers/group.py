@@ -46,6 +46,7 @@ class GroupTrainer:
         ref_model=None,
         output_dir: str | Path | None = None,
         callback: MetricsCallback | None = None,
+        prompt_columns: Sequence[Mapping] | None = None,  # each prompt's other columns, for the reward functions
     ):
         family = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
         if cfg.advantage not in ADVANTAGES[family]:
@@ -57,6 +58,7 @@ class GroupTrainer:
             raise ValueError(f"weights for unknown reward functions {sorted(unknown)}; known: {sorted(reward_fns)}")
         self.cfg, self.tokenizer, self.prompts, self.callback = cfg, tokenizer, list(prompts), callback
         self.reward_fns, self.reward_weights = dict(reward_fns), dict(reward_weights or {})
+        self.prompt_columns = list(prompt_columns) if prompt_columns is not None else [{} for _ in self.prompts]
         if cfg.beta and ref_model is None and not has_adapters(model):
             ref_model = frozen_copy(model)  # before the optimizer wraps the model
         self.opt = Optimization(model, cfg.train_config())
@@ -110,7 +112,9 @@ class GroupTrainer:
         answers = self.tokenizer.batch_decode(
             [ids[m.bool()].tolist() for ids, m in zip(out.answer_ids, out.answer_mask)], skip_special_tokens=True
         )
-        total, each = score(self.reward_fns, self.reward_weights, prompts, answers)
+        names = {k for i in prompt_indices for k in self.prompt_columns[i]}
+        columns = {k: [self.prompt_columns[i].get(k) for i in prompt_indices for _ in range(cfg.group_size)] for k in names}
+        total, each = score(self.reward_fns, self.reward_weights, prompts, answers, columns)
         scores = total.to(device)
         truncated = ~torch.isin(out.answer_ids, torch.tensor(self.stop_ids, device=device)).any(-1)  # [B]
         if cfg.missing_eos_penalty:

@@ -46,10 +46,11 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     if p.lora is not None:
         policy = add_lora(policy, p.lora)
     with ctx.store.lock("reference_logps", ref_key):  # two DPO stages on the same policy and data compute them once
-        reference_logps = load_file(str(ref_file))["logps"] if ctx.store.lookup("reference_logps", ref_key, log=ctx.log) else None
+        stored = p.dpo.precompute_ref_logps and ctx.store.lookup("reference_logps", ref_key, log=ctx.log)
+        reference_logps = load_file(str(ref_file))["logps"] if stored else None
         trainer = DPOTrainer(policy, examples, tokenizer.pad_token_id, p.dpo, reference_logps=reference_logps,
                              output_dir=out, callback=metrics_logger(ctx, run_id, out))
-        if reference_logps is None:
+        if reference_logps is None and trainer.reference_logps is not None:  # (precompute_ref_logps: false: none)
             tmp = ctx.store.partial("reference_logps", ref_key)
             save_file({"logps": trainer.reference_logps.contiguous()}, str(tmp / "logps.safetensors"))
             ctx.store.publish("reference_logps", ref_key, {"run_id": run_id})

@@ -20,9 +20,9 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 
 from alignment.config import DPOConfig, SamplingParams
-from tasks.data import DataError, prompt_of, read_prompt_file
-from tasks.stage import StageParams, StageSpec, load_policy, read_preferences, read_prompts
-from tasks.stages.sample import sources  # noqa: F401 - a prompts file is part of the key
+from tasks import rewards
+from tasks.data import DataError, prompt_of, read_prompt_rows
+from tasks.stage import StageParams, StageSpec, load_policy, read_preferences, read_prompts, template_preflight
 
 INPUTS = {"policy": "policy", "reference": "policy", "reward_model": "reward_model?", "preferences": "preferences?",
           "prompts": "prompts?", "world": "world?"}
@@ -34,13 +34,21 @@ OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 class Params(StageParams):
     prompts: int = 100  # how many prompts both policies answer
     prompts_file: str | None = None  # prompts to evaluate on; None: the prompts input, else the preferences' test split
+    columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
     sampling: SamplingParams = SamplingParams()  # how answers are sampled
     max_length: int = 1024  # prompt + answer tokens of a held-out pair
     beta: float | None = None  # beta of DPO's implicit reward beta * log(pi / pi_ref) in the pair metrics;
     # None: the beta a dpo stage trained the policy with, else DPO's default
+    reward_functions: list[str] = []  # as for grpo: each one's mean over both policies' answers, eval/reward/<name>
+    # and eval/ref_reward/<name> (e.g. exact match against a prompts file's `answer` column)
     gates: dict[str, str] = {}  # metric -> bound, e.g. {eval/rm_win_rate: ">= 0.6", eval/kl: "<= 6"}
     register_as: str | None = None  # model-registry name; registered only when every gate passes
     seed: int = 0  # sampling noise
+
+    @field_validator("reward_functions")
+    @classmethod
+    def _specs(cls, specs: list[str]) -> list[str]:
+        return [rewards.check_spec(s) for s in specs]
 
     @field_validator("gates")
     @classmethod
@@ -60,6 +68,29 @@ class Stage(StageSpec):
         if self.params.prompts_file is None and not {"prompts", "preferences"} & set(self.inputs):
             raise ValueError("evaluation needs prompts: params.prompts_file, inputs.prompts or inputs.preferences")
         return self
+
+
+def reward_function_means(specs: list[str], prompts: list, extras: list[dict], rows: list[dict]) -> dict[str, float]:
+    """eval/reward/<name> and eval/ref_reward/<name>: each reward function's mean over the policy's and the
+    reference's answers (rows: evaluate_policy's), with the prompts' other columns as for training."""
+    from alignment.rewards import score
+
+    out = {}
+    names = {k for e in extras for k in e}
+    columns = {k: [e.get(k) for e in extras] for k in names}
+    for spec in specs:
+        fns = {spec: rewards.load(spec)}
+        for key, column in (("reward", "answer"), ("ref_reward", "reference_answer")):
+            _, each = score(fns, {}, prompts, [r[column] for r in rows], columns)
+            out[f"eval/{key}/{spec.rpartition(':')[2]}"] = float(each[spec].mean())
+    return out
+
+
+def sources(p) -> dict[str, str]:
+    """A prompts file and the reward functions' source files are part of the cache key."""
+    from tasks.stages.sample import sources as prompt_sources
+
+    return {**prompt_sources(p), **rewards.source_hashes(p.reward_functions)}
 
 
 def check_gates(gates: dict[str, str], metrics: dict[str, float]) -> list[str]:
@@ -129,8 +160,10 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     policy, tokenizer = load_policy(inputs)
     reference, _ = load_policy(inputs, "reference")
     test_pairs = read_preferences(inputs, "test") if "preferences" in inputs else []
+    extras: list[dict] = []
     if p.prompts_file:
-        prompts = read_prompt_file(p.prompts_file)[: p.prompts]
+        prompts, extras = read_prompt_rows(p.prompts_file, p.columns)
+        prompts, extras = prompts[: p.prompts], extras[: p.prompts]
     elif "prompts" in inputs:
         prompts = read_prompts(inputs, "test", p.prompts)
     else:
@@ -138,6 +171,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
         prompts = [prompt_of(r) for r in list(unique.values())[: p.prompts]]
     if not prompts:
         raise DataError(f"{inputs['preferences'].name}: the test split has no pairs to take prompts from; raise held_out")
+    template_preflight(tokenizer, prompts, p.prompts_file or "the evaluation prompts", ctx.log)
     scores = {}
     if "reward_model" in inputs:
         scores["reward_fn"] = load_reward_fn(inputs)
@@ -152,6 +186,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
         lambda: generate_answers(reference, tokenizer, prompts, p.sampling, seed=p.seed + 8)[0])
     metrics, rows = evaluate_policy(policy, reference, tokenizer, prompts, p.sampling, seed=p.seed + 7,
                                     reference_answers=ref_answers, **scores)
+    metrics.update(reward_function_means(p.reward_functions, prompts, extras, rows))
     if test_pairs:
         pairs = examples(tokenizer, test_pairs, p.max_length)
         beta = p.beta if p.beta is not None else trained_beta(inputs["policy"].path) or DPOConfig().beta

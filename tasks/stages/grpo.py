@@ -13,8 +13,8 @@ from pydantic import field_validator, model_validator
 
 from alignment.config import GRPOConfig, LoRAConfig
 from tasks import rewards
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, save_model, training_history
-from tasks.stages.sample import one_prompt_source, prompts_for
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, save_model, template_preflight, training_history
+from tasks.stages.sample import one_prompt_source, prompt_rows_for
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model?", "prompts": "prompts?"}
 OUTPUT = ("policy",)
@@ -23,7 +23,9 @@ OUTPUT = ("policy",)
 class GroupParams(StageParams):
     prompts: int = 2000  # how many prompts rollouts are drawn from
     prompts_file: str | None = None  # as for the sample stage; None: the prompts input (split train)
-    reward_functions: list[str] = []  # callables f(prompts, answers) -> floats, as module:function or file.py:function
+    columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
+    reward_functions: list[str] = []  # callables f(prompts, answers, **columns) -> floats, as module:function or file.py:function;
+    # columns: the prompts file's other columns, one value an answer (TRL's way), those the function names or all with **kwargs
     reward_weights: dict[str, float] = {}  # weight of each reward function (and of "reward_model"); default 1
     lora: LoRAConfig | None = None  # LoRA adapters on the policy (reference = adapters off)
 
@@ -69,7 +71,9 @@ def run_group(ctx, p: GroupParams, cfg, inputs, out: Path, run_id: str) -> dict[
     set_seed(cfg.seed)
     if p.lora is not None:
         policy = add_lora(policy, p.lora)
-    trainer = GroupTrainer(policy, tokenizer, prompts_for(p, inputs), fns, cfg, reward_weights=p.reward_weights,
+    prompts, extras = prompt_rows_for(p, inputs)
+    template_preflight(tokenizer, prompts, p.prompts_file or inputs["prompts"].name, ctx.log)
+    trainer = GroupTrainer(policy, tokenizer, prompts, fns, cfg, reward_weights=p.reward_weights, prompt_columns=extras,
                            output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
     last = training_history(out)[-1]

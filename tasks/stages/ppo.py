@@ -9,7 +9,7 @@ from pydantic import model_validator
 
 from alignment.config import LoRAConfig, PPOConfig
 from tasks.data import DataError
-from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, training_history
+from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, template_preflight, training_history
 from tasks.stages.sample import one_prompt_source, prompts_for, sources  # noqa: F401 - sources: a prompts file is in the key
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model", "prompts": "prompts?"}
@@ -19,6 +19,7 @@ OUTPUT = ("policy",)
 class Params(StageParams):
     prompts: int = 2000  # how many prompts rollouts are drawn from
     prompts_file: str | None = None  # as for the sample stage; None: the prompts input (split train)
+    columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
     ppo: PPOConfig = PPOConfig()  # training (TRL's defaults: lr 3e-6, 4 epochs, KL coefficient 0.05, the value
     # model initialised from the reward model)
     lora: LoRAConfig | None = None  # LoRA adapters on the policy (reference = adapters off); the value model or head trains in full
@@ -39,6 +40,8 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
     path = model_dir(inputs, "policy")
     tokenizer = load_tokenizer(path)
+    prompts = prompts_for(p, inputs)
+    template_preflight(tokenizer, prompts, p.prompts_file or inputs["prompts"].name, ctx.log)
     reward_fn = load_reward_fn(inputs)
     set_seed(p.ppo.seed)
     if p.ppo.value_model == "reward_model":
@@ -46,7 +49,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     model = PolicyWithValueHead.from_pretrained(path, value_model=p.ppo.value_model, reward_model=model_dir(inputs, "reward_model"))
     if p.lora is not None:
         model.policy = add_lora(model.policy, p.lora)
-    trainer = PPOTrainer(model, tokenizer, prompts_for(p, inputs), reward_fn, p.ppo,
+    trainer = PPOTrainer(model, tokenizer, prompts, reward_fn, p.ppo,
                          output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
     rows = training_history(out)

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import model_validator
 
 from alignment.config import SamplingParams
-from tasks.data import prompt_columns, read_prompt_file
-from tasks.stage import StageParams, StageSpec, load_policy, read_prompts
+from tasks.data import prompt_columns, read_prompt_rows
+from tasks.stage import StageParams, StageSpec, load_policy, read_prompts, template_preflight
 from tasks.store import file_hash
 
 INPUTS = {"policy": "policy", "prompts": "prompts?"}
@@ -19,6 +19,7 @@ OUTPUT = ("samples",)
 class Params(StageParams):
     prompts: int = 500  # how many prompts to answer (the first ones)
     prompts_file: str | None = None  # .txt (a question a line) or a table with a prompt / messages column; None: the prompts input
+    columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
     samples_per_prompt: int = 2  # answers per prompt
     sampling: SamplingParams = SamplingParams()  # temperature, top-p, top-k, max new tokens
     seed: int = 0  # sampling noise
@@ -39,7 +40,16 @@ class Stage(StageSpec):
 
 def prompts_for(p, inputs, split: str = "train") -> list:
     """The first p.prompts prompts of p.prompts_file, or of the given split of the `prompts` input."""
-    return read_prompt_file(p.prompts_file)[: p.prompts] if p.prompts_file else read_prompts(inputs, split, p.prompts)
+    return prompt_rows_for(p, inputs, split)[0]
+
+
+def prompt_rows_for(p, inputs, split: str = "train") -> tuple[list, list[dict]]:
+    """(prompts, the other columns of each prompt's row: what reward functions receive as keyword arguments)."""
+    if p.prompts_file:
+        prompts, extras = read_prompt_rows(p.prompts_file, p.columns)
+        return prompts[: p.prompts], extras[: p.prompts]
+    prompts = read_prompts(inputs, split, p.prompts)
+    return prompts, [{} for _ in prompts]
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
@@ -50,6 +60,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
     model, tokenizer = load_policy(inputs)
     prompts = prompts_for(p, inputs)
+    template_preflight(tokenizer, prompts, p.prompts_file or inputs["prompts"].name, ctx.log)
     rows = []
     for k in range(p.samples_per_prompt):
         answers, _ = generate_answers(model, tokenizer, prompts, p.sampling, seed=p.seed * 100 + k)

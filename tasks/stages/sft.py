@@ -16,7 +16,8 @@ from pydantic import model_validator
 
 from alignment.config import SFTConfig
 from tasks.data import DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_table, training_history, save_model, write_first_sequence
+from tasks.stage import (StageParams, StageSpec, load_policy, metrics_logger, read_table, template_preflight, training_history,
+                        save_model, write_first_sequence)
 from tasks.store import dir_hash, file_hash
 
 INPUTS = {"policy": "policy", "demonstrations": "demonstrations?"}
@@ -28,6 +29,7 @@ class Params(StageParams):
     data: str | None = None  # demonstrations file or `datasets` folder; None: the `demonstrations` input
     format: Literal[DEMONSTRATION_FORMATS] = "auto"  # auto, alpaca, sharegpt, messages, prompt_completion
     columns: dict[str, str] = {}  # the file's column -> ours, e.g. {question: instruction}
+    drop_invalid: bool = False  # train on the readable rows and write the others to rejects.parquet instead of failing
     sft: SFTConfig = SFTConfig()  # training (TRL's defaults: lr 2e-5, max_length 1024)
 
 
@@ -49,13 +51,13 @@ def import_demonstrations(p: Params):
     from tasks import schemas
 
     rows, problems = convert_rows(p.data, DEMO_LAYOUTS, detect_demo_layout, p.format, p.columns)
-    if problems:
+    if problems and not p.drop_invalid:
         raise DataError(f"{len(problems)} problem(s) in {p.data} (nothing was written):\n" + "\n".join(problems))
     if not rows:
-        raise DataError(f"{p.data}: no demonstrations")
+        raise DataError(f"{p.data}: no demonstrations" + (f" ({len(problems)} row(s) dropped as invalid)" if problems else ""))
     df = pd.DataFrame([{**prompt_columns(prompt), "completion": completion}
                        for _, _, demos in rows for prompt, completion in demos])  # a conversation: one per assistant turn
-    return schemas.validate(df, schemas.DEMONSTRATIONS, p.data)
+    return schemas.validate(df, schemas.DEMONSTRATIONS, p.data), pd.DataFrame({"problem": problems})
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
@@ -64,10 +66,17 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from alignment.trainers.sft import SFTTrainer
     from tasks import schemas
 
-    demos = import_demonstrations(p) if p.data else read_table(inputs, "demonstrations", "demonstrations.parquet", schemas.DEMONSTRATIONS)
+    if p.data:
+        demos, rejects = import_demonstrations(p)
+        if len(rejects):
+            schemas.write_parquet(rejects, out / "rejects.parquet")
+            ctx.log(f"[sft] dropped {len(rejects)} invalid row(s) of {p.data}; their reasons are in rejects.parquet")
+    else:
+        demos = read_table(inputs, "demonstrations", "demonstrations.parquet", schemas.DEMONSTRATIONS)
     set_seed(p.sft.train.seed)
     policy, tokenizer = load_policy(inputs)
     rows = demos.to_dict("records")
+    template_preflight(tokenizer, [prompt_of(r) for r in rows], p.data or inputs["demonstrations"].name, ctx.log)
     examples = tokenize_demonstrations(tokenizer, [prompt_of(r) for r in rows], [r["completion"] for r in rows], p.sft.max_length)
     cut = [i + 1 for i, (_, answer) in enumerate(examples) if len(answer) <= 1]
     if cut:
@@ -78,7 +87,8 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     trainer.train()
     rows = training_history(out)
     save_model(trainer.model, tokenizer, out)
-    return {"final_loss": rows[-1]["loss"], "demonstrations": float(len(examples))}
+    return {"final_loss": rows[-1]["loss"], "demonstrations": float(len(examples)),
+            **({"rows_invalid": float(len(rejects))} if p.data else {})}
 
 
 def sources(p: Params) -> dict[str, str]:

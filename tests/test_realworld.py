@@ -1,0 +1,227 @@
+"""Every file of ../shared/realworld/ through `alignflow run`, with the outcome a user expects: it trains
+(tokenizers, templates, preference, demonstration and prompt files), or it exits 2 with a sentence that
+names the file or row and what to do, never a traceback or an exception repr."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from realworld import TEMPLATES, bare_gpt2_folder, gpt2_tokenizer, real, real_tokenizer, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
+
+CLI = str(Path(sys.executable).parent / "alignflow")
+TINY_TRAIN = {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0}
+REPR = re.compile(r"\b[A-Z]\w*(Error|Exception)\(")  # DataError("..."), ValueError('...')
+
+
+def run(root: Path, name: str, stages: list[dict]) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
+    """`alignflow run` of a one-pipeline file in root; (the result, each computed stage's metrics)."""
+    cfg = {"settings": {"seed": 0, "workdir": str(root / f"runs-{name}"), "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+           "pipelines": {name: {"stages": stages}}}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    result = subprocess.run([CLI, "run", name, "-c", str(root / f"{name}.yaml")], cwd=root, capture_output=True, text=True,
+                            timeout=900, env={**os.environ, "TQDM_DISABLE": "1"})
+    metrics = {}
+    for success in (root / f"runs-{name}").glob("stages/*/*/_SUCCESS.json"):
+        record = json.loads(success.read_text())
+        if "stage" in record:
+            metrics[record["stage"]] = json.loads((success.parent / "metrics.json").read_text())
+    return result, metrics
+
+
+def output_of(root: Path, pipeline: str, stage: str) -> Path:
+    [success] = [s for s in (root / f"runs-{pipeline}").glob("stages/*/*/_SUCCESS.json") if json.loads(s.read_text()).get("stage") == stage]
+    return success.parent
+
+
+def trained(result: subprocess.CompletedProcess) -> str:
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    return out
+
+
+def refused(result: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 2 with the one bad-input report holding `words`; no traceback, no repr, no Prefect ERROR line."""
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-4000:]
+    assert "bad input data: " in result.stderr, out[-4000:]
+    for w in words:
+        assert w in result.stderr, (w, out[-4000:])
+    assert "Traceback" not in out and not REPR.search(out) and "| ERROR" not in out, out[-4000:]
+    return result.stderr
+
+
+def model(name: str, folder: Path, **params) -> dict:
+    return {"name": name, "type": "model", "params": {"name_or_path": str(folder), **params}}
+
+
+def prefs(name: str, relative: str, **params) -> dict:
+    return {"name": name, "type": "import_preferences", "params": {"path": real(relative), **params}}
+
+
+def dpo(name: str, policy: str, preferences: str, **dpo_params) -> dict:
+    return {"name": name, "type": "dpo", "inputs": {"policy": policy, "preferences": preferences},
+            "params": {"dpo": {"max_length": 192, "beta": 0.1, "train": TINY_TRAIN, **dpo_params}}}
+
+
+def sft(name: str, policy: str, relative: str, **params) -> dict:
+    return {"name": name, "type": "sft", "inputs": {"policy": policy},
+            "params": {"data": real(relative), "sft": {"max_length": 192, "train": TINY_TRAIN}, **params}}
+
+
+def test_real_preference_files_train_dpo_on_real_tokenizers(tmp_path):
+    """Anthropic HH (re-split, one pair with chosen == rejected, dropped), LLaMA-Factory's ShareGPT DPO in
+    Chinese (system turns, a duplicate), its v1 layout (content as parts) and turbo-alignment's pairs (role
+    'bot', other column names) go to DPO on minimind's and GPT-2's real tokenizers; GPT-2's has no chat
+    template and no pad token. One DPO computes its reference on the fly (precompute_ref_logps: false)."""
+    minimind = tiny_llama(tmp_path / "minimind", real_tokenizer("minimind"))
+    gpt2 = tiny_llama(tmp_path / "gpt2", gpt2_tokenizer())
+    result, m = run(tmp_path, "prefs", [
+        model("minimind", minimind), model("gpt2", gpt2),
+        prefs("hh", "preferences/hh-derived-split/test_prefs.jsonl", drop_invalid=True),
+        prefs("zh", "preferences/dpo_zh_demo.json"),
+        prefs("v1", "preferences/v1_dpo_demo.jsonl", held_out=0.2),
+        prefs("turbo", "preferences/turbo-alignment-fixtures/train_preferences.jsonl", held_out=0.0,
+              columns={"context": "prompt", "answer_w": "chosen", "answer_l": "rejected"}),
+        dpo("dpo_hh", "gpt2", "hh", precompute_ref_logps=False),
+        dpo("dpo_zh", "minimind", "zh"), dpo("dpo_v1", "minimind", "v1"), dpo("dpo_turbo", "minimind", "turbo"),
+        {"name": "evaluate", "type": "evaluate", "inputs": {"policy": "dpo_zh", "reference": "minimind", "preferences": "zh"},
+         "params": {"prompts": 4, "max_length": 192, "sampling": {"max_new_tokens": 8}}},
+    ])
+    trained(result)
+    assert m["hh"]["rows_read"] == 300 and m["hh"]["rows_invalid"] == 1 and m["hh"]["rows_kept"] == 299  # row 224
+    assert m["zh"]["rows_read"] == 100 and m["zh"]["rows_duplicate"] == 1
+    assert m["v1"]["rows_kept"] == 10 and m["turbo"]["rows_kept"] == 1 and m["turbo"]["rows_duplicate"] == 15
+    for stage in ("dpo_hh", "dpo_zh", "dpo_v1", "dpo_turbo"):
+        assert m[stage]["final_loss"] > 0, (stage, m[stage])
+    assert "eval/implicit_accuracy" in m["evaluate"]
+    zh = json.loads((output_of(tmp_path, "prefs", "dpo_zh") / "first_sequence.json").read_text())["text"]
+    assert "<|im_start|>assistant\n" in zh, zh[-300:]  # minimind's ChatML template (the answer is cut at 192 tokens)
+    hh = json.loads((output_of(tmp_path, "prefs", "dpo_hh") / "first_sequence.json").read_text())["text"]
+    assert "<|im_start|>" not in hh and "Human: " in hh  # a text prompt, read as it is written
+
+
+def test_real_demonstration_and_prompt_files_train_sft_and_grpo_on_phi3(tmp_path):
+    """Alpaca (axolotl's, LLaMA-Factory's, identity.json's {{name}} placeholders), ShareGPT (FastChat's,
+    axolotl's one-object file), OpenAI chat (a row without a user turn, a 26 KB answer), LLaMA-Factory v1
+    (content parts, loss_weight) and OpenAI tool calls (left out with drop_invalid) go to SFT on Phi-3's
+    real tokenizer; MT-Bench's prompts (`turns`) to sampling and to GRPO with a reward function that reads
+    the file's `reference` column, and that evaluation reports too."""
+    phi3 = tiny_llama(tmp_path / "phi3", real_tokenizer("phi-3-mini"))
+    (tmp_path / "ref_reward.py").write_text(
+        "def has_reference(prompts, answers, reference=None):\n"
+        "    assert reference is not None and len(reference) == len(answers)\n"
+        "    return [float(r is not None) for r in reference]\n")
+    mt_bench = real("prompts/mt_bench/question.jsonl")
+    result, m = run(tmp_path, "demos", [
+        model("phi3", phi3),
+        sft("alpaca", "phi3", "sft/alpaca/alpaca.json"), sft("alpaca_en", "phi3", "sft/alpaca_en_demo.json"),
+        sft("identity", "phi3", "sft/identity.json"), sft("one_object", "phi3", "sft/conversation.json"),
+        sft("fastchat", "phi3", "sft/dummy_conversation.json"), sft("openai_chat", "phi3", "sft/toy_chat_fine_tuning.jsonl"),
+        sft("v1", "phi3", "sft/v1_sft_demo.jsonl"), sft("tools", "phi3", "sft/stock_toolcall_validation.jsonl", drop_invalid=True),
+        {"name": "sample", "type": "sample", "inputs": {"policy": "v1"},
+         "params": {"prompts_file": mt_bench, "prompts": 4, "samples_per_prompt": 1, "sampling": {"max_new_tokens": 4}}},
+        {"name": "grpo", "type": "grpo", "inputs": {"policy": "v1"},
+         "params": {"prompts_file": mt_bench, "prompts": 80, "reward_functions": ["ref_reward.py:has_reference"],
+                    "grpo": {"iterations": 1, "prompts_per_batch": 4, "group_size": 2, "sampling": {"max_new_tokens": 4}}}},
+        {"name": "evaluate", "type": "evaluate", "inputs": {"policy": "grpo", "reference": "v1"},
+         "params": {"prompts_file": mt_bench, "prompts": 80, "reward_functions": ["ref_reward.py:has_reference"],
+                    "sampling": {"max_new_tokens": 4}}},
+    ])
+    trained(result)
+    assert m["alpaca"]["demonstrations"] == 2 and m["identity"]["demonstrations"] == 91
+    assert m["one_object"]["demonstrations"] >= 1 and m["fastchat"]["demonstrations"] > 300  # one per assistant turn
+    assert m["tools"]["rows_invalid"] == 5 and m["tools"]["demonstrations"] == 5
+    assert m["sample"]["samples"] == 4
+    assert m["evaluate"]["eval/reward/has_reference"] == pytest.approx(39 / 80)  # 39 of MT-Bench's 80 have one
+
+
+def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):
+    """Gemma's template (raises on a system turn) trains DPO on system-prompted pairs with the system text
+    folded into the first user turn, said once; Llama-3, Mistral v1, Phi-3 and ChatML from axolotl train SFT
+    on OpenAI's chat file, which has system turns; an older Phi-3 template that drops the system turn trains
+    with a warning that names the role."""
+    minimind = "minimind"
+    models = {"gemma": real_tokenizer(minimind, "gemma/tokenizer_config.json")}
+    for name in ("llama3", "mistral_v1", "phi_3", "chatml"):
+        models[name] = real_tokenizer(minimind, f"templates/axolotl/{name}.jinja")
+    dropping = next(t["template"] for t in json.loads((TEMPLATES / "ollama_template_index.json").read_text())
+                    if t["name"] == "phi-3" and "system" not in t["template"])
+    models["phi3_old"] = real_tokenizer(minimind)
+    models["phi3_old"].chat_template = dropping
+    stages = [model(name, tiny_llama(tmp_path / name, tok)) for name, tok in models.items()]
+    stages += [prefs("zh", "preferences/dpo_zh_demo.json"), dpo("dpo_gemma", "gemma", "zh")]
+    stages += [sft(f"sft_{name}", name, "sft/toy_chat_fine_tuning.jsonl") for name in models if name != "gemma"]
+    result, m = run(tmp_path, "templates", stages)
+    out = trained(result)
+    assert "rejects system turns (it says 'System role not supported'): their text is folded into the first user turn" in out
+    assert "leaves the system turn's text out of what it renders" in out
+    first = json.loads((output_of(tmp_path, "templates", "dpo_gemma") / "first_sequence.json").read_text())
+    assert "<start_of_turn>model\n" in first["text"] and "<start_of_turn>system" not in first["text"]  # (the prompt's end)
+    assert all(m[f"sft_{name}"]["final_loss"] > 0 for name in models if name != "gemma")
+
+
+def test_every_ollama_template_renders_or_is_told_in_a_sentence():
+    """The 37 real templates of Ollama's index, each on minimind's tokenizer: the model stage's check
+    adapts or accepts it, and every conversation shape of real data renders, or a DataError says why."""
+    from tasks.data import DataError
+    from tasks.stage import template_preflight
+    from tasks.stages.model import Params, open_tokenizer
+
+    index = json.loads((TEMPLATES / "ollama_template_index.json").read_text())
+    assert len(index) == 37
+    shapes = [[{"role": "user", "content": "Hi"}],
+              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+              [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]]
+    from alignment.data import adapt_system_turns
+
+    told = []
+    for entry in index:
+        tokenizer = open_tokenizer(Params(name_or_path=real("tokenizers/minimind")), log=lambda _: None)
+        tokenizer.chat_template = entry["template"]
+        adapt_system_turns(tokenizer, "merge")
+        warnings = []
+        try:
+            template_preflight(tokenizer, shapes, entry["name"], warnings.append)
+        except DataError as err:
+            told.append(str(err))
+        assert all("warning: " in w for w in warnings)
+    assert all("the chat template says" in t for t in told), told
+
+
+def test_real_files_that_cannot_train_exit_2_with_a_sentence(tmp_path):
+    """A Jupyter HTML page saved as .jsonl, turbo-alignment's KTO file (unpaired feedback), its pair file
+    under other column names, OpenAI tool calls, and GPT-2's vocab.json/merges.txt without a
+    tokenizer_config.json: each stops before any work with what to do."""
+    minimind = tiny_llama(tmp_path / "minimind", real_tokenizer("minimind"))
+    cases = {
+        "html": ([prefs("p", "preferences/junk-html-saved-as-jsonl/sample_preference.jsonl")], ["HTML", "Raw"]),
+        "kto": ([prefs("p", "preferences/turbo-alignment-fixtures/train_kto.jsonl")], ["unpaired feedback", "is_desirable", "line 1"]),
+        "names": ([prefs("p", "preferences/turbo-alignment-fixtures/train_preferences.jsonl")],
+                  ["columns: {answer_l: rejected, answer_w: chosen, context: prompt}"]),
+        "tools": ([model("m", minimind), sft("s", "m", "sft/stock_toolcall_validation.jsonl")], ["line 1", "tool call", "drop_invalid"]),
+        "gpt2_files": ([model("m", bare_gpt2_folder(tmp_path / "gpt2-bare"))], ["tokenizer cannot be loaded", "save_pretrained"]),
+    }
+    for name, (stages, words) in cases.items():
+        result, _ = run(tmp_path, name, stages)
+        refused(result, *words)
+        assert "temporary Prefect server" not in result.stdout + result.stderr  # found before anything started
+        assert not list((tmp_path / f"runs-{name}").glob("stages/*/*")), name  # nothing written
+
+
+def test_a_template_error_inside_a_stage_is_the_same_sentence(tmp_path):
+    """system_turns: error keeps Gemma's template as it is: SFT on OpenAI's chat file, whose rows have
+    system turns, stops inside the stage with exit 2, the rows and the template's own words."""
+    gemma = tiny_llama(tmp_path / "gemma", real_tokenizer("minimind", "gemma/tokenizer_config.json"))
+    result, _ = run(tmp_path, "strict", [model("m", gemma, system_turns="error"), sft("s", "m", "sft/toy_chat_fine_tuning.jsonl")])
+    err = refused(result, "the chat template says 'System role not supported'", "system_turns: merge", "rows [")
+    assert not list((tmp_path / "runs-strict").glob("stages/sft/*/_SUCCESS.json"))
+    assert err
