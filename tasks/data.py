@@ -395,7 +395,7 @@ def convert_rows(source, layouts: dict, detect: Callable, fmt: str, columns: dic
         found.pop(None, None)
         layout = found.most_common(1)[0][0] if found else None
     if layout is None and rows:
-        return [], problems + [unknown_layout(rows[0][0], rows[0][2], names)]
+        return [], problems + [unknown_layout(rows[0][0], rows[0][2], layouts)]
     out = []
     for where, split, row in rows:
         keys = sorted(k for k, v in row.items() if v is not None)
@@ -423,7 +423,7 @@ def convert_rows(source, layouts: dict, detect: Callable, fmt: str, columns: dic
 FEEDBACK_LABELS = ("label", "is_desirable", "kto_tag", "desirable", "thumbs_up")
 
 
-def unknown_layout(where: str, row: dict, names: str) -> str:
+def unknown_layout(where: str, row: dict, layouts: dict) -> str:
     """Why no row of a file was recognised, said once: unpaired feedback (KTO) named as such, and a
     `columns:` mapping suggested from other projects' column names."""
     keys = sorted(k for k, v in row.items() if v is not None)
@@ -432,10 +432,11 @@ def unknown_layout(where: str, row: dict, names: str) -> str:
         return (f"{where}: unpaired feedback (the KTO layout: one answer a row with a good/bad {label!r}), not preference "
                 f"pairs; keys: {keys}. alignflow trains on pairs: put a desirable and an undesirable answer to the same "
                 f"prompt into one row (prompt, chosen, rejected), or train an sft stage on the desirable answers alone")
-    mapping = {k: SYNONYMS[k] for k in keys if k in SYNONYMS and SYNONYMS[k] not in keys}
+    ours = {c for needed, _ in layouts.values() for c in needed}
+    mapping = {k: SYNONYMS[k] for k in keys if SYNONYMS.get(k) in ours and SYNONYMS[k] not in keys}
     hint = ("; this looks like columns: {" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}" if mapping else
             "; map other names with columns: {your_name: prompt, ...}")
-    return f"{where}: not a known format (no row of the file is); keys: {keys}; known formats: {names}{hint}"
+    return f"{where}: not a known format (no row of the file is); keys: {keys}; known formats: {', '.join(layouts)}{hint}"
 
 
 def prompt_columns(prompt) -> dict[str, str]:

@@ -80,3 +80,25 @@ def test_pairs_that_share_prompts_and_answers_are_tokenised_as_each_alone(sandbo
     # 11 + 11 > 16: the long pair keeps the prompt's last 8 tokens and 8 of each answer; the next pair, 11 + 4
     assert [len(pairs[i].prompt_ids) for i in (0, 2, 3)] == [11, 8, 11] and len(pairs[2].chosen_ids) == 8
     assert pairs[1].prompt_ids != pairs[0].prompt_ids  # a conversation and a text are different prompts
+
+
+def test_a_template_that_rejects_system_turns_gets_them_folded_into_the_first_user_turn(sandbox_tokenizer):
+    """Gemma's rule (raise on a system role) on a small template: merge renders the system text before the
+    user's, separated by a blank line, as LLaMA-Factory does; drop leaves it out; the complaint is the
+    template's own words."""
+    import copy
+
+    from alignment.data import adapt_system_turns
+
+    tokenizer = copy.deepcopy(sandbox_tokenizer)  # (the fixture is the session's)
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for mode, expected in (("merge", "<user>Be brief.\n\nHi<assistant>"), ("drop", "<user>Hi<assistant>")):
+        tokenizer.chat_template = strict
+        assert adapt_system_turns(tokenizer, mode) == "System role not supported"
+        assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == expected
+    tokenizer.chat_template = strict
+    assert adapt_system_turns(tokenizer, "error") == "System role not supported"
+    with pytest.raises(Exception, match="System role not supported"):
+        tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

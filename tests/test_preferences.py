@@ -120,8 +120,9 @@ def test_unknown_and_malformed_rows_get_plain_messages(tmp_path):
         return str(err.value)
 
     path = tmp_path / "unknown.jsonl"
-    assert (f"{path}:line 1: not a known format; keys: ['answer', 'question']; known formats: standard, conversational, "
-            "ultrafeedback, sharegpt, hh, implicit") in problems("unknown.jsonl", [{"question": "q", "answer": "a"}])
+    assert (f"{path}:line 1: not a known format (no row of the file is); keys: ['answer', 'question']; known formats: "
+            "standard, conversational, ultrafeedback, sharegpt, hh, implicit, openai, messages_pair; this looks like "
+            "columns: {question: prompt}") in problems("unknown.jsonl", [{"question": "q", "answer": "a"}])
     answer = {"from": "gpt", "value": "a"}
     msg = problems("sharegpt.jsonl", [
         {"conversations": [{"from": "human", "value": "hi"}], "chosen": answer, "rejected": {"from": "gpt", "value": "b"}},
@@ -195,7 +196,7 @@ def test_drop_invalid_keeps_the_clean_rows(tmp_path):
 
 def test_missing_columns_named(tmp_path):
     path = jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "chosen": "a"}])
-    with pytest.raises(DataError, match=r"line 1: not a known format; keys: \['chosen', 'prompt'\]"):
+    with pytest.raises(DataError, match=r"line 1: not a known format \(no row of the file is\); keys: \['chosen', 'prompt'\]"):
         import_preferences(ImportParams(path=str(path)))
 
 
@@ -259,3 +260,54 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(DataError, match="no-such-org/no-such-set: could not load this hub data set") as err:
         import_preferences(ImportParams(path="no-such-org/no-such-set"))
     assert not any(leak in str(err.value) for leak in LEAKS)
+
+
+def test_openai_preference_format_and_content_parts(tmp_path):
+    """OpenAI's preference fine-tuning rows, one with its user turn as a list of text parts: the prompt
+    is the input's messages, the answers the preferred and non-preferred assistant messages' text."""
+    rows = [{"input": {"messages": [{"role": "user", "content": "how do i cook rice ?"}]},
+             "preferred_output": [{"role": "assistant", "content": "rinse it first ."}],
+             "non_preferred_output": [{"role": "assistant", "content": "figure it out ."}]},
+            {"input": {"messages": [{"role": "user", "content": [{"type": "text", "text": "how can i "},
+                                                                 {"type": "text", "text": "sleep better ?"}]}]},
+             "preferred_output": [{"role": "assistant", "content": "keep the room dark ."}],
+             "non_preferred_output": [{"role": "assistant", "content": "stay up late ."}]}]
+    clean, _, counts = import_preferences(ImportParams(path=str(jsonl(tmp_path / "openai.jsonl", rows)), held_out=0.0))
+    assert counts["rows_kept"] == 2
+    assert [json.loads(m) for m in clean["messages"]] == [[{"role": "user", "content": "how do i cook rice ?"}],
+                                                          [{"role": "user", "content": "how can i sleep better ?"}]]
+    assert list(clean["chosen"]) == ["rinse it first .", "keep the room dark ."]
+
+
+def test_a_top_level_system_column_becomes_the_first_turn(tmp_path):
+    """LLaMA-Factory's ShareGPT layout keeps the system prompt in a column of its own: it is the
+    conversation's first turn (a conversation with a system turn of its own keeps that one)."""
+    answer = {"from": "gpt", "value": "rinse it ."}
+    rows = [{"system": "Be brief.", "conversations": [{"from": "human", "value": "how do i cook rice ?"}],
+             "chosen": answer, "rejected": {"from": "gpt", "value": "no ."}},
+            {"system": "Be brief.", "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "hi"}],
+             "chosen": answer, "rejected": {"from": "gpt", "value": "no ."}}]
+    clean, _, _ = import_preferences(ImportParams(path=str(jsonl(tmp_path / "sys.jsonl", rows)), held_out=0.0))
+    assert [json.loads(m)[0] for m in clean["messages"]] == [{"role": "system", "content": "Be brief."},
+                                                             {"role": "system", "content": "Be kind."}]
+
+
+def test_unpaired_feedback_and_other_column_names_are_told_once(tmp_path):
+    kto = jsonl(tmp_path / "kto.jsonl", [{"messages": [{"role": "user", "content": "hi"}], "completion": "hello", "label": True}] * 3)
+    with pytest.raises(DataError) as err:
+        import_preferences(ImportParams(path=str(kto)))
+    assert str(err.value).count("unpaired feedback (the KTO layout") == 1 and "'label'" in str(err.value)
+    other = jsonl(tmp_path / "other.jsonl", [{"context": "hi", "answer_w": "hello", "answer_l": "go away"}])
+    with pytest.raises(DataError, match=r"this looks like columns: \{answer_l: rejected, answer_w: chosen, context: prompt\}"):
+        import_preferences(ImportParams(path=str(other)))
+    clean, _, _ = import_preferences(ImportParams(path=str(other), held_out=0.0,
+                                                  columns={"context": "prompt", "answer_w": "chosen", "answer_l": "rejected"}))
+    assert (clean.iloc[0]["prompt"], clean.iloc[0]["chosen"], clean.iloc[0]["rejected"]) == ("hi", "hello", "go away")
+
+
+def test_an_html_page_saved_as_jsonl_is_one_sentence(tmp_path):
+    page = tmp_path / "prefs.jsonl"
+    page.write_text("<!DOCTYPE html>\n<html>\n<head><title>prefs.jsonl - Jupyter</title></head>\n</html>\n")
+    with pytest.raises(DataError) as err:
+        import_preferences(ImportParams(path=str(page)))
+    assert str(err.value).count("\n") == 1 and "HTML or XML page, not JSON" in str(err.value)
