@@ -31,7 +31,8 @@ from tasks.stages.import_preferences import Params, import_preferences
 from tasks import schemas
 clean, rejects, counts = import_preferences(Params(path={path!r}))
 clean = schemas.validate(clean, schemas.PREFERENCES, {path!r})
-schemas.write_parquet(clean, {out!r})
+from pathlib import Path
+schemas.write_parquet(clean, Path({out!r}))
 import resource
 print(time.perf_counter() - t, int(counts["rows_kept"]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -90,7 +90,7 @@ def run(
     from tasks.data import DataError
 
     try:
-        preflight(cfg.pipelines[pipeline], only)  # bad data fails before Prefect, MLflow or any file
+        preflight(cfg.pipelines[pipeline], only, cfg.settings.workdir)  # bad data fails before Prefect, MLflow or any file
     except DataError as err:
         fail(f"bad input data: {err}", 2)
     except RewardFunctionError as err:

@@ -160,19 +160,25 @@ def check_inputs(pname: str, spec: PipelineSpec) -> list[str]:
     return problems
 
 
-def preflight(spec, only: str | None) -> None:
+def preflight(spec, only: str | None, workdir: str | Path | None = None) -> None:
     """Validate every data file the pipeline reads (all problems at once) and load its reward functions,
-    before any work."""
+    before any work. A file is read once in a run (the stage gets what this read: tasks.data.read_once),
+    and an import already in the stage store of `workdir` is not read at all."""
     from tasks import rewards
     from tasks.data import read_prompt_file
+    from tasks.stage import key_of
+    from tasks.stages import MODULES
     from tasks.stages.import_preferences import import_preferences
     from tasks.stages.sft import import_demonstrations
+    from tasks.store import Store
 
     for stage in spec.stages:
         if only is not None and only != stage.name:
             continue
         if stage.type == "import_preferences":
-            import_preferences(stage.params)
+            stored = workdir is not None and Store(workdir).lookup(stage.type, key_of(stage, MODULES[stage.type], {}))
+            if not stored:
+                import_preferences(stage.params)
         elif stage.type == "model" and Path(stage.params.name_or_path).is_dir():
             from tasks.stages.model import open_tokenizer
 

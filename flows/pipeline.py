@@ -157,7 +157,7 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
         cfg = PipelinesFile.model_validate(cfg)
     spec = cfg.pipelines[pipeline]
     logger = get_run_logger()
-    preflight(spec, only)  # bad data fails here, before any run or file is written
+    preflight(spec, only, cfg.settings.workdir)  # bad data fails here, before any run or file is written
     tracker = make_tracker(cfg)
     store = Store(cfg.settings.workdir)
     for run_id in tracker.fail_dead_runs():

@@ -13,6 +13,7 @@ tokenizer's chat template (alignment.data.encode_prompt).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -35,6 +36,33 @@ SYNONYMS = {"context": "prompt", "question": "prompt", "query": "prompt", "input
             "answer_l": "rejected", "chosen_response": "chosen", "rejected_response": "rejected", "response_j": "chosen",
             "response_k": "rejected", "preferred": "chosen", "dispreferred": "rejected", "response": "completion",
             "answer": "completion"}
+
+
+def read_once(fn: Callable) -> Callable:
+    """fn(source-holding params or path, ...) computed once per process for the same arguments and the same
+    file (its size and modification time): the CLI's pre-flight, the flow's and the stage read a file once
+    in a run. The last few results are kept; a DataError is raised again each time, not kept."""
+    kept: dict = {}
+
+    def stamp(value) -> Any:
+        source = getattr(value, "path", None) or getattr(value, "data", None) or getattr(value, "prompts_file", None) or value
+        try:
+            st = Path(str(source)).stat()
+            return (st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+
+    def wrapper(*args):
+        key = tuple((a.model_dump_json() if hasattr(a, "model_dump_json") else repr(a), stamp(a)) for a in args)
+        if key not in kept:
+            if len(kept) >= 8:
+                kept.pop(next(iter(kept)))
+            kept[key] = fn(*args)
+        return kept[key]
+
+    wrapper.__doc__, wrapper.__name__, wrapper.__wrapped__ = fn.__doc__, fn.__name__, fn
+    wrapper.forget = kept.clear  # (a new process, for tests)
+    return wrapper
 
 
 class RowError(ValueError):
@@ -117,6 +145,8 @@ def read_rows(source: str | Path) -> tuple[list[tuple[str, str | None, dict]], l
         return [(f"{path}:row {i}", None, r) for i, r in enumerate(_load("parquet", path).to_list(), start=1)], []
     if suffix not in (".json", ".jsonl", ".csv"):
         raise DataError(f"{path}: unknown file type {suffix!r}; use .json, .jsonl, .csv, .parquet or a `datasets` folder")
+    if suffix != ".csv" and (fast := _json_lines(path)) is not None:
+        return fast, []
     lines, problems = _lines(path)
     if suffix == ".csv":
         if problems:
@@ -141,6 +171,39 @@ def read_rows(source: str | Path) -> tuple[list[tuple[str, str | None, dict]], l
         if table is not None and len(table) == len(parsed):  # (one object: datasets reads its keys as columns)
             parsed = list(zip([i for i, _ in parsed], table))
     return [(f"{path}:line {i}", None, r) for i, r in parsed], problems
+
+
+def _json_lines(path: Path) -> list[tuple[str, str | None, dict]] | None:
+    """A JSON Lines file read by `datasets` alone (Arrow's reader: the file is not parsed again in Python),
+    each row placed on the line it came from; None when `datasets` cannot read it (a JSON array, invalid
+    UTF-8 or JSON, rows of different types): the line-by-line reading then says where and why."""
+    numbers, first = [], None
+    with open(path, "rb") as fh:
+        for i, line in enumerate(fh, start=1):
+            if line.strip():
+                numbers.append(i)
+                first = line if first is None else first
+    try:  # JSON Lines: its first line is a whole object (a JSON array, or one object over many lines, is not)
+        if first is None or not isinstance(json.loads(first), dict):
+            return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    try:
+        data = _load("json", path)
+    except Exception:  # noqa: BLE001 - whatever Arrow's JSON reader rejects, the line-by-line reading explains
+        return None
+    if len(data) != len(numbers):  # one object over many lines: datasets reads its keys as columns
+        return None
+    return _rows_of(data, path, numbers)
+
+
+def _rows_of(data, path: Path, numbers: list[int]):
+    """The rows of a `datasets` table a batch at a time (the Python dicts of a whole large file at once
+    would hold several times its size), each with the line it came from."""
+    lines = iter(numbers)
+    for batch in data.iter(batch_size=2000):
+        for values in zip(*batch.values()):
+            yield f"{path}:line {next(lines)}", None, dict(zip(batch.keys(), values))
 
 
 def _read_saved(path: Path) -> list[tuple[str, str | None, dict]]:
@@ -380,28 +443,43 @@ def detect_demo_layout(row: dict) -> str | None:
     return next((name for name, (needed, _) in DEMO_LAYOUTS.items() if set(needed) <= keys), None)
 
 
+DETECT_ROWS = 5000  # rows that vote on a file's layout
+
+
 def convert_rows(source, layouts: dict, detect: Callable, fmt: str, columns: dict[str, str]):
-    """(converted [(where, split, values)], problems). Every row is read by one layout: `fmt`, or with
-    `auto` the one most rows show (a file has one layout; `datasets` gives absent keys as null, so a row
-    with a null field is still read by its file's layout and told which field is null)."""
-    rows, problems = read_rows(source)
-    names = ", ".join(layouts)
+    """(converted [(where, split, values)], problems): iter_converted's rows, all of them."""
+    problems: list[str] = []
+    return list(iter_converted(source, layouts, detect, fmt, columns, problems)), problems
+
+
+def iter_converted(source, layouts: dict, detect: Callable, fmt: str, columns: dict[str, str], problems: list[str]):
+    """The converted rows (where, split, values) of a file, one at a time (a large file's rows are never
+    all held as Python objects), appending each problem to `problems`. Every row is read by one layout:
+    `fmt`, or with `auto` the one most of the first DETECT_ROWS rows show (a file has one layout;
+    `datasets` gives absent keys as null, so a row with a null field is still read by its file's layout
+    and told which field is null)."""
+    rows, found_problems = read_rows(source)
+    problems += found_problems
     if fmt != "auto" and fmt not in layouts:
-        raise DataError(f"{source}: unknown format {fmt!r}; use auto or one of: {names}")
-    rows = [(where, split, {columns.get(k, k): v for k, v in row.items()}) for where, split, row in rows]
+        raise DataError(f"{source}: unknown format {fmt!r}; use auto or one of: {', '.join(layouts)}")
+    if columns:
+        rows = ((where, split, {columns.get(k, k): v for k, v in row.items()}) for where, split, row in rows)
+    rows = iter(rows)
+    first = list(itertools.islice(rows, DETECT_ROWS))  # (a JSON Lines file comes a batch of rows at a time)
     layout = fmt
     if fmt == "auto":
-        found = Counter(detect({k: v for k, v in row.items() if v is not None}) for _, _, row in rows)
+        found = Counter(detect({k: v for k, v in row.items() if v is not None}) for _, _, row in first)
         found.pop(None, None)
         layout = found.most_common(1)[0][0] if found else None
-    if layout is None and rows:
-        return [], problems + [unknown_layout(rows[0][0], rows[0][2], layouts)]
-    out = []
-    for where, split, row in rows:
-        keys = sorted(k for k, v in row.items() if v is not None)
-        needed = layouts[layout][0]
+    if layout is None:
+        if first:
+            problems.append(unknown_layout(first[0][0], first[0][2], layouts))
+        return
+    needed, convert = layouts[layout]
+    for where, split, row in itertools.chain(first, rows):
         missing = [c for c in needed if c not in row]
         if missing:
+            keys = sorted(k for k, v in row.items() if v is not None)
             problems.append(f"{where}: missing column(s) {missing} for the {layout} format; found {keys}")
             continue
         null = [c for c in needed if row[c] is None]
@@ -409,15 +487,14 @@ def convert_rows(source, layouts: dict, detect: Callable, fmt: str, columns: dic
             problems += [f"{where}: column {c!r}: null value" for c in null]
             continue
         try:
-            value = layouts[layout][1](row)
+            value = convert(row)
         except RowError as err:
             problems.append(f"{where}: {err}")
             continue
         if isinstance(value, list):  # demonstrations: [(prompt, completion)]
-            out.append((where, split, [(with_system(prompt, row), completion) for prompt, completion in value]))
+            yield where, split, [(with_system(prompt, row), completion) for prompt, completion in value]
         else:  # a pair: (prompt, chosen, rejected)
-            out.append((where, split, (with_system(value[0], row), *value[1:])))
-    return out, problems
+            yield where, split, (with_system(value[0], row), *value[1:])
 
 
 FEEDBACK_LABELS = ("label", "is_desirable", "kto_tag", "desirable", "thumbs_up")
@@ -468,6 +545,7 @@ def _prompt_value(row: dict, column: str):
     return _conversation_prompt(messages_of(value, column), column)
 
 
+@read_once
 def read_prompt_rows(source: str | Path, columns: dict[str, str] | None = None) -> tuple[list, list[dict]]:
     """(prompts, the other columns of each prompt's row) of a prompts file: `.txt`, one user question a
     line (a one-turn conversation); a table with a `prompt` column (text or messages), a `messages` /

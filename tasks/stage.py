@@ -272,6 +272,16 @@ def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) 
 # -- the lifecycle ----------------------------------------------------------------------------------
 
 
+def key_of(stage, module, inputs: dict[str, StageOutput]) -> str:
+    """The stage's cache key: its type, params, code, and the content of its inputs and source files.
+    An input's content hash is what its folder holds: computed when it was published, and checked again by
+    Store.lookup before a cached output is reused (an edited folder is computed again, never read)."""
+    hashes = {slot: o.content_hash for slot, o in inputs.items()}
+    if hasattr(module, "sources"):
+        hashes.update(module.sources(stage.params))
+    return stage_key(stage.type, {"params": stage.params.model_dump(mode="json")}, hashes)
+
+
 def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) -> StageOutput:
     """Cache lookup -> MLflow run with lineage -> body -> atomic publish -> artifacts -> status."""
     import pandas as pd
@@ -280,12 +290,7 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
         raise KeyboardInterrupt("stop requested")
     name, stage_type, params = stage.name, stage.type, stage.params
     params_dict = {"params": params.model_dump(mode="json")}
-    # An input's content hash is what its folder holds: computed when it was published, and checked again by
-    # Store.lookup before a cached output is reused (an edited folder is computed again, never read).
-    hashes = {slot: o.content_hash for slot, o in inputs.items()}
-    if hasattr(module, "sources"):
-        hashes.update(module.sources(params))
-    key = stage_key(stage_type, params_dict, hashes)
+    key = key_of(stage, module, inputs)
     lineage = {}
     for slot, o in inputs.items():
         lineage.update({

@@ -311,3 +311,31 @@ def test_an_html_page_saved_as_jsonl_is_one_sentence(tmp_path):
     with pytest.raises(DataError) as err:
         import_preferences(ImportParams(path=str(page)))
     assert str(err.value).count("\n") == 1 and "HTML or XML page, not JSON" in str(err.value)
+
+
+def test_a_file_is_read_once_a_run_and_not_at_all_when_its_import_is_stored(tmp_path, monkeypatch):
+    """The CLI's pre-flight, the flow's and the stage read a preference file once in a process; a pre-flight
+    whose import is already in the stage store does not read it."""
+    import tasks.data
+    from flows.config import load, preflight
+    from flows.pipeline import pipeline_flow, resolved_yaml
+
+    reads = []
+    real_read_rows = tasks.data.read_rows
+    monkeypatch.setattr(tasks.data, "read_rows", lambda source: reads.append(source) or real_read_rows(source))
+    path = jsonl(tmp_path / "prefs.jsonl", GOOD * 3 + [{"prompt": "hi there", "chosen": "hello .", "rejected": "go ."}])
+    import yaml
+
+    cfg = {"settings": {"seed": 0, "workdir": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+           "pipelines": {"p": {"stages": [{"name": "prefs", "type": "import_preferences", "params": {"path": str(path)}}]}}}
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    cfg, raw = load(tmp_path / "pipelines.yaml", "p")
+    preflight(cfg.pipelines["p"], None, cfg.settings.workdir)  # as the CLI does, then the flow and its stage
+    pipeline_flow(cfg, "p", resolved_yaml(raw))
+    assert reads == [str(path)]
+    import_preferences.forget()  # as a new `alignflow run` would start
+    preflight(cfg.pipelines["p"], None, cfg.settings.workdir)  # stored now: not read again
+    assert reads == [str(path)]
+    import_preferences.forget()
+    preflight(cfg.pipelines["p"], None, None)  # (without the store it is read)
+    assert reads == [str(path)] * 2

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from tasks.data import DataError, PAIR_LAYOUTS, PREFERENCE_FORMATS, convert_rows, detect_pair_layout, prompt_columns
+from tasks.data import DataError, PAIR_LAYOUTS, PREFERENCE_FORMATS, detect_pair_layout, iter_converted, prompt_columns, read_once
 from tasks.stage import StageParams, StageSpec
 from tasks.store import dir_hash, file_hash
 
@@ -47,18 +47,20 @@ def check_pair(prompt: Any, chosen: str, rejected: str, max_chars: int) -> list[
     return problems
 
 
+@read_once
 def import_preferences(p: Params) -> tuple:
     """(clean pairs with their split, rejected rows with their reasons, counts). Raises DataError listing
     every problem unless p.drop_invalid."""
     import pandas as pd
 
-    rows, problems = convert_rows(p.path, PAIR_LAYOUTS, detect_pair_layout, p.format, p.columns)
-    read = len(rows) + len(problems)
-    clean, seen, duplicates = [], {}, []
-    for where, split, (prompt, chosen, rejected) in rows:
+    problems: list[str] = []
+    clean, seen, duplicates, converted, pair_problems = [], {}, [], 0, []
+    for where, split, (prompt, chosen, rejected) in iter_converted(p.path, PAIR_LAYOUTS, detect_pair_layout, p.format,
+                                                                   p.columns, problems):
+        converted += 1
         row_problems = check_pair(prompt, chosen, rejected, p.max_chars)
         if row_problems:
-            problems += [f"{where}: {m}" for m in row_problems]
+            pair_problems += [f"{where}: {m}" for m in row_problems]
             continue
         cols = prompt_columns(prompt)
         key = (cols["messages"] or cols["prompt"], chosen, rejected)
@@ -67,6 +69,8 @@ def import_preferences(p: Params) -> tuple:
             continue
         seen[key] = where
         clean.append({**cols, "chosen": chosen, "rejected": rejected, "from_split": split})
+    read = converted + len(problems)  # rows converted, and rows that could not be
+    problems += pair_problems
     if problems and not p.drop_invalid:
         raise DataError(f"{len(problems)} problem(s) in {p.path} (nothing was written):\n" + "\n".join(problems))
     if not clean:

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from alignment.config import SFTConfig
-from tasks.data import DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of
+from tasks.data import DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of, read_once
 from tasks.stage import (StageParams, StageSpec, load_policy, metrics_logger, read_table, template_preflight, training_history,
                         save_model, write_first_sequence)
 from tasks.store import dir_hash, file_hash
@@ -44,6 +44,7 @@ class Stage(StageSpec):
         return self
 
 
+@read_once
 def import_demonstrations(p: Params):
     """The demonstrations of p.data as a validated table; a DataError lists every problem."""
     import pandas as pd
