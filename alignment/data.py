@@ -37,14 +37,36 @@ def render_prompt(tokenizer, prompt: Prompt) -> tuple[str, bool]:
     appended; without a template (one warning per tokenizer) the turns as `role: content` lines."""
     if isinstance(prompt, str):
         return prompt, False
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    messages, tools = split_tools(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True), True
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if name not in _warned_no_template:
         _warned_no_template.add(name)
         log.warning("tokenizer %s has no chat template: conversations are rendered as plain 'role: content' lines", name)
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", False
+
+
+TOOLS = "tools"  # the role of a conversation's first message when it carries tool definitions ("tools": [...])
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+def split_tools(prompt: Sequence[Message]) -> tuple[list[dict], list[dict] | None]:
+    """(the messages as a chat template reads them, the tool definitions or None)."""
+    tools = prompt[0]["tools"] if prompt and prompt[0]["role"] == TOOLS else None
+    messages = [{k: m[k] for k in MESSAGE_KEYS if k in m} for m in prompt[1 if tools is not None else 0:]]
+    return messages, tools
+
+
+def render_answer(tokenizer, prompt: Sequence[Message], message: Message) -> str:
+    """The text a chat template writes for an assistant message that `prompt` leads to (a tool call, whose
+    format is the template's): the rendering of prompt + message after that of prompt with the generation
+    prompt, up to the end of the turn. "" when the template writes nothing of the message there."""
+    messages, tools = split_tools(prompt)
+    head = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{k: message[k] for k in MESSAGE_KEYS if k in message}], tools=tools,
+                                         tokenize=False)
+    return full[len(head):].rstrip() if full.startswith(head) else ""
 
 
 # Jinja put in front of a chat template that rejects the system role (Gemma, Mistral v0.1): the system
@@ -116,7 +138,7 @@ def fit_to_length(
 
 def _prompt_key(prompt: Prompt) -> str:
     """What render_prompt reads of a prompt (a message's content may be a list of parts: repr, not hash)."""
-    return prompt if isinstance(prompt, str) else repr([(m["role"], m["content"]) for m in prompt])
+    return prompt if isinstance(prompt, str) else repr([sorted(m.items()) for m in prompt])
 
 
 def tokenize_pairs(

@@ -30,7 +30,9 @@ PREFERENCE_FORMATS = ("auto", "standard", "conversational", "sharegpt", "hh", "u
 DEMONSTRATION_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")
 # role names of the layouts in use -> ours: ShareGPT's human/gpt, Gemma's model, turbo-alignment's bot
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "model": "assistant", "bot": "assistant"}
+         "model": "assistant", "bot": "assistant", "tool": "tool", "observation": "tool", "function": "tool",
+         "function_call": "assistant"}  # (ShareGPT's function_call / observation: a tool call and its result)
+TOOLS = "tools"  # the role of the message that carries a conversation's tool definitions (first, if any)
 # other projects' column names -> ours, suggested when a file's layout is not recognised
 SYNONYMS = {"context": "prompt", "question": "prompt", "query": "prompt", "input": "prompt", "answer_w": "chosen",
             "answer_l": "rejected", "chosen_response": "chosen", "rejected_response": "rejected", "response_j": "chosen",
@@ -260,9 +262,35 @@ def _content(value: Any, what: str) -> str:
     return _text(value, what)
 
 
+def _tool_calls(value: Any, what: str) -> list[dict]:
+    """OpenAI's tool_calls ([{"type": "function", "function": {"name", "arguments"}}]) or ShareGPT's
+    function_call value ({"name", "arguments"} or a list of them, maybe as JSON text), as
+    [{"type": "function", "function": {"name": str, "arguments": dict}}] (what chat templates read)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(f"{what}: a tool call must be JSON {{\"name\": ..., \"arguments\": {{...}}}}") from None
+    calls = []
+    for k, call in enumerate(value if isinstance(value, list) else [value], start=1):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowError(f"{what}: tool call {k} has no function name")
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise RowError(f"{what}: tool call {k} ({function['name']}): its arguments are not JSON") from None
+        calls.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return calls
+
+
 def messages_of(value: Any, column: str) -> list[dict]:
     """[{role, content}] from role/content or ShareGPT from/value messages, roles normalised; content may be
-    a list of text parts."""
+    a list of text parts. Tool calls (OpenAI's tool_calls, content absent; ShareGPT's function_call turn)
+    are assistant messages with `tool_calls`; tool results (OpenAI's tool role, ShareGPT's observation) are
+    `tool` messages."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -273,16 +301,38 @@ def messages_of(value: Any, column: str) -> list[dict]:
             raise RowError(f"column {column!r}: message {n} is {_kind(m)}, not an object with role and content")
         role = m.get("role") if m.get("role") is not None else m.get("from")
         content = m.get("content") if m.get("content") is not None else m.get("value")
+        what = f"column {column!r}: message {n}"
         if role is None:
-            raise RowError(f"column {column!r}: message {n} has no 'role' (or ShareGPT 'from'); keys: {sorted(m)}")
+            raise RowError(f"{what} has no 'role' (or ShareGPT 'from'); keys: {sorted(m)}")
         if role not in ROLES:
-            raise RowError(f"column {column!r}: message {n} has role {role!r}; use system, user or assistant "
-                           f"(ShareGPT: system, human, gpt)")
-        if content is None and m.get("tool_calls"):
-            raise RowError(f"column {column!r}: message {n} is a tool call (tool_calls, no content); alignflow does not "
-                           f"train on tool calls yet: leave such rows out (or drop_invalid: true)")
-        out.append({"role": ROLES[role], "content": _content(content, f"column {column!r}: message {n} content")})
+            raise RowError(f"{what} has role {role!r}; use system, user, assistant or tool "
+                           f"(ShareGPT: system, human, gpt, function_call, observation)")
+        if role == "function_call":
+            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(content, what)})
+        elif m.get("tool_calls"):
+            text = _content(content, f"{what} content") if content not in (None, "", []) else ""
+            out.append({"role": "assistant", "content": text, "tool_calls": _tool_calls(m["tool_calls"], what)})
+        else:
+            message = {"role": ROLES[role], "content": _content(content, f"{what} content")}
+            message.update({k: m[k] for k in ("tool_call_id", "name") if ROLES[role] == "tool" and m.get(k) is not None})
+            out.append(message)
     return out
+
+
+def with_tools(prompt, row: dict):
+    """A `tools` column (OpenAI's list, LLaMA-Factory's JSON text) as the conversation's first message,
+    {"role": "tools", "content": "", "tools": [...]}: rendered through the template's tools= argument."""
+    tools = row.get("tools")
+    if tools is None or tools == "" or tools == [] or isinstance(prompt, str):
+        return prompt
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowError("column 'tools': not JSON (a list of function definitions)") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError(f"column 'tools': expected a list of function definitions, found {_kind(tools)}")
+    return [{"role": TOOLS, "content": "", "tools": tools}, *prompt]
 
 
 def with_system(prompt, row: dict):
@@ -301,6 +351,9 @@ def _answer(value: Any, column: str) -> str:
     if not isinstance(value, (list, dict)):
         return _text(value, f"column {column!r}")
     last = messages_of(value, column)[-1]
+    if last.get("tool_calls"):
+        raise RowError(f"column {column!r}: the answer is a tool call; preference pairs of tool calls are not "
+                       f"supported yet (demonstrations are): leave such rows out (or drop_invalid: true)")
     if last["role"] != "assistant":
         raise RowError(f"column {column!r}: the last message is from {last['role']!r}; it must be the assistant's answer")
     return last["content"]
@@ -414,7 +467,8 @@ def _demo_conversation(column: str):
             raise RowError(f"column {column!r}: must end with the assistant's answer, after at least one user turn")
         weights = [m.get("loss_weight") if isinstance(m, dict) else None for m in
                    (r[column] if isinstance(r[column], list) else [r[column]])]  # LLaMA-Factory v1: 0 = not trained
-        demos = [(_conversation_prompt(messages[:t], column), m["content"]) for t, m in enumerate(messages)
+        demos = [(_conversation_prompt(messages[:t], column), m if m.get("tool_calls") else m["content"])
+                 for t, m in enumerate(messages)
                  if m["role"] == "assistant" and t > 0 and messages[t - 1]["role"] != "assistant" and weights[t] != 0]
         if not demos:
             raise RowError(f"column {column!r}: no assistant turn to learn (each follows another assistant turn or has loss_weight 0)")
@@ -491,10 +545,15 @@ def iter_converted(source, layouts: dict, detect: Callable, fmt: str, columns: d
         except RowError as err:
             problems.append(f"{where}: {err}")
             continue
-        if isinstance(value, list):  # demonstrations: [(prompt, completion)]
-            yield where, split, [(with_system(prompt, row), completion) for prompt, completion in value]
-        else:  # a pair: (prompt, chosen, rejected)
-            yield where, split, (with_system(value[0], row), *value[1:])
+        try:
+            if isinstance(value, list):  # demonstrations: [(prompt, completion)]
+                value = [(with_tools(with_system(prompt, row), row), completion) for prompt, completion in value]
+            else:  # a pair: (prompt, chosen, rejected)
+                value = (with_tools(with_system(value[0], row), row), *value[1:])
+        except RowError as err:
+            problems.append(f"{where}: {err}")
+            continue
+        yield where, split, value
 
 
 FEEDBACK_LABELS = ("label", "is_desirable", "kto_tag", "desirable", "thumbs_up")
@@ -520,7 +579,13 @@ def prompt_columns(prompt) -> dict[str, str]:
     """`prompt` (readable text) and `messages` (JSON of a conversation, '' for plain text)."""
     if isinstance(prompt, str):
         return {"prompt": prompt, "messages": ""}
-    return {"prompt": "\n".join(f"{m['role']}: {m['content']}" for m in prompt), "messages": json.dumps(prompt, ensure_ascii=False)}
+    return {"prompt": "\n".join(readable_message(m) for m in prompt if m["role"] != TOOLS), "messages": json.dumps(prompt, ensure_ascii=False)}
+
+
+def readable_message(m: dict) -> str:
+    calls = " ".join(f"[calls {c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})]"
+                     for c in m.get("tool_calls", []))
+    return f"{m['role']}: {m['content']}{' ' if m['content'] and calls else ''}{calls}"
 
 
 def prompt_of(row) -> str | list[dict]:

@@ -46,7 +46,9 @@ PREFERENCES = pa.DataFrameSchema(
 )
 
 DEMONSTRATIONS = pa.DataFrameSchema(
-    {"prompt": pa.Column(str, TEXT), "messages": MESSAGES, "completion": pa.Column(str, TEXT)},
+    {"prompt": pa.Column(str, TEXT), "messages": MESSAGES, "completion": pa.Column(str, TEXT),
+     # an answer that is a tool call: its assistant message as JSON (the chat template writes its text), else ""
+     "completion_message": pa.Column(str, required=False)},
     name="demonstrations",
 )
 

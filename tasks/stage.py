@@ -234,13 +234,17 @@ def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str
         for m in example:
             if m["content"].strip() and m["content"].strip() not in text:
                 dropped[m["role"]] = dropped.get(m["role"], 0) + len(rows)
+            if m["role"] == "tools" and not any(t.get("function", t).get("name", "") in text for t in m["tools"]):
+                dropped["tools"] = dropped.get("tools", 0) + len(rows)  # a template that ignores tools=
+
     if problems:
         raise DataError(f"{source}: the model's chat template cannot render {len(problems)} kind(s) of conversation:\n"
                         + "\n".join(problems) + "\nfix or leave out those rows, or give the model stage a template that "
                         "takes them (a template that rejects system turns: system_turns: merge folds them into the user's)")
     for role, n in dropped.items():
-        log(f"warning: {source}: the model's chat template leaves the {role} turn's text out of what it renders, in "
-            f"{n} row(s): the model never reads it; use a template that renders {role} turns if it matters")
+        what = "the tool definitions (tools=)" if role == "tools" else f"the {role} turn's text"
+        log(f"warning: {source}: the model's chat template leaves {what} out of what it renders, in {n} row(s): "
+            f"the model never reads it; use a template that renders {role} turns if it matters")
 
 
 def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> list:

@@ -58,3 +58,30 @@ def test_sft_loss_counts_answer_tokens_only(tiny_lm):
         logps = torch.log_softmax(tiny_lm(ids).logits[0, :-1], -1)
         by_hand = -sum(float(logps[t - 1, ids[0, t]]) for t in (4, 5, 6)) / 3
     assert base == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_sharegpt_tool_calls_and_observations_are_demonstrations_with_their_tools(tmp_path):
+    """LLaMA-Factory's ShareGPT tool layout: a function_call turn (JSON text) is an assistant tool call, an
+    observation is a tool message, and the tools column (JSON text) is the conversation's tool definitions;
+    each assistant turn, the call and the final answer, is a demonstration."""
+    import json
+
+    tools = [{"name": "weather", "description": "today's weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    row = {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                             {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+                             {"from": "observation", "value": "sunny, 21 C"},
+                             {"from": "gpt", "value": "It is sunny in Paris."}],
+           "tools": json.dumps(tools)}
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([row]))
+    df, rejects = import_demonstrations(Params(data=str(path)))
+    assert len(df) == 2 and len(rejects) == 0
+    call, answer = df.to_dict("records")
+    assert json.loads(call["messages"]) == [{"role": "tools", "content": "", "tools": tools},
+                                            {"role": "user", "content": "Weather in Paris?"}]
+    assert json.loads(call["completion_message"])["tool_calls"] == [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
+    assert call["completion"] == '[calls weather({"city": "Paris"})]'
+    assert [m["role"] for m in json.loads(answer["messages"])] == ["tools", "user", "assistant", "tool"]
+    assert json.loads(answer["messages"])[3]["content"] == "sunny, 21 C"
+    assert answer["completion"] == "It is sunny in Paris." and answer["completion_message"] == ""

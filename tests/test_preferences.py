@@ -133,7 +133,7 @@ def test_unknown_and_malformed_rows_get_plain_messages(tmp_path):
     ])
     path = tmp_path / "sharegpt.jsonl"
     assert f"{path}:line 2: column 'conversations': message 1 has no 'role' (or ShareGPT 'from'); keys: ['speaker', 'text']" in msg
-    assert f"{path}:line 3: column 'conversations': message 1 has role 'narrator'; use system, user or assistant" in msg
+    assert f"{path}:line 3: column 'conversations': message 1 has role 'narrator'; use system, user, assistant or tool" in msg
     assert f"{path}:line 4: column 'chosen': the last message is from 'user'; it must be the assistant's answer" in msg
     assert f"{path}:line 5: column 'chosen': null value" in msg and "line 1:" not in msg
     msg = problems("hh.jsonl", [{"chosen": "no transcript here", "rejected": "nor here"}])

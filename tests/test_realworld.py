@@ -72,16 +72,18 @@ def dpo(name: str, policy: str, preferences: str, **dpo_params) -> dict:
             "params": {"dpo": {"max_length": 192, "beta": 0.1, "train": TINY_TRAIN, **dpo_params}}}
 
 
-def sft(name: str, policy: str, relative: str, **params) -> dict:
+def sft(name: str, policy: str, relative: str, max_length: int = 192, **params) -> dict:
     return {"name": name, "type": "sft", "inputs": {"policy": policy},
-            "params": {"data": real(relative), "sft": {"max_length": 192, "train": TINY_TRAIN}, **params}}
+            "params": {"data": real(relative), "sft": {"max_length": max_length, "train": TINY_TRAIN}, **params}}
 
 
 def test_real_preference_files_train_dpo_on_real_tokenizers(tmp_path):
     """Anthropic HH (re-split, one pair with chosen == rejected, dropped), LLaMA-Factory's ShareGPT DPO in
     Chinese (system turns, a duplicate), its v1 layout (content as parts) and turbo-alignment's pairs (role
     'bot', other column names) go to DPO on minimind's and GPT-2's real tokenizers; GPT-2's has no chat
-    template and no pad token. One DPO computes its reference on the fly (precompute_ref_logps: false)."""
+    template and no pad token. One DPO computes its reference on the fly (precompute_ref_logps: false). OpenAI
+    tool-calling conversations (tool_calls without content, a tools list) train SFT through minimind's template,
+    which renders tools= and the calls: the loss covers the call as the template writes it."""
     minimind = tiny_llama(tmp_path / "minimind", real_tokenizer("minimind"))
     gpt2 = tiny_llama(tmp_path / "gpt2", gpt2_tokenizer())
     result, m = run(tmp_path, "prefs", [
@@ -93,6 +95,7 @@ def test_real_preference_files_train_dpo_on_real_tokenizers(tmp_path):
               columns={"context": "prompt", "answer_w": "chosen", "answer_l": "rejected"}),
         dpo("dpo_hh", "gpt2", "hh", precompute_ref_logps=False),
         dpo("dpo_zh", "minimind", "zh"), dpo("dpo_v1", "minimind", "v1"), dpo("dpo_turbo", "minimind", "turbo"),
+        sft("tools", "minimind", "sft/stock_toolcall_validation.jsonl", max_length=1024),
         {"name": "evaluate", "type": "evaluate", "inputs": {"policy": "dpo_zh", "reference": "minimind", "preferences": "zh"},
          "params": {"prompts": 4, "max_length": 192, "sampling": {"max_new_tokens": 8}}},
     ])
@@ -105,6 +108,11 @@ def test_real_preference_files_train_dpo_on_real_tokenizers(tmp_path):
     assert "eval/implicit_accuracy" in m["evaluate"]
     zh = json.loads((output_of(tmp_path, "prefs", "dpo_zh") / "first_sequence.json").read_text())["text"]
     assert "<|im_start|>assistant\n" in zh, zh[-300:]  # minimind's ChatML template (the answer is cut at 192 tokens)
+    assert m["tools"]["demonstrations"] == 10
+    call = json.loads((output_of(tmp_path, "prefs", "tools") / "first_sequence.json").read_text())
+    assert "# Tools" in call["text"] and '"name": "get_current_stock_price"' in call["text"]  # the tools, in the prompt
+    learned = real_tokenizer("minimind").decode(call["ids"][call["answer_start"]:])
+    assert learned.startswith('<tool_call>\n{"name": "get_last_nday_stock_price", "arguments": {"symbol": "GS"'), learned
     hh = json.loads((output_of(tmp_path, "prefs", "dpo_hh") / "first_sequence.json").read_text())["text"]
     assert "<|im_start|>" not in hh and "Human: " in hh  # a text prompt, read as it is written
 
@@ -112,8 +120,7 @@ def test_real_preference_files_train_dpo_on_real_tokenizers(tmp_path):
 def test_real_demonstration_and_prompt_files_train_sft_and_grpo_on_phi3(tmp_path):
     """Alpaca (axolotl's, LLaMA-Factory's, identity.json's {{name}} placeholders), ShareGPT (FastChat's,
     axolotl's one-object file), OpenAI chat (a row without a user turn, a 26 KB answer), LLaMA-Factory v1
-    (content parts, loss_weight) and OpenAI tool calls (left out with drop_invalid) go to SFT on Phi-3's
-    real tokenizer; MT-Bench's prompts (`turns`) to sampling and to GRPO with a reward function that reads
+    (content parts, loss_weight) go to SFT on Phi-3's real tokenizer; MT-Bench's prompts (`turns`) to sampling and to GRPO with a reward function that reads
     the file's `reference` column, and that evaluation reports too."""
     phi3 = tiny_llama(tmp_path / "phi3", real_tokenizer("phi-3-mini"))
     (tmp_path / "ref_reward.py").write_text(
@@ -126,7 +133,7 @@ def test_real_demonstration_and_prompt_files_train_sft_and_grpo_on_phi3(tmp_path
         sft("alpaca", "phi3", "sft/alpaca/alpaca.json"), sft("alpaca_en", "phi3", "sft/alpaca_en_demo.json"),
         sft("identity", "phi3", "sft/identity.json"), sft("one_object", "phi3", "sft/conversation.json"),
         sft("fastchat", "phi3", "sft/dummy_conversation.json"), sft("openai_chat", "phi3", "sft/toy_chat_fine_tuning.jsonl"),
-        sft("v1", "phi3", "sft/v1_sft_demo.jsonl"), sft("tools", "phi3", "sft/stock_toolcall_validation.jsonl", drop_invalid=True),
+        sft("v1", "phi3", "sft/v1_sft_demo.jsonl"),
         {"name": "sample", "type": "sample", "inputs": {"policy": "v1"},
          "params": {"prompts_file": mt_bench, "prompts": 4, "samples_per_prompt": 1, "sampling": {"max_new_tokens": 4}}},
         {"name": "grpo", "type": "grpo", "inputs": {"policy": "v1"},
@@ -139,7 +146,6 @@ def test_real_demonstration_and_prompt_files_train_sft_and_grpo_on_phi3(tmp_path
     trained(result)
     assert m["alpaca"]["demonstrations"] == 2 and m["identity"]["demonstrations"] == 91
     assert m["one_object"]["demonstrations"] >= 1 and m["fastchat"]["demonstrations"] > 300  # one per assistant turn
-    assert m["tools"]["rows_invalid"] == 5 and m["tools"]["demonstrations"] == 5
     assert m["sample"]["samples"] == 4
     assert m["evaluate"]["eval/reward/has_reference"] == pytest.approx(39 / 80)  # 39 of MT-Bench's 80 have one
 
@@ -199,15 +205,13 @@ def test_every_ollama_template_renders_or_is_told_in_a_sentence():
 
 def test_real_files_that_cannot_train_exit_2_with_a_sentence(tmp_path):
     """A Jupyter HTML page saved as .jsonl, turbo-alignment's KTO file (unpaired feedback), its pair file
-    under other column names, OpenAI tool calls, and GPT-2's vocab.json/merges.txt without a
+    under other column names, and GPT-2's vocab.json/merges.txt without a
     tokenizer_config.json: each stops before any work with what to do."""
-    minimind = tiny_llama(tmp_path / "minimind", real_tokenizer("minimind"))
     cases = {
         "html": ([prefs("p", "preferences/junk-html-saved-as-jsonl/sample_preference.jsonl")], ["HTML", "Raw"]),
         "kto": ([prefs("p", "preferences/turbo-alignment-fixtures/train_kto.jsonl")], ["unpaired feedback", "is_desirable", "line 1"]),
         "names": ([prefs("p", "preferences/turbo-alignment-fixtures/train_preferences.jsonl")],
                   ["columns: {answer_l: rejected, answer_w: chosen, context: prompt}"]),
-        "tools": ([model("m", minimind), sft("s", "m", "sft/stock_toolcall_validation.jsonl")], ["line 1", "tool call", "drop_invalid"]),
         "gpt2_files": ([model("m", bare_gpt2_folder(tmp_path / "gpt2-bare"))], ["tokenizer cannot be loaded", "save_pretrained"]),
     }
     for name, (stages, words) in cases.items():
@@ -218,10 +222,19 @@ def test_real_files_that_cannot_train_exit_2_with_a_sentence(tmp_path):
 
 
 def test_a_template_error_inside_a_stage_is_the_same_sentence(tmp_path):
-    """system_turns: error keeps Gemma's template as it is: SFT on OpenAI's chat file, whose rows have
-    system turns, stops inside the stage with exit 2, the rows and the template's own words."""
+    """Found inside a stage, a template problem is the same one report: system_turns: error keeps Gemma's
+    template as it is, and SFT on OpenAI's chat file, whose rows have system turns, stops with the rows and
+    the template's own words; Phi-3's template, which writes no tool calls, stops SFT on tool-calling rows
+    before any training."""
     gemma = tiny_llama(tmp_path / "gemma", real_tokenizer("minimind", "gemma/tokenizer_config.json"))
-    result, _ = run(tmp_path, "strict", [model("m", gemma, system_turns="error"), sft("s", "m", "sft/toy_chat_fine_tuning.jsonl")])
-    err = refused(result, "the chat template says 'System role not supported'", "system_turns: merge", "rows [")
-    assert not list((tmp_path / "runs-strict").glob("stages/sft/*/_SUCCESS.json"))
-    assert err
+    phi3 = tiny_llama(tmp_path / "phi3", real_tokenizer("phi-3-mini"))
+    cases = {
+        "strict": ([model("m", gemma, system_turns="error"), sft("s", "m", "sft/toy_chat_fine_tuning.jsonl")],
+                   ["the chat template says 'System role not supported'", "system_turns: merge", "rows ["]),
+        "tools": ([model("m", phi3), sft("s", "m", "sft/stock_toolcall_validation.jsonl")],
+                  ["does not write the tool calls of 5 demonstration(s) (rows [1, 2, 4, 5, 9])", "use a template that does"]),
+    }
+    for name, (stages, words) in cases.items():
+        result, _ = run(tmp_path, name, stages)
+        refused(result, *words)
+        assert not list((tmp_path / f"runs-{name}").glob("stages/sft/*/_SUCCESS.json"))

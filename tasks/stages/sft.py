@@ -9,13 +9,15 @@ every assistant turn and nothing else.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import model_validator
 
 from alignment.config import SFTConfig
-from tasks.data import DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of, read_once
+from tasks.data import (DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of,
+                        read_once, readable_message)
 from tasks.stage import (StageParams, StageSpec, load_policy, metrics_logger, read_table, template_preflight, training_history,
                         save_model, write_first_sequence)
 from tasks.store import dir_hash, file_hash
@@ -45,6 +47,35 @@ class Stage(StageSpec):
 
 
 @read_once
+def completion_columns(completion: str | dict) -> dict[str, str]:
+    """An answer's columns: its text; a tool call also its message, which the chat template renders."""
+    if isinstance(completion, str):
+        return {"completion": completion, "completion_message": ""}
+    return {"completion": readable_message(completion).split(": ", 1)[1], "completion_message": json.dumps(completion, ensure_ascii=False)}
+
+
+def completions(tokenizer, rows: list[dict], source: str) -> list[str]:
+    """The answer texts to learn: a tool call's is what the chat template writes for it."""
+    from alignment.data import render_answer
+
+    out, silent = [], []
+    for i, r in enumerate(rows, start=1):
+        if not r.get("completion_message"):
+            out.append(r["completion"])
+            continue
+        message = json.loads(r["completion_message"])
+        text = render_answer(tokenizer, prompt_of(r), message)
+        out.append(text)
+        if not all(c["function"]["name"] in text for c in message["tool_calls"]):
+            silent.append(i)
+    if silent:
+        raise DataError(f"{source}: the model's chat template does not write the tool calls of {len(silent)} "
+                        f"demonstration(s) (rows {silent[:20]}): it does not render tool_calls; use a template that does "
+                        f"(e.g. Qwen's or Llama-3.1's), or leave the tool-calling rows out")
+    return out
+
+
+@read_once
 def import_demonstrations(p: Params):
     """The demonstrations of p.data as a validated table; a DataError lists every problem."""
     import pandas as pd
@@ -56,7 +87,7 @@ def import_demonstrations(p: Params):
         raise DataError(f"{len(problems)} problem(s) in {p.data} (nothing was written):\n" + "\n".join(problems))
     if not rows:
         raise DataError(f"{p.data}: no demonstrations" + (f" ({len(problems)} row(s) dropped as invalid)" if problems else ""))
-    df = pd.DataFrame([{**prompt_columns(prompt), "completion": completion}
+    df = pd.DataFrame([{**prompt_columns(prompt), **completion_columns(completion)}
                        for _, _, demos in rows for prompt, completion in demos])  # a conversation: one per assistant turn
     return schemas.validate(df, schemas.DEMONSTRATIONS, p.data), pd.DataFrame({"problem": problems})
 
@@ -78,7 +109,8 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     policy, tokenizer = load_policy(inputs)
     rows = demos.to_dict("records")
     template_preflight(tokenizer, [prompt_of(r) for r in rows], p.data or inputs["demonstrations"].name, ctx.log)
-    examples = tokenize_demonstrations(tokenizer, [prompt_of(r) for r in rows], [r["completion"] for r in rows], p.sft.max_length)
+    answers = completions(tokenizer, rows, p.data or inputs["demonstrations"].name)
+    examples = tokenize_demonstrations(tokenizer, [prompt_of(r) for r in rows], answers, p.sft.max_length)
     cut = [i + 1 for i, (_, answer) in enumerate(examples) if len(answer) <= 1]
     if cut:
         raise DataError(f"{len(cut)} demonstration(s) lose their whole answer to max_length={p.sft.max_length} "
