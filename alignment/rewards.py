@@ -46,6 +46,8 @@ def score(reward_fns: Mapping[str, RewardFn], weights: Mapping[str, float], prom
     for name, fn in reward_fns.items():
         try:
             raw = fn(list(prompts), list(answers), **_accepted(fn, columns or {}))
+        except RewardFunctionError as e:  # one that says what is wrong in its own words
+            raise RewardFunctionError(f"reward function {name}: {e}") from None
         except Exception as e:  # noqa: BLE001 - a user's function: report it by name, with its own message
             raise RewardFunctionError(f"reward function {name} failed on a batch of {len(answers)} answers: "
                                       f"{type(e).__name__}: {e}") from e

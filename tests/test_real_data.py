@@ -23,6 +23,7 @@ from chat_model import build_chat_model
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
 
 CLI = str(Path(sys.executable).parent / "alignflow")
+SHIPPED = Path(__file__).resolve().parents[1] / "pipelines.yaml"
 SYSTEM = {"from": "system", "value": "You are a helpful assistant."}
 QUESTIONS = ["How do I cook rice?", "What is the capital of France?", "Write a haiku about autumn.",
              "Convert this hexadecimal number to decimal: 0x1F", "Summarise the text in one sentence."]
@@ -187,3 +188,32 @@ def test_grpo_with_the_users_reward_function_on_a_chat_model(files):
     result, _ = grpo("no_such_module:score")
     assert result.returncode == 2
     assert "reward function no_such_module:score: no module 'no_such_module'" in result.stderr
+
+
+def test_the_shipped_gsm8k_pipeline_runs_sft_grpo_and_held_out_exact_match_on_a_gsm8k_shaped_file(tmp_path):
+    """The shipped gsm8k-grpo pipeline on a GSM8K-shaped file written here (question / answer ending in
+    '#### N'): SFT reads it through columns, GRPO's exact match sees each prompt's gold `answer`, and the
+    evaluation reports held-out exact match for the policy and the reference."""
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}
+            for a in range(1, 7) for b in range(1, 5)]
+    (tmp_path / "data").mkdir()
+    for name, part in (("gsm8k_train.jsonl", rows[:18]), ("gsm8k_test.jsonl", rows[18:])):
+        (tmp_path / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    cfg = yaml.safe_load(SHIPPED.read_text())
+    pipe = cfg["pipelines"]["gsm8k-grpo"]
+    stage = {s["name"]: s for s in pipe["stages"]}
+    stage["base"]["params"]["name_or_path"] = str(build_chat_model(tmp_path / "chat-model"))
+    stage["sft"]["params"]["sft"] = {"max_length": 64, "train": {"max_steps": 2, "batch_size": 4}}
+    stage["grpo"]["params"]["grpo"].update(iterations=2, prompts_per_batch=2, group_size=2, sampling={"max_new_tokens": 8})
+    stage["evaluate"]["params"].update(prompts=6, sampling={"max_new_tokens": 8})
+    cfg["pipelines"] = {"gsm8k-grpo": pipe}
+    cfg["settings"].update(workdir=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([CLI, "run", "gsm8k-grpo"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [evaluation] = [json.loads((s.parent / "metrics.json").read_text()) for s in (tmp_path / "runs").glob("stages/evaluate/*/_SUCCESS.json")]
+    assert 0 <= evaluation["eval/reward/exact_match"] <= 1 and 0 <= evaluation["eval/ref_reward/exact_match"] <= 1
+    [grpo] = [s.parent for s in (tmp_path / "runs").glob("stages/grpo/*/_SUCCESS.json")]
+    history = [json.loads(line) for line in (grpo / "train_metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all("reward/alignment.verifiable:exact_match" in h for h in history), history[0]
