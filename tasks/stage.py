@@ -209,27 +209,31 @@ def read_prompts(inputs: dict[str, StageOutput], split: str, n: int) -> list:
     return [prompt_of(r) for r in df[df["split"] == split].head(n).to_dict("records")]
 
 
-def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str], None] = print) -> None:
+def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str], None] = print,
+                       drop_invalid: bool = False) -> dict[int, str]:
     """Every distinct conversation shape (its sequence of roles) of the data rendered through the
     tokenizer's chat template before any training. A template that raises (a role it rejects, turns that
     do not alternate) is a DataError naming the rows and quoting the template; a template that leaves a
-    message's text out of what it renders (an older Phi-3 drops the system turn) gets one warning a role."""
+    message's text out of what it renders (an older Phi-3 drops the system turn) gets one warning a role.
+    With drop_invalid the rows that cannot render are returned instead ({1-based row: why}); else {}."""
     from alignment.data import render_prompt
 
     if not getattr(tokenizer, "chat_template", None):
-        return
+        return {}
     shapes: dict[tuple, list[int]] = {}
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             shapes.setdefault(tuple(m["role"] for m in prompt), []).append(i + 1)
-    problems, dropped = [], {}
+    problems, dropped, bad = [], {}, {}
     for shape, rows in shapes.items():
         example = prompts[rows[0] - 1]
         try:
             text, _ = render_prompt(tokenizer, example)
         except Exception as err:  # noqa: BLE001 - jinja's TemplateError, or what the template raises itself
+            said = f"the chat template says {str(err) or type(err).__name__!r}"
             problems.append(f"{len(rows)} row(s) with the turns {' -> '.join(shape)} (rows {rows[:10]}"
-                            f"{' ...' if len(rows) > 10 else ''}): the chat template says {str(err) or type(err).__name__!r}")
+                            f"{' ...' if len(rows) > 10 else ''}): {said}")
+            bad.update({row: said for row in rows})
             continue
         for m in example:
             if m["content"].strip() and m["content"].strip() not in text:
@@ -237,7 +241,9 @@ def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str
             if m["role"] == "tools" and not any(t.get("function", t).get("name", "") in text for t in m["tools"]):
                 dropped["tools"] = dropped.get("tools", 0) + len(rows)  # a template that ignores tools=
 
-    if problems:
+    if problems and drop_invalid:
+        log(f"[{source}] dropped {len(bad)} row(s) the chat template cannot render (drop_invalid): " + "; ".join(problems))
+    elif problems:
         raise DataError(f"{source}: the model's chat template cannot render {len(problems)} kind(s) of conversation:\n"
                         + "\n".join(problems) + "\nfix or leave out those rows, or give the model stage a template that "
                         "takes them (a template that rejects system turns: system_turns: merge folds them into the user's)")
@@ -245,15 +251,21 @@ def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str
         what = "the tool definitions (tools=)" if role == "tools" else f"the {role} turn's text"
         log(f"warning: {source}: the model's chat template leaves {what} out of what it renders, in {n} row(s): "
             f"the model never reads it; use a template that renders {role} turns if it matters")
+    return bad
 
 
-def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) -> list:
-    """The pairs tokenised for training, checked before any training: BOS at most once at the start, EOS
-    once at the end of each answer, no answer truncated to nothing, and chosen != rejected after
-    truncation to max_length. A DataError names the rows otherwise. Returns the PairExamples."""
+def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str, drop_invalid: bool = False,
+                    log: Callable[[str], None] = print) -> tuple[list, list[str]]:
+    """The pairs tokenised for training, checked before any training: the chat template renders them
+    (template_preflight), BOS at most once at the start, EOS once at the end of each answer, no answer
+    truncated to nothing, and chosen != rejected after truncation to max_length. A DataError names the
+    rows otherwise; with drop_invalid those rows are left out instead. Returns (the PairExamples of the
+    kept pairs, a line for each pair left out)."""
     from alignment.data import tokenize_pairs
 
-    template_preflight(tokenizer, [prompt_of(p) for p in pairs], source)
+    unrenderable = template_preflight(tokenizer, [prompt_of(p) for p in pairs], source, log, drop_invalid)
+    rejects = [f"{source}: row {row}: {why}" for row, why in sorted(unrenderable.items())]
+    pairs = [p for i, p in enumerate(pairs, start=1) if i not in unrenderable]
     examples = tokenize_pairs(tokenizer, [prompt_of(p) for p in pairs], [p["chosen"] for p in pairs],
                               [p["rejected"] for p in pairs], max_length)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -264,13 +276,32 @@ def token_preflight(tokenizer, pairs: list[dict], max_length: int, source: str) 
             lambda e: bos is not None and e.prompt_ids[:2] == [bos, bos],
         "end an answer with EOS twice": lambda e: any(a[-2:] == [eos, eos] for a in (e.chosen_ids, e.rejected_ids)),
     }
+    left_out: set[int] = set()
     for problem, bad in checks.items():
         rows = [i + 1 for i, e in enumerate(examples) if bad(e)]
-        if rows:
+        if rows and not drop_invalid:
             raise DataError(
                 f"{source}: {len(rows)} pair(s) {problem} with max_length={max_length} tokens "
-                f"(rows {rows[:20]}{' ...' if len(rows) > 20 else ''}); raise max_length or drop them")
-    return examples
+                f"(rows {rows[:20]}{' ...' if len(rows) > 20 else ''}); raise max_length or drop them (drop_invalid: true)")
+        rejects += [f"{source}: pair {row}: {problem[5:] if problem.startswith('have ') else problem} with max_length={max_length}"
+                    for row in rows if row not in left_out]
+        left_out.update(rows)
+    kept = [e for i, e in enumerate(examples, start=1) if i not in left_out]
+    if not kept:
+        raise DataError(f"{source}: no pair is left to train on ({len(rejects)} left out); raise max_length or fix the data")
+    if left_out:
+        log(f"[{source}] left out {len(left_out)} pair(s) that fail the token checks (drop_invalid); listed in rejects.parquet")
+    return kept, rejects
+
+
+def write_rejects(out: Path, rejects: list[str]) -> None:
+    """The rows a stage left out (drop_invalid) and why, as `rejects.parquet` in its output."""
+    if rejects:
+        import pandas as pd
+
+        from tasks import schemas
+
+        schemas.write_parquet(pd.DataFrame({"problem": rejects}), out / "rejects.parquet")
 
 
 # -- the lifecycle ----------------------------------------------------------------------------------

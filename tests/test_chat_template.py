@@ -102,3 +102,18 @@ def test_a_template_that_rejects_system_turns_gets_them_folded_into_the_first_us
     assert adapt_system_turns(tokenizer, "error") == "System role not supported"
     with pytest.raises(Exception, match="System role not supported"):
         tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def test_drop_invalid_leaves_out_the_pairs_the_token_checks_reject(sandbox_tokenizer):
+    """With drop_invalid, a pair whose answers become equal at max_length is left out and listed, the others
+    are kept in order; every pair left out is a DataError that says so."""
+    tok = sandbox_tokenizer
+    prompt = "user : how do i cook rice ? assistant :"  # 9 tokens + <bos>
+    shared = "rinse the rice and use two cups of water ."  # 10 tokens
+    pairs = [{"prompt": prompt, "messages": "", "chosen": "rinse it .", "rejected": "no ."},
+             {"prompt": prompt, "messages": "", "chosen": shared + " good luck !", "rejected": shared + " not my problem ."}]
+    kept, rejects = token_preflight(tok, pairs, max_length=14, source="prefs", drop_invalid=True, log=lambda _: None)
+    assert len(kept) == 1 and kept[0].chosen_ids[:2] == tok("rinse it", add_special_tokens=False)["input_ids"]
+    assert rejects == ["prefs: pair 2: chosen == rejected after truncation with max_length=14"]
+    with pytest.raises(DataError, match="no pair is left to train on"):
+        token_preflight(tok, pairs[1:], max_length=14, source="prefs", drop_invalid=True, log=lambda _: None)

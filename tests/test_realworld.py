@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -154,7 +155,8 @@ def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):
     """Gemma's template (raises on a system turn) trains DPO on system-prompted pairs with the system text
     folded into the first user turn, said once; Llama-3, Mistral v1, Phi-3 and ChatML from axolotl train SFT
     on OpenAI's chat file, which has system turns; an older Phi-3 template that drops the system turn trains
-    with a warning that names the role."""
+    with a warning that names the role; Gemma's template kept strict (system_turns: error) with drop_invalid
+    trains on the rows without a system turn and lists the others."""
     minimind = "minimind"
     models = {"gemma": real_tokenizer(minimind, "gemma/tokenizer_config.json")}
     for name in ("llama3", "mistral_v1", "phi_3", "chatml"):
@@ -166,6 +168,8 @@ def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):
     stages = [model(name, tiny_llama(tmp_path / name, tok)) for name, tok in models.items()]
     stages += [prefs("zh", "preferences/dpo_zh_demo.json"), dpo("dpo_gemma", "gemma", "zh")]
     stages += [sft(f"sft_{name}", name, "sft/toy_chat_fine_tuning.jsonl") for name in models if name != "gemma"]
+    stages += [model("gemma_strict", tmp_path / "gemma", system_turns="error"),  # (the same folder, kept as it is)
+               sft("sft_gemma_strict", "gemma_strict", "sft/toy_chat_fine_tuning.jsonl", drop_invalid=True)]
     result, m = run(tmp_path, "templates", stages)
     out = trained(result)
     assert "rejects system turns (it says 'System role not supported'): their text is folded into the first user turn" in out
@@ -173,6 +177,11 @@ def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):
     first = json.loads((output_of(tmp_path, "templates", "dpo_gemma") / "first_sequence.json").read_text())
     assert "<start_of_turn>model\n" in first["text"] and "<start_of_turn>system" not in first["text"]  # (the prompt's end)
     assert all(m[f"sft_{name}"]["final_loss"] > 0 for name in models if name != "gemma")
+    # drop_invalid covers the template check: Gemma's template kept strict, the 7 rows with a system turn are
+    # left out and listed, and SFT trains on the others
+    assert m["sft_gemma_strict"]["rows_invalid"] == 7 and m["sft_gemma_strict"]["demonstrations"] >= 1
+    rejects = pd.read_parquet(output_of(tmp_path, "templates", "sft_gemma_strict") / "rejects.parquet")["problem"]
+    assert len(rejects) == 7 and all("System role not supported" in r for r in rejects)
 
 
 def test_every_ollama_template_renders_or_is_told_in_a_sentence():

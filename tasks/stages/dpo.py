@@ -8,7 +8,7 @@ from typing import Literal
 
 
 from alignment.config import DPOConfig, LoRAConfig
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, training_history, save_model, token_preflight, write_first_sequence
+from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, training_history, save_model, token_preflight, write_first_sequence, write_rejects
 from tasks.store import stage_key
 
 INPUTS = {"preferences": "preferences", "policy": "policy"}
@@ -18,6 +18,7 @@ TRAINED_WITH = "dpo.json"  # the beta of the implicit reward the policy learned,
 
 
 class Params(StageParams):
+    drop_invalid: bool = False  # leave out the pairs the chat template or the token checks reject (rejects.parquet)
     dpo: DPOConfig = DPOConfig()  # training (TRL's defaults: beta 0.1, lr 1e-6, max_length 1024)
     lora: LoRAConfig | None = None  # train LoRA adapters only; the reference is the model with them off
 
@@ -36,10 +37,13 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
 
     train = read_preferences(inputs, "train")
     policy, tokenizer = load_policy(inputs)
-    examples = token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)")
+    examples, rejects = token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)",
+                                        p.drop_invalid, ctx.log)
+    write_rejects(out, rejects)
     write_first_sequence(out, tokenizer, examples[0].prompt_ids, examples[0].chosen_ids)
     # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
-    ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt},
+    ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt,
+                                            **({"drop_invalid": True} if p.drop_invalid else {})},
                         {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
     ref_file = ctx.store.final("reference_logps", ref_key) / "logps.safetensors"
     set_seed(p.dpo.train.seed)

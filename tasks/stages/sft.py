@@ -19,7 +19,7 @@ from alignment.config import SFTConfig
 from tasks.data import (DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of,
                         read_once, readable_message)
 from tasks.stage import (StageParams, StageSpec, load_policy, metrics_logger, read_table, template_preflight, training_history,
-                        save_model, write_first_sequence)
+                        save_model, write_first_sequence, write_rejects)
 from tasks.store import dir_hash, file_hash
 
 INPUTS = {"policy": "policy", "demonstrations": "demonstrations?"}
@@ -31,7 +31,8 @@ class Params(StageParams):
     data: str | None = None  # demonstrations file or `datasets` folder; None: the `demonstrations` input
     format: Literal[DEMONSTRATION_FORMATS] = "auto"  # auto, alpaca, sharegpt, messages, prompt_completion
     columns: dict[str, str] = {}  # the file's column -> ours, e.g. {question: instruction}
-    drop_invalid: bool = False  # train on the readable rows and write the others to rejects.parquet instead of failing
+    drop_invalid: bool = False  # train on the rows that pass every check (reading, chat template, max_length) and write
+    # the others to rejects.parquet instead of failing
     sft: SFTConfig = SFTConfig()  # training (TRL's defaults: lr 2e-5, max_length 1024)
 
 
@@ -98,30 +99,39 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from alignment.trainers.sft import SFTTrainer
     from tasks import schemas
 
+    source = p.data or inputs["demonstrations"].name
+    problems: list[str] = []
     if p.data:
         demos, rejects = import_demonstrations(p)
-        if len(rejects):
-            schemas.write_parquet(rejects, out / "rejects.parquet")
-            ctx.log(f"[sft] dropped {len(rejects)} invalid row(s) of {p.data}; their reasons are in rejects.parquet")
+        problems = list(rejects["problem"])
     else:
         demos = read_table(inputs, "demonstrations", "demonstrations.parquet", schemas.DEMONSTRATIONS)
     set_seed(p.sft.train.seed)
     policy, tokenizer = load_policy(inputs)
     rows = demos.to_dict("records")
-    template_preflight(tokenizer, [prompt_of(r) for r in rows], p.data or inputs["demonstrations"].name, ctx.log)
-    answers = completions(tokenizer, rows, p.data or inputs["demonstrations"].name)
+    unrenderable = template_preflight(tokenizer, [prompt_of(r) for r in rows], source, ctx.log, p.drop_invalid)
+    problems += [f"{source}: demonstration {row}: {why}" for row, why in sorted(unrenderable.items())]
+    rows = [r for i, r in enumerate(rows, start=1) if i not in unrenderable]
+    answers = completions(tokenizer, rows, source)
     examples = tokenize_demonstrations(tokenizer, [prompt_of(r) for r in rows], answers, p.sft.max_length)
     cut = [i + 1 for i, (_, answer) in enumerate(examples) if len(answer) <= 1]
-    if cut:
+    if cut and not p.drop_invalid:
         raise DataError(f"{len(cut)} demonstration(s) lose their whole answer to max_length={p.sft.max_length} "
-                                f"(rows {cut[:20]}); raise sft.max_length or shorten their prompts")
+                        f"(rows {cut[:20]}); raise sft.max_length or shorten their prompts (or drop_invalid: true)")
+    problems += [f"{source}: demonstration {row}: its answer is cut to nothing at max_length={p.sft.max_length}" for row in cut]
+    examples = [e for i, e in enumerate(examples, start=1) if i not in set(cut)]
+    if not examples:
+        raise DataError(f"{source}: no demonstration is left to train on ({len(problems)} left out)")
+    write_rejects(out, problems)
+    if problems:
+        ctx.log(f"[sft] left out {len(problems)} invalid row(s) or demonstration(s) of {source}; their reasons are in rejects.parquet")
     write_first_sequence(out, tokenizer, *examples[0])
     trainer = SFTTrainer(policy, examples, tokenizer.pad_token_id, p.sft, output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
     rows = training_history(out)
     save_model(trainer.model, tokenizer, out)
     return {"final_loss": rows[-1]["loss"], "demonstrations": float(len(examples)),
-            **({"rows_invalid": float(len(rejects))} if p.data else {})}
+            **({"rows_invalid": float(len(problems))} if p.drop_invalid else {})}
 
 
 def sources(p: Params) -> dict[str, str]:

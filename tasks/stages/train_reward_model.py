@@ -12,7 +12,7 @@ from typing import Literal
 
 from alignment.config import RewardConfig
 from tasks.data import prompt_of
-from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, training_history, save_model, token_preflight, write_first_sequence
+from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, training_history, save_model, token_preflight, write_first_sequence, write_rejects
 
 INPUTS = {"preferences": "preferences", "base": "policy", "world": "world?"}
 LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate launch (tasks/launch.py)
@@ -21,6 +21,7 @@ CONFIG_FILE = "reward_config.json"  # how the model reads text: later stages sco
 
 
 class Params(StageParams):
+    drop_invalid: bool = False  # leave out the pairs the chat template or the token checks reject (rejects.parquet)
     reward: RewardConfig = RewardConfig()  # training (TRL's defaults: lr 1e-4, max_length 1024)
 
 
@@ -43,7 +44,9 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     train, test = read_preferences(inputs, "train"), read_preferences(inputs, "test")
     base = model_dir(inputs, "base")
     tokenizer = load_tokenizer(base)
-    train_examples = token_preflight(tokenizer, train, p.reward.max_length, f"{inputs['preferences'].name} (train split)")
+    train_examples, rejects = token_preflight(tokenizer, train, p.reward.max_length, f"{inputs['preferences'].name} (train split)",
+                                              p.drop_invalid, ctx.log)
+    write_rejects(out, rejects)
     write_first_sequence(out, tokenizer, train_examples[0].prompt_ids, train_examples[0].chosen_ids)
     set_seed(p.reward.train.seed)
     trainer = RewardTrainer(RewardModel.from_pretrained(base), train_examples, tokenizer.pad_token_id, p.reward,
