@@ -70,11 +70,13 @@ EVALUATION = pa.DataFrameSchema(
 
 def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, source: str | Path) -> pd.DataFrame:
     """Validate df against schema; raise DataError listing every bad row (1-based, header not counted)."""
-    missing = [c for c in schema.columns if c not in df.columns]
+    missing = [c for c, column in schema.columns.items() if c not in df.columns and column.required]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; found {list(df.columns)}")
     problems: list[str] = []
     for name, column in schema.columns.items():  # nulls first: pandera's lazy mode reports them as one line
+        if name not in df.columns:
+            continue
         for i in df.index[df[name].isna()]:
             problems.append(f"{source}:row {i + 1}: column {name!r}: null value")
     if not problems:
