@@ -202,3 +202,5 @@ def test_every_option_runs_through_alignflow_run(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-5000:]
     assert "Traceback" not in out
+    done = {line.split("]")[0].split("[")[-1] for line in out.splitlines() if "] done: " in line}
+    assert done == {s["name"] for s in stages(files)}, out[-3000:]  # every stage computed

@@ -179,6 +179,17 @@ def compile_backbones(model: torch.nn.Module) -> None:
         backbone.compile(dynamic=True)
 
 
+def _allow_mixed_precision(mixed_precision: str) -> None:
+    """accelerate keeps one mixed-precision setting a process and refuses another: stages of one pipeline run
+    in one process, and each may set its own (SFT "no", DPO "bf16"). The accelerator state (not the
+    process group) is reset when a stage asks for another setting than the one before."""
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and str(current) != mixed_precision:
+        AcceleratorState._reset_state()
+
+
 class Optimization:
     """AdamW + LR schedule + accelerate (devices, DDP, mixed precision) + clipping + NaN/inf guard."""
 
@@ -186,6 +197,7 @@ class Optimization:
         self.cfg = cfg
         # several processes on a machine without CUDA (torchrun on CPU): DDP over gloo
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        _allow_mixed_precision(cfg.mixed_precision)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
