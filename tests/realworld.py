@@ -44,6 +44,10 @@ def real_tokenizer(name: str, template: str | None = None):
         path = Path(real(f"tokenizers/{template}"))
         tokenizer.chat_template = (json.loads(path.read_text())["chat_template"] if path.suffix == ".json"
                                    else path.read_text())
+        specials = path.with_name("special_tokens_map.json")  # Gemma's <start_of_turn> / <end_of_turn>: one token each
+        if path.suffix == ".json" and specials.is_file():
+            extra = [t["content"] if isinstance(t, dict) else t for t in json.loads(specials.read_text())["additional_special_tokens"]]
+            tokenizer.add_special_tokens({"additional_special_tokens": extra})
     return tokenizer
 
 

@@ -242,7 +242,8 @@ def test_token_preflight_finds_pairs_equal_after_truncation():
     shared = "rinse the rice and use two cups of water ."  # 10 tokens
     pairs = [{"prompt": prompt, "chosen": shared + " good luck !", "rejected": shared + " not my problem ."},
              {"prompt": prompt, "chosen": "good luck !", "rejected": "not my problem ."}]
-    examples = token_preflight(tok, pairs, max_length=64, source="prefs")  # all differ: passes
+    examples, rejects = token_preflight(tok, pairs, max_length=64, source="prefs")  # all differ: passes
+    assert rejects == []
     assert [e.chosen_ids for e in examples] == [tok(p["chosen"])["input_ids"][1:] + [tok.eos_token_id] for p in pairs]
     with pytest.raises(DataError, match=r"1 pair\(s\) have chosen == rejected after truncation with max_length=14 tokens \(rows \[1\]\)"):
         token_preflight(tok, pairs, max_length=14, source="prefs")  # prompt cut to 7, answers to their shared 7

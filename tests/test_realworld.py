@@ -176,6 +176,8 @@ def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):
     assert "leaves the system turn's text out of what it renders" in out
     first = json.loads((output_of(tmp_path, "templates", "dpo_gemma") / "first_sequence.json").read_text())
     assert "<start_of_turn>model\n" in first["text"] and "<start_of_turn>system" not in first["text"]  # (the prompt's end)
+    turn = models["gemma"].convert_tokens_to_ids("<start_of_turn>")  # Gemma's special tokens, one id each
+    assert turn >= 6400 and first["ids"].count(turn) >= 1
     assert all(m[f"sft_{name}"]["final_loss"] > 0 for name in models if name != "gemma")
     # drop_invalid covers the template check: Gemma's template kept strict, the 7 rows with a system turn are
     # left out and listed, and SFT trains on the others
