@@ -232,20 +232,17 @@ def test_real_files_that_cannot_train_exit_2_with_a_sentence(tmp_path):
         assert not list((tmp_path / f"runs-{name}").glob("stages/*/*")), name  # nothing written
 
 
-def test_a_template_error_inside_a_stage_is_the_same_sentence(tmp_path):
-    """Found inside a stage, a template problem is the same one report: system_turns: error keeps Gemma's
-    template as it is, and SFT on OpenAI's chat file, whose rows have system turns, stops with the rows and
-    the template's own words; Phi-3's template, which writes no tool calls, stops SFT on tool-calling rows
-    before any training."""
+def test_a_template_error_before_or_inside_a_stage_is_the_same_sentence(tmp_path):
+    """A template problem is the one bad-input report wherever it is found. system_turns: error keeps Gemma's
+    template as it is, and SFT on OpenAI's chat file, whose rows have system turns, is stopped by the
+    pre-flight with the rows and the template's own words, before any stage runs; Phi-3's template, which
+    writes no tool calls, stops SFT on tool-calling rows inside the stage, before any training."""
     gemma = tiny_llama(tmp_path / "gemma", real_tokenizer("minimind", "gemma/tokenizer_config.json"))
     phi3 = tiny_llama(tmp_path / "phi3", real_tokenizer("phi-3-mini"))
-    cases = {
-        "strict": ([model("m", gemma, system_turns="error"), sft("s", "m", "sft/toy_chat_fine_tuning.jsonl")],
-                   ["the chat template says 'System role not supported'", "system_turns: merge", "rows ["]),
-        "tools": ([model("m", phi3), sft("s", "m", "sft/stock_toolcall_validation.jsonl")],
-                  ["does not write the tool calls of 5 demonstration(s) (rows [1, 2, 4, 5, 9])", "use a template that does"]),
-    }
-    for name, (stages, words) in cases.items():
-        result, _ = run(tmp_path, name, stages)
-        refused(result, *words)
-        assert not list((tmp_path / f"runs-{name}").glob("stages/sft/*/_SUCCESS.json"))
+    strict, _ = run(tmp_path, "strict", [model("m", gemma, system_turns="error"), sft("s", "m", "sft/toy_chat_fine_tuning.jsonl")])
+    refused(strict, "the chat template says 'System role not supported'", "system_turns: merge", "rows [")
+    assert not list((tmp_path / "runs-strict").glob("stages/*/*"))  # found before any stage ran
+    tools, _ = run(tmp_path, "tools", [model("m", phi3), sft("s", "m", "sft/stock_toolcall_validation.jsonl")])
+    refused(tools, "does not write the tool calls of 5 demonstration(s) (rows [1, 2, 4, 5, 9])", "use a template that does")
+    assert list((tmp_path / "runs-tools").glob("stages/model/*/_SUCCESS.json"))  # (inside the sft stage)
+    assert not list((tmp_path / "runs-tools").glob("stages/sft/*/_SUCCESS.json"))
