@@ -88,14 +88,12 @@ def test_quickstart_then_compare_methods_align_the_policy_and_compare_in_the_mlf
     wins = [metrics[f"evaluate_{m}"]["eval/gold_win_rate"] for m in ("dpo", "ppo", "grpo", "rloo")]
     assert rows["eval/gold_win_rate"] == [f"{w:.4g}" for w in wins]
     assert a.data.metrics["evaluate_dpo/eval/gold_win_rate"] == b.data.metrics["evaluate_dpo/eval/gold_win_rate"] == wins[0]
-    from typer.testing import CliRunner  # (no flow runs in these commands: in-process is safe)
-
-    from flows.cli import app
-
-    def cli(*args: str) -> str:
-        result = CliRunner().invoke(app, [*args, "-c", str(ROOT / "pipelines.yaml")], env={"MLFLOW_TRACKING_URI": tracking})
-        assert result.exit_code == 0, result.output
-        return result.output
+    def cli(*args: str) -> str:  # a subprocess: typer's CliRunner closes the streams Prefect's logging holds, and
+        # a flow run in this process afterwards (another test on this xdist worker) then fails in its logging
+        result = subprocess.run([CLI, *args, "-c", str(ROOT / "pipelines.yaml")], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "MLFLOW_TRACKING_URI": tracking})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     compared = cli("runs", "compare", first, second).splitlines()
