@@ -18,7 +18,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 class DataError(ValueError):
@@ -132,8 +132,9 @@ def _load(builder: str, path: Path, **kwargs):
     return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
 
 
-def read_rows(source: str | Path) -> tuple[list[tuple[str, str | None, dict]], list[str]]:
-    """([(where, split or None, row)], problems) of a file, a `datasets` folder or a hub id."""
+def read_rows(source: str | Path) -> tuple[Iterable[tuple[str, str | None, dict]], list[str]]:
+    """((where, split or None, row) for each row, problems) of a file, a `datasets` folder or a hub id; the
+    rows of a JSON Lines file come a batch at a time (iterate them once)."""
     path = Path(source)
     if not path.exists():
         if len(path.parts) == 2 and not path.suffix:  # org/name: a hub data set
@@ -175,7 +176,7 @@ def read_rows(source: str | Path) -> tuple[list[tuple[str, str | None, dict]], l
     return [(f"{path}:line {i}", None, r) for i, r in parsed], problems
 
 
-def _json_lines(path: Path) -> list[tuple[str, str | None, dict]] | None:
+def _json_lines(path: Path) -> Iterable[tuple[str, str | None, dict]] | None:
     """A JSON Lines file read by `datasets` alone (Arrow's reader: the file is not parsed again in Python),
     each row placed on the line it came from; None when `datasets` cannot read it (a JSON array, invalid
     UTF-8 or JSON, rows of different types): the line-by-line reading then says where and why."""
