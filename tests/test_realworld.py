@@ -4,7 +4,6 @@ names the file or row and what to do, never a traceback or an exception repr."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from told import told as refused
 from realworld import TEMPLATES, bare_gpt2_folder, gpt2_tokenizer, real, real_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
 
 CLI = str(Path(sys.executable).parent / "alignflow")
 TINY_TRAIN = {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0}
-REPR = re.compile(r"\b[A-Z]\w*(Error|Exception)\(")  # DataError("..."), ValueError('...')
 
 
 def run(root: Path, name: str, stages: list[dict]) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
@@ -47,17 +46,6 @@ def trained(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, out[-4000:]
     assert "Traceback" not in out, out[-4000:]
     return out
-
-
-def refused(result: subprocess.CompletedProcess, *words: str) -> str:
-    """Exit 2 with the one bad-input report holding `words`; no traceback, no repr, no Prefect ERROR line."""
-    out = result.stdout + result.stderr
-    assert result.returncode == 2, out[-4000:]
-    assert "bad input data: " in result.stderr, out[-4000:]
-    for w in words:
-        assert w in result.stderr, (w, out[-4000:])
-    assert "Traceback" not in out and not REPR.search(out) and "| ERROR" not in out, out[-4000:]
-    return result.stderr
 
 
 def model(name: str, folder: Path, **params) -> dict:
