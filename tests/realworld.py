@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 REALWORLD = Path(__file__).resolve().parents[2] / "shared" / "realworld"
-TEMPLATES = REALWORLD / "tokenizers" / "templates"
 
 
 def real(relative: str) -> str:

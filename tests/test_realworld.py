@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from told import told as refused
-from realworld import TEMPLATES, bare_gpt2_folder, gpt2_tokenizer, real, real_tokenizer, tiny_llama
+from realworld import bare_gpt2_folder, gpt2_tokenizer, real, real_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
 
@@ -149,7 +149,7 @@ def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):
     models = {"gemma": real_tokenizer(minimind, "gemma/tokenizer_config.json")}
     for name in ("llama3", "mistral_v1", "phi_3", "chatml"):
         models[name] = real_tokenizer(minimind, f"templates/axolotl/{name}.jinja")
-    dropping = next(t["template"] for t in json.loads((TEMPLATES / "ollama_template_index.json").read_text())
+    dropping = next(t["template"] for t in json.loads(Path(real("tokenizers/templates/ollama_template_index.json")).read_text())
                     if t["name"] == "phi-3" and "system" not in t["template"])
     models["phi3_old"] = real_tokenizer(minimind)
     models["phi3_old"].chat_template = dropping
@@ -181,7 +181,7 @@ def test_every_ollama_template_renders_or_is_told_in_a_sentence():
     from tasks.stage import template_preflight
     from tasks.stages.model import Params, open_tokenizer
 
-    index = json.loads((TEMPLATES / "ollama_template_index.json").read_text())
+    index = json.loads(Path(real("tokenizers/templates/ollama_template_index.json")).read_text())
     assert len(index) == 37
     shapes = [[{"role": "user", "content": "Hi"}],
               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
