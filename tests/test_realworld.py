@@ -234,3 +234,23 @@ def test_a_template_error_before_or_inside_a_stage_is_the_same_sentence(tmp_path
     refused(tools, "does not write the tool calls of 5 demonstration(s) (rows [1, 2, 4, 5, 9])", "use a template that does")
     assert list((tmp_path / "runs-tools").glob("stages/model/*/_SUCCESS.json"))  # (inside the sft stage)
     assert not list((tmp_path / "runs-tools").glob("stages/sft/*/_SUCCESS.json"))
+
+
+def test_a_model_folder_whose_tokenizer_json_cannot_be_parsed_is_a_sentence(tmp_path):
+    """minimind's real tokenizer.json cut in half, as an interrupted download leaves it: the model stage's
+    check says which folder and what it needs, as a DataError (exit 2), not transformers' traceback."""
+    import shutil
+
+    from tasks.data import DataError
+    from tasks.stages.model import Params, open_tokenizer
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(real(f"tokenizers/minimind/{f}"), folder / f)
+    text = (folder / "tokenizer.json").read_text()
+    (folder / "tokenizer.json").write_text(text[: len(text) // 2])
+    with pytest.raises(DataError) as err:
+        open_tokenizer(Params(name_or_path=str(folder)))
+    assert str(err.value).startswith(f"{folder}: its tokenizer cannot be loaded (") and "save_pretrained" in str(err.value)
+    assert "Traceback" not in str(err.value)
