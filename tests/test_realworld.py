@@ -224,7 +224,8 @@ def test_a_template_error_before_or_inside_a_stage_is_the_same_sentence(tmp_path
     """A template problem is the one bad-input report wherever it is found. system_turns: error keeps Gemma's
     template as it is, and SFT on OpenAI's chat file, whose rows have system turns, is stopped by the
     pre-flight with the rows and the template's own words, before any stage runs; Phi-3's template, which
-    writes no tool calls, stops SFT on tool-calling rows inside the stage, before any training."""
+    writes no tool calls, stops SFT on tool-calling rows inside the stage, before any training (with
+    drop_invalid, it trains on the others)."""
     gemma = tiny_llama(tmp_path / "gemma", real_tokenizer("minimind", "gemma/tokenizer_config.json"))
     phi3 = tiny_llama(tmp_path / "phi3", real_tokenizer("phi-3-mini"))
     strict, _ = run(tmp_path, "strict", [model("m", gemma, system_turns="error"), sft("s", "m", "sft/toy_chat_fine_tuning.jsonl")])
@@ -234,6 +235,12 @@ def test_a_template_error_before_or_inside_a_stage_is_the_same_sentence(tmp_path
     refused(tools, "does not write the tool calls of 5 demonstration(s) (rows [1, 2, 4, 5, 9])", "use a template that does")
     assert list((tmp_path / "runs-tools").glob("stages/model/*/_SUCCESS.json"))  # (inside the sft stage)
     assert not list((tmp_path / "runs-tools").glob("stages/sft/*/_SUCCESS.json"))
+    # with drop_invalid, SFT trains on the five rows without a call and lists the five it left out
+    result, m = run(tmp_path, "tools_dropped", [model("m", phi3), sft("s", "m", "sft/stock_toolcall_validation.jsonl", drop_invalid=True)])
+    trained(result)
+    assert m["s"]["demonstrations"] == 5 and m["s"]["rows_invalid"] == 5
+    rejects = pd.read_parquet(output_of(tmp_path, "tools_dropped", "s") / "rejects.parquet")["problem"]
+    assert [r.split(": ")[1] for r in rejects] == [f"demonstration {i}" for i in (1, 2, 4, 5, 9)]
 
 
 def test_a_model_folder_whose_tokenizer_json_cannot_be_parsed_is_a_sentence(tmp_path):

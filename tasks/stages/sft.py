@@ -55,8 +55,9 @@ def completion_columns(completion: str | dict) -> dict[str, str]:
     return {"completion": readable_message(completion).split(": ", 1)[1], "completion_message": json.dumps(completion, ensure_ascii=False)}
 
 
-def completions(tokenizer, rows: list[dict], source: str) -> list[str]:
-    """The answer texts to learn: a tool call's is what the chat template writes for it."""
+def completions(tokenizer, rows: list[dict], source: str, drop_invalid: bool = False) -> tuple[list[str], list[int]]:
+    """(the answer texts to learn, the 1-based rows whose tool calls the chat template does not write): a tool
+    call's text is what the template writes for it. Such rows are a DataError unless drop_invalid."""
     from alignment.data import render_answer
 
     out, silent = [], []
@@ -69,11 +70,11 @@ def completions(tokenizer, rows: list[dict], source: str) -> list[str]:
         out.append(text)
         if not all(c["function"]["name"] in text for c in message["tool_calls"]):
             silent.append(i)
-    if silent:
+    if silent and not drop_invalid:
         raise DataError(f"{source}: the model's chat template does not write the tool calls of {len(silent)} "
                         f"demonstration(s) (rows {silent[:20]}): it does not render tool_calls; use a template that does "
-                        f"(e.g. Qwen's or Llama-3.1's), or leave the tool-calling rows out")
-    return out
+                        f"(e.g. Qwen's or Llama-3.1's), or leave the tool-calling rows out (drop_invalid: true)")
+    return out, silent
 
 
 @read_once
@@ -109,17 +110,24 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     set_seed(p.sft.train.seed)
     policy, tokenizer = load_policy(inputs)
     rows = demos.to_dict("records")
+    index = list(range(1, len(rows) + 1))  # each kept demonstration's row in the demonstrations table
     unrenderable = template_preflight(tokenizer, [prompt_of(r) for r in rows], source, ctx.log, p.drop_invalid)
     problems += [f"{source}: demonstration {row}: {why}" for row, why in sorted(unrenderable.items())]
-    rows = [r for i, r in enumerate(rows, start=1) if i not in unrenderable]
-    answers = completions(tokenizer, rows, source)
-    examples = tokenize_demonstrations(tokenizer, [prompt_of(r) for r in rows], answers, p.sft.max_length)
-    cut = [i + 1 for i, (_, answer) in enumerate(examples) if len(answer) <= 1]
+    index = [i for i in index if i not in unrenderable]
+    answers, silent = completions(tokenizer, [rows[i - 1] for i in index], source, p.drop_invalid)
+    problems += [f"{source}: demonstration {index[k - 1]}: the chat template does not write its tool call" for k in silent]
+    silent_rows = set(silent)
+    kept = [k for k in range(len(index)) if k + 1 not in silent_rows]
+    index, answers = [index[k] for k in kept], [answers[k] for k in kept]
+    examples = tokenize_demonstrations(tokenizer, [prompt_of(rows[i - 1]) for i in index], answers, p.sft.max_length)
+    cut = {k for k, (_, answer) in enumerate(examples) if len(answer) <= 1}
     if cut and not p.drop_invalid:
+        rows_cut = sorted(index[k] for k in cut)
         raise DataError(f"{len(cut)} demonstration(s) lose their whole answer to max_length={p.sft.max_length} "
-                        f"(rows {cut[:20]}); raise sft.max_length or shorten their prompts (or drop_invalid: true)")
-    problems += [f"{source}: demonstration {row}: its answer is cut to nothing at max_length={p.sft.max_length}" for row in cut]
-    examples = [e for i, e in enumerate(examples, start=1) if i not in set(cut)]
+                        f"(rows {rows_cut[:20]}); raise sft.max_length or shorten their prompts (or drop_invalid: true)")
+    problems += [f"{source}: demonstration {index[k]}: its answer is cut to nothing at max_length={p.sft.max_length}"
+                 for k in sorted(cut)]
+    examples = [e for k, e in enumerate(examples) if k not in cut]
     if not examples:
         raise DataError(f"{source}: no demonstration is left to train on ({len(problems)} left out)")
     write_rejects(out, problems)
