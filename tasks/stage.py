@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from tasks.data import DataError, prompt_of
+from tasks.data import TOOLS, DataError, prompt_of
 from tasks.store import StageOutput, Store, file_hash, stage_key
 
 if TYPE_CHECKING:  # torch, transformers, pandas and MLflow are imported where a stage runs, so that loading
@@ -238,8 +238,8 @@ def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str
         for m in example:
             if m["content"].strip() and m["content"].strip() not in text:
                 dropped[m["role"]] = dropped.get(m["role"], 0) + len(rows)
-            if m["role"] == "tools" and not any(t.get("function", t).get("name", "") in text for t in m["tools"]):
-                dropped["tools"] = dropped.get("tools", 0) + len(rows)  # a template that ignores tools=
+            if m["role"] == TOOLS and not any(t.get("function", t).get("name", "") in text for t in m["tools"]):
+                dropped[TOOLS] = dropped.get(TOOLS, 0) + len(rows)  # a template that ignores tools=
 
     if problems and drop_invalid:
         log(f"[{source}] dropped {len(bad)} row(s) the chat template cannot render (drop_invalid): " + "; ".join(problems))
@@ -248,7 +248,7 @@ def template_preflight(tokenizer, prompts: list, source: str, log: Callable[[str
                         + "\n".join(problems) + "\nfix or leave out those rows, or give the model stage a template that "
                         "takes them (a template that rejects system turns: system_turns: merge folds them into the user's)")
     for role, n in dropped.items():
-        what = "the tool definitions (tools=)" if role == "tools" else f"the {role} turn's text"
+        what = "the tool definitions (tools=)" if role == TOOLS else f"the {role} turn's text"
         log(f"warning: {source}: the model's chat template leaves {what} out of what it renders, in {n} row(s): "
             f"the model never reads it; use a template that renders {role} turns if it matters")
     return bad

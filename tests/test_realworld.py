@@ -175,9 +175,9 @@ def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):
 
 
 def test_every_ollama_template_renders_or_is_told_in_a_sentence():
-    """The 37 real templates of Ollama's index, each on minimind's tokenizer: the model stage's check
-    adapts or accepts it, and every conversation shape of real data renders, or a DataError says why."""
-    from tasks.data import DataError
+    """The 37 real templates of Ollama's index, each on minimind's tokenizer: the model stage's check folds the
+    system turn of the four that reject it, the pre-flight warns about the three that drop it, and every
+    conversation shape renders."""
     from tasks.stage import template_preflight
     from tasks.stages.model import Params, open_tokenizer
 
@@ -188,18 +188,19 @@ def test_every_ollama_template_renders_or_is_told_in_a_sentence():
               [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]]
     from alignment.data import adapt_system_turns
 
-    told = []
+    complained, warned = set(), set()
     for entry in index:
         tokenizer = open_tokenizer(Params(name_or_path=real("tokenizers/minimind")), log=lambda _: None)
         tokenizer.chat_template = entry["template"]
-        adapt_system_turns(tokenizer, "merge")
+        if adapt_system_turns(tokenizer, "merge") is not None:
+            complained.add(entry["name"])
         warnings = []
-        try:
-            template_preflight(tokenizer, shapes, entry["name"], warnings.append)
-        except DataError as err:
-            told.append(str(err))
-        assert all("warning: " in w for w in warnings)
-    assert all("the chat template says" in t for t in told), told
+        template_preflight(tokenizer, shapes, entry["name"], warnings.append)  # raises DataError if a shape fails
+        warned |= {entry["name"] for w in warnings if "the system turn's text" in w}
+    # what the templates themselves say, read off them: four reject a system turn (their system text is folded
+    # into the first user turn and every shape then renders); zephyr, phi-3 and chatqa variants drop it
+    assert complained == {"mistral-instruct", "starcoder2-instruct", "gemma-instruct", "magicoder"}
+    assert warned == {"zephyr", "phi-3", "chatqa"}
 
 
 def test_real_files_that_cannot_train_exit_2_with_a_sentence(tmp_path):
