@@ -151,10 +151,13 @@ class GRPOConfig:
     warmup_steps: int = 0  # linear warm-up of the learning rate, in optimizer steps
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     advantage: str = "grpo"  # "grpo": (r - mean) / std over the group; "dr_grpo": r - mean (no std scaling)
-    loss_type: str = "dapo"  # "grpo": mean over answers of each answer's token mean; "dapo": mean over all tokens
+    loss_type: str = "dapo"  # "grpo": mean over answers of each answer's token mean; "dapo": mean over the rollout's
+    # tokens; "sequence": one action an answer (its log-prob ratio summed over its tokens, clipped), mean over answers
     clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low
     clip_eps_high: float = 0.2  # ratio clipped above at 1 + clip_eps_high (DAPO's clip-higher: e.g. 0.28)
     beta: float = 0.0  # weight of the k3 KL to the reference in the loss; 0: no reference model is kept
+    unbiased_kl: bool = True  # the KL term's k3 times the ratio pi / pi_old, so its gradient is that of
+    # KL(pi || pi_ref) (TRL's use_bias_correction_kl); False: plain k3, whose gradient is the forward KL's
     missing_eos_penalty: float | None = None  # subtracted from the score of an answer cut off before a stop token
     sampling: SamplingParams = field(default_factory=SamplingParams)  # how answers are sampled
     seed: int = 0  # prompt order and sampling noise (a pipeline sets settings.seed)
@@ -181,10 +184,11 @@ class RLOOConfig(GRPOConfig):
     """REINFORCE leave-one-out, with defaults as TRL's RLOOConfig (2 answers a prompt, beta 0.05 as a KL
     penalty in the reward, advantages not scaled). Each answer is one action: its advantage is its
     KL-penalised score minus the mean of the other answers' to the same prompt, and the update is the
-    clipped surrogate of GRPO with that advantage (one pass: plain REINFORCE with a baseline)."""
+    clipped surrogate of the answer's probability ratio with that advantage (one pass: plain REINFORCE with a
+    baseline, A * grad log pi(y | x), as the RLOO paper and TRL's RLOOTrainer)."""
 
     group_size: int = 2  # K: answers per prompt (TRL's num_generations for RLOO)
     beta: float = 0.05  # KL penalty in the reward: score - beta * sum_t k1_t over the answer's tokens
     advantage: str = "rloo"  # the leave-one-out baseline; the only choice
-    loss_type: str = "grpo"  # each answer's tokens averaged, then the answers: one action an answer
+    loss_type: str = "sequence"  # one action an answer: the ratio of its probability, REINFORCE's gradient (as TRL)
     kl_in_reward = True  # RLOO folds the KL into the score, the baseline then sees it

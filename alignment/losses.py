@@ -226,7 +226,7 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
 # Critic-free online RL (GRPO, Dr. GRPO, DAPO, RLOO): one advantage per answer, spread over its tokens
 # ---------------------------------------------------------------------------------------------
 
-GROUP_LOSS_TYPES = ("grpo", "dapo")
+GROUP_LOSS_TYPES = ("grpo", "dapo", "sequence")
 
 
 def group_policy_loss(
@@ -239,42 +239,60 @@ def group_policy_loss(
     ref_logps: Tensor | None = None,
     beta: float = 0.0,
     loss_type: str = "grpo",
+    unbiased_kl: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate of GRPO with an answer-level advantage and an optional k3 KL term (minimised).
+    """Clipped surrogate of GRPO with an answer-level advantage and an optional KL term (minimised).
 
     rho_t = exp(logp_t - logp_old_t)
-    l_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t,
+    l_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * w_t * k3_t,
             k3_t = exp(ref_t - logp_t) - 1 - (ref_t - logp_t)     (KL(pi || pi_ref) >= 0, ../shared/MATH.md)
+            w_t  = rho_t (unbiased_kl, TRL's use_bias_correction_kl; differentiable) or 1
     grpo: L = mean_i [ sum_t l_it / |y_i| ]    (each answer weighs the same; Shao et al. 2024, Eq. 3)
     dapo: L = sum_it l_it / sum_i |y_i|        (each token weighs the same; Yu et al. 2025, Eq. 8)
+    sequence: the answer is one action (RLOO, Ahmadian et al. 2024, Eq. 6; TRL's RLOOTrainer):
+          rho_i = exp(sum_t (logp_it - logp_old_it)),  L = mean_i [ -min(rho_i A_i, clip(rho_i) A_i) + beta sum_t w_t k3_t ]
+          whose gradient at rho = 1 is -A_i grad log pi(y_i | x), the REINFORCE estimator (no 1 / |y_i|).
     Separate low and high clip ranges are DAPO's clip-higher (eps_high > eps_low lets unlikely tokens rise).
+
+    Why w_t = rho_t: at rho = 1 the gradient of beta * rho_t * k3_t is beta * (logp_t - ref_t) * grad logp_t,
+    whose expectation over tokens sampled from pi is the gradient of KL(pi || pi_ref), the divergence the KL
+    estimate measures and evaluation reports. Plain k3 has gradient beta * (1 - pi_ref / pi) * grad logp_t, whose
+    expectation is the gradient of the *forward* KL(pi_ref || pi): it barely holds back a token the policy has
+    made far more likely than the reference did (its weight saturates at 1), the way a reward model is exploited.
 
     logps, old_logps, mask: [B, T] per-token log-probs of the answer tokens (mask 1 on answer tokens);
     advantages A: [B], one per answer; ref_logps: [B, T] (needed when beta > 0).
-    Returns (loss scalar, metrics): clip_frac (tokens where a clip is active), kl (mean k3 per token,
-    when ref_logps are given), approx_kl (old || new).
+    Returns (loss scalar, metrics): clip_frac (tokens, or answers for "sequence", where a clip is active), kl_k3
+    (mean k3 per token, when ref_logps are given), approx_kl (old || new, per token).
     """
     if loss_type not in GROUP_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {list(GROUP_LOSS_TYPES)}")
     mask = mask.to(logps.dtype)
-    log_ratio = logps - old_logps  # [B, T]
-    ratio = torch.exp(log_ratio)
+    log_ratio = (logps - old_logps) * mask  # [B, T]
     adv = advantages.to(logps.dtype)[:, None]  # [B, 1]
+    if loss_type == "sequence":
+        ratio = torch.exp(log_ratio.sum(-1, keepdim=True))  # [B, 1]: the answer's probability ratio
+    else:
+        ratio = torch.exp(log_ratio)  # [B, T]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv)
-    per_token = -surrogate  # [B, T]
     kl = None
+    kl_term = torch.zeros_like(logps)  # [B, T]
     if ref_logps is not None:
         kl = kl_k3(logps - ref_logps)  # [B, T]
         if beta:
-            per_token = per_token + beta * kl
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+            kl_term = beta * (torch.exp(log_ratio) if unbiased_kl else 1.0) * kl
+    if loss_type == "sequence":
+        loss = (-surrogate.squeeze(-1) + (kl_term * mask).sum(-1)).mean()
     else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        per_token = (-surrogate + kl_term) * mask  # [B, T]
+        if loss_type == "grpo":
+            loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        else:
+            loss = per_token.sum() / mask.sum().clamp(min=1.0)
     with torch.no_grad():
         clipped = ((ratio < 1.0 - clip_eps_low) & (adv < 0)) | ((ratio > 1.0 + clip_eps_high) & (adv > 0))
         metrics = {
-            "clip_frac": masked_mean(clipped.to(logps.dtype), mask),
+            "clip_frac": clipped.to(logps.dtype).mean() if loss_type == "sequence" else masked_mean(clipped.to(logps.dtype), mask),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
         }
         if kl is not None:

@@ -52,13 +52,65 @@ def test_group_policy_loss_by_hand():
     assert m["clip_frac"].item() == pytest.approx(2 / 3)  # row 0 token 1 (above 1.28, A > 0), row 1 (below 0.8, A < 0)
     loss, _ = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, loss_type="dapo")
     assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.6) / 3)  # -0.06: every token weighs the same
-    # the k3 KL: ref = logp + ln 2 on every token -> k3 = e^(ln 2) - 1 - ln 2 = 0.306853; beta 0.1 adds 0.0306853
+    # the k3 KL: ref = logp + ln 2 on every token -> k3 = e^(ln 2) - 1 - ln 2 = 0.306853; plain k3, beta 0.1 adds 0.0306853
     ref = logps + math.log(2.0)
-    loss, m = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, ref_logps=ref, beta=0.1, loss_type="grpo")
+    plain = dict(ref_logps=ref, beta=0.1, unbiased_kl=False)
+    loss, m = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, loss_type="grpo", **plain)
     assert loss.item() == pytest.approx(0.355 + 0.0306853, abs=1e-6)
     assert m["kl_k3"].item() == pytest.approx(0.306853, abs=1e-6)
-    loss, _ = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, ref_logps=ref, beta=0.1, loss_type="dapo")
+    loss, _ = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, loss_type="dapo", **plain)
     assert loss.item() == pytest.approx(-0.06 + 0.0306853, abs=1e-6)
+    # weighted by the ratio (the default): row 0's tokens 1.5 and 0.5, row 1's 0.5 -> grpo adds
+    # 0.0306853 * ((1.5 + 0.5) / 2 + 0.5) / 2 = 0.0230140; dapo 0.0306853 * (1.5 + 0.5 + 0.5) / 3 = 0.0255711
+    loss, _ = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, ref_logps=ref, beta=0.1, loss_type="grpo")
+    assert loss.item() == pytest.approx(0.355 + 0.0230140, abs=1e-6)
+    loss, _ = group_policy_loss(logps, old, adv, mask, 0.2, 0.28, ref_logps=ref, beta=0.1, loss_type="dapo")
+    assert loss.item() == pytest.approx(-0.06 + 0.0255711, abs=1e-6)
+
+
+def test_the_kl_term_has_the_gradient_of_the_reverse_kl_by_hand():
+    """One token with pi = 0.5 where pi_ref = 0.25, on-policy (ratio 1), no advantage, beta 1.
+    k3 = pi_ref / pi - 1 - ln(pi_ref / pi) = 0.5 - 1 + ln 2 = 0.193147 either way. Its gradient on log pi:
+    plain k3: 1 - pi_ref / pi = 0.5 (expected over pi: the gradient of the forward KL(pi_ref || pi));
+    ratio-weighted (TRL's use_bias_correction_kl): k3 + 1 - pi_ref / pi = ln(pi / pi_ref) = ln 2 = 0.693147,
+    the per-token k1, whose expectation over pi is the gradient of KL(pi || pi_ref), what evaluation measures."""
+    mask = torch.ones(1, 1)
+    for unbiased, grad in ((False, 0.5), (True, math.log(2.0))):
+        logps = torch.tensor([[math.log(0.5)]], requires_grad=True)
+        loss, _ = group_policy_loss(logps, logps.detach(), torch.zeros(1), mask, ref_logps=torch.tensor([[math.log(0.25)]]),
+                                    beta=1.0, loss_type="dapo", unbiased_kl=unbiased)
+        loss.backward()
+        assert loss.item() == pytest.approx(0.193147, abs=1e-6)
+        assert logps.grad.item() == pytest.approx(grad, abs=1e-6)
+    # a token the policy made 4x likelier than the reference: plain k3's weight saturates (1 - 1/4 = 0.75),
+    # the reverse KL's keeps growing (ln 4 = 1.386294)
+    for unbiased, grad in ((False, 0.75), (True, math.log(4.0))):
+        logps = torch.tensor([[math.log(0.8)]], requires_grad=True)
+        loss, _ = group_policy_loss(logps, logps.detach(), torch.zeros(1), mask, ref_logps=torch.tensor([[math.log(0.2)]]),
+                                    beta=1.0, loss_type="dapo", unbiased_kl=unbiased)
+        loss.backward()
+        assert logps.grad.item() == pytest.approx(grad, abs=1e-6)
+
+
+def test_sequence_loss_treats_the_answer_as_one_action_by_hand():
+    """RLOO's loss (as TRL's RLOOTrainer): the ratio of the answer's probability, clipped, mean over answers."""
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    old = torch.zeros(2, 3)
+    # row 0: A = +1, log-ratios 0.1 + 0.2 -> ratio e^0.3 = 1.349859 -> min(1.349859, 1.2) = 1.2 -> l = -1.2 (clipped)
+    # row 1: A = -2, log-ratio -0.5 -> ratio 0.606531 -> min(-1.213061, 0.8 * -2) = -1.6 -> l = 1.6 (clipped)
+    logps = torch.tensor([[9.0, 0.1, 0.2], [9.0, -0.5, 9.0]])  # masked positions hold junk
+    loss, m = group_policy_loss(logps, old, torch.tensor([1.0, -2.0]), mask, loss_type="sequence")
+    assert loss.item() == pytest.approx((-1.2 + 1.6) / 2)
+    assert m["clip_frac"].item() == 1.0  # both answers
+    # row 0 alone at log-ratio 0.05 + 0.05 (ratio 1.105171, inside the clip): l = -1.105171
+    logps = torch.tensor([[9.0, 0.05, 0.05], [9.0, 0.0, 9.0]])
+    loss, m = group_policy_loss(logps, old, torch.tensor([1.0, 0.0]), mask, loss_type="sequence")
+    assert loss.item() == pytest.approx(-1.105171 / 2, abs=1e-6) and m["clip_frac"].item() == 0.0
+    # on-policy the gradient on each answer token is -A_i / B: REINFORCE on log pi(y | x), no 1 / |y_i|
+    logps = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = group_policy_loss(logps, logps.detach(), torch.tensor([1.0, -2.0]), mask, loss_type="sequence")
+    loss.backward()
+    assert torch.allclose(logps.grad, torch.tensor([[0.0, -0.5, -0.5], [0.0, 1.0, 0.0]]))
 
 
 def test_group_policy_loss_gradient_by_hand():
@@ -170,3 +222,16 @@ def test_a_grpo_stage_without_a_reward_or_with_a_bad_one_is_refused_at_load(tmp_
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"pipelines": {"p": {"stages": stages}}}))
     with pytest.raises(ConfigError, match=message):
         load(tmp_path / "p.yaml")
+
+
+def test_dapo_steps_divide_by_the_rollouts_tokens_in_their_share(sandbox_tokenizer):
+    """A rollout of 16 answers holding 50 answer tokens, in steps of 8 answers: each dapo step's sum is divided by
+    50 * 8 / 16 = 25 (TRL's num_items_in_batch / steps_per_generation), whatever its own 8 answers hold."""
+    model, prompts, cfg = setup(sandbox_tokenizer, GRPOConfig)  # 4 prompts x 4 answers, minibatches of 8
+    trainer = GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg)
+    mask = torch.zeros(16, 5)
+    mask[:, :3] = 1
+    mask[0, 3:] = 1  # 16 * 3 + 2 = 50 tokens
+    assert trainer.step_divisor({"mask": mask}, list(range(8))) == 25.0
+    trainer.cfg = GRPOConfig(**{**cfg.__dict__, "loss_type": "grpo"})
+    assert trainer.step_divisor({"mask": mask}, list(range(8))) is None  # a mean over the step's answers

@@ -150,3 +150,15 @@ def test_accumulation_weighs_prompt_groups_by_their_pairs():
     assert len(g_whole) == len(g_accumulated) == 2
     for x, y in zip(g_whole, g_accumulated):
         assert torch.allclose(x, y, atol=1e-6), (x - y).abs().max()
+
+
+def test_a_given_divisor_replaces_the_batch_size_in_the_gradient_not_in_the_metrics():
+    """GRPO's dapo steps divide by the rollout's tokens per step, not their own: a step holding 6 tokens of a
+    rollout of 24 in 2 steps (12 a step) gives the gradient of sum / 12, while its reported loss stays its own
+    mean. Loss = 3 w (a mean over 6 tokens): gradient 3 * 6 / 12 = 1.5 (no clipping); without: 3."""
+    for given, grad in ((12.0, 1.5), (None, 3.0)):
+        model = torch.nn.Linear(1, 1, bias=False)
+        opt = Optimization(model, TrainConfig(max_steps=1, batch_size=1, lr=0.0, max_grad_norm=0.0))
+        metrics = opt.update(lambda part: (3.0 * opt.model.weight.sum() + 1.0, {}), [0], size=lambda part: 6.0, total=given)
+        assert metrics["grad_norm"] == pytest.approx(grad)
+        assert metrics["loss"] == pytest.approx(3.0 * float(model.weight) + 1.0, abs=1e-6)

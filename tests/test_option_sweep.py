@@ -92,7 +92,7 @@ def stages(files: dict[str, Path]) -> list[dict]:
         {"name": "grpo", "type": "grpo", "inputs": {"policy": "sft", "reward_model": "reward_model"},
          "params": {**prompts, "prompts": 8, "lora": LORA, "reward_functions": ["sweep_rewards.py:short"],
                     "reward_weights": {"sweep_rewards.py:short": 0.5, "reward_model": 2.0},
-                    "grpo": {**GROUP, "advantage": "dr_grpo", "loss_type": "grpo"}}},
+                    "grpo": {**GROUP, "advantage": "dr_grpo", "loss_type": "grpo", "unbiased_kl": False}}},
         {"name": "rloo", "type": "rloo", "inputs": {"policy": "sft"},
          "params": {**prompts, "prompts": 8, "lora": LORA, "reward_functions": ["sweep_rewards.py:short"],
                     "reward_weights": {"sweep_rewards.py:short": 0.5}, "rloo": {**GROUP, "loss_type": "dapo"}}},

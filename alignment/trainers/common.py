@@ -234,15 +234,17 @@ class Optimization:
         return [indices[i : i + size] for i in range(0, len(indices), size)]
 
     def update(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int],
-               size: Callable[[list[int]], float] = len) -> dict[str, float]:
+               size: Callable[[list[int]], float] = len, total: float | None = None) -> dict[str, float]:
         """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics.
 
         `size(part)` is what a micro-batch's loss is a mean over: its examples by default, its answer
         tokens for a per-token loss, its pairs for prompt groups. Each micro-batch's loss is weighted by
-        its share of the batch's size, so accumulation gives the gradient of the whole batch's mean."""
+        its share of the batch's size, so accumulation gives the gradient of the whole batch's mean.
+        `total` replaces the batch's own size as the divisor, over all processes (GRPO's token mean over a
+        rollout batch of which this step is one minibatch: its answer tokens / its minibatches)."""
         micro = self.split(indices)
         sizes = [float(size(part)) for part in micro]
-        total, scale = sum(sizes), 1.0
+        given, total, scale = total, sum(sizes), 1.0
         if self.accelerator.num_processes > 1:
             # Processes may hold different amounts (prompt groups with more or fewer pairs): weigh by the
             # global total, and undo DDP's plain average over processes, so the gradient is the mean over
@@ -250,6 +252,7 @@ class Optimization:
             total = float(self.accelerator.reduce(torch.tensor([total], device=self.device), reduction="sum")[0])
             scale = float(self.accelerator.num_processes)
         total = total or 1.0
+        divisor = given or total  # of the loss; the metrics stay means over this batch
         totals: dict[str, float] = {}
         for i, part in enumerate(micro):
             # under DDP, gradients are all-reduced once, after the last micro-batch
@@ -260,7 +263,7 @@ class Optimization:
                 if not torch.isfinite(loss.detach()):
                     raise NonFiniteLossError(f"the loss is {loss.item()} at step {self.step}, so training stopped before "
                                              f"that update; {DIVERGED}")
-                self.accelerator.backward(loss * sizes[i] * scale / total)
+                self.accelerator.backward(loss * sizes[i] * scale / divisor)
             metrics = {"loss": loss.detach(), **metrics}
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * sizes[i] / total

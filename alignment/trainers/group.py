@@ -3,7 +3,8 @@
 One iteration: take prompts_per_batch prompts, sample group_size answers to each (one sampler call,
 KV cache) -> score every answer with the reward functions (a reward model is one of them) -> advantages
 from the group's scores (GRPO: (r - mean) / std; Dr. GRPO: r - mean; RLOO: r - mean of the others, with
-the KL penalty in r) -> `epochs` passes of clipped-surrogate updates (alignment.losses.group_policy_loss).
+the KL penalty in r) -> `epochs` passes of clipped-surrogate updates (alignment.losses.group_policy_loss:
+GRPO's per token with the ratio-weighted k3 KL, RLOO's per answer).
 No value model: the other answers to the same prompt are the baseline.
 
 The reference policy is needed only when beta > 0: a frozen copy, or the policy with its LoRA adapters off.
@@ -159,13 +160,22 @@ class GroupTrainer:
         ref = mb.get("ref_logps")
         loss, metrics = group_policy_loss(
             logps, old, mb["advantages"], mask, cfg.clip_eps_low, cfg.clip_eps_high,
-            ref_logps=ref, beta=0.0 if cfg.kl_in_reward else cfg.beta, loss_type=cfg.loss_type,
+            ref_logps=ref, beta=0.0 if cfg.kl_in_reward else cfg.beta, loss_type=cfg.loss_type, unbiased_kl=cfg.unbiased_kl,
         )
         return loss, metrics
 
     def micro_size(self, batch: dict, indices: list[int]) -> float:
-        """What a micro-batch's loss is a mean over: answers (grpo) or answer tokens (dapo)."""
+        """What a micro-batch's loss is a mean over: answers (grpo, sequence) or answer tokens (dapo)."""
         return float(batch["mask"][indices].sum()) if self.cfg.loss_type == "dapo" else float(len(indices))
+
+    def step_divisor(self, batch: dict, part: list[int]) -> float | None:
+        """dapo: the rollout batch's answer tokens, in the share of its answers this step holds. Every token of
+        the rollout then weighs the same, whichever minibatch it falls in (DAPO's token mean over the batch,
+        as TRL's num_items_in_batch / steps_per_generation); a minibatch's own token count would make each
+        of its tokens weigh more the shorter its answers are. None: the step's own mean (grpo, sequence)."""
+        if self.cfg.loss_type != "dapo":
+            return None
+        return float(batch["mask"].sum()) * len(part) / self.batch_size
 
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         """Run iterations up to cfg.iterations (or stop_at), resuming from the latest checkpoint."""
@@ -189,7 +199,7 @@ class GroupTrainer:
                 for i in range(0, self.batch_size, self.minibatch_size):
                     part = perm[i : i + self.minibatch_size]
                     steps.append(self.opt.update(lambda idx: self.micro_loss(batch, idx), part,
-                                                 lambda idx: self.micro_size(batch, idx)))
+                                                 lambda idx: self.micro_size(batch, idx), self.step_divisor(batch, part)))
             metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
             metrics["advantage_abs_mean"] = float(batch["advantages"].abs().mean())
             metrics.update(stats)
