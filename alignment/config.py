@@ -138,8 +138,8 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Defaults as TRL's GRPOConfig (8 answers a prompt, lr 1e-6, beta 0, clip 0.2, loss "dapo", one
-    optimisation pass per rollout batch, answers up to 256 tokens at temperature 1)."""
+    """Defaults as TRL's GRPOConfig (8 answers a prompt, lr 1e-6, beta 0, clip 0.2, loss "dapo", the KL term
+    weighted by the ratio, one optimisation pass per rollout batch, answers up to 256 tokens at temperature 1)."""
 
     iterations: int = 100  # rollout + update rounds
     prompts_per_batch: int = 8  # prompts sampled per iteration; each gets group_size answers

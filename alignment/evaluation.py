@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from alignment.data import PairExample, Prompt, collate_answers, encode_answer, encode_prompt, fit_to_length, pad
-from alignment.logprobs import sequence_logprobs
+from alignment.logprobs import answer_logprobs
 from alignment.losses import kl_k1, kl_k3
 from alignment.models import position_ids_from_mask
 from alignment.sampling import SampleOutput, SamplingParams, sample
@@ -53,11 +53,7 @@ def answer_logps(model, out: SampleOutput) -> torch.Tensor:
     """Per-token log pi(answer token | ..) at temperature 1 for sampled rows: [B, P + N], 0 off the answer."""
     mask = torch.zeros_like(out.attention_mask)
     mask[:, out.prompt_length :] = out.answer_mask
-    logits = model(
-        input_ids=out.sequences, attention_mask=out.attention_mask,
-        position_ids=position_ids_from_mask(out.attention_mask),
-    ).logits
-    return sequence_logprobs(logits, out.sequences, mask)[0]
+    return answer_logprobs(model, out.sequences, out.attention_mask, mask, position_ids_from_mask(out.attention_mask))
 
 
 @torch.no_grad()

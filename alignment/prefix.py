@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from alignment.data import PairExample
-from alignment.logprobs import selective_log_softmax
+from alignment.logprobs import LOGITS_BUDGET, head_logps, plain_lm_head, selective_log_softmax
 
 Tensor = torch.Tensor
 
@@ -151,34 +151,25 @@ def shared_prefix_hidden(backbone, batch: SharedPrefixBatch) -> Tensor:
     ).last_hidden_state
 
 
-def _plain_lm_head(model):
-    """The LM head when logits are exactly lm_head(last hidden state); None for models that scale or
-    soft-cap their logits (then the full forward is used)."""
-    cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
-    if type(model).__name__.split("For")[0].removesuffix("LMHeadModel") not in PLAIN_HEAD_FAMILIES:
-        return None
-    return model.get_output_embeddings()
-
-
-PLAIN_HEAD_FAMILIES = {"Llama", "Qwen2", "Qwen3", "Mistral", "GPT2", "Phi3", "SmolLM3"}
-
-
 def shared_prefix_logps(model, batch: SharedPrefixBatch) -> Tensor:
     """Summed log pi(answer_k | prompt) of a causal LM for every answer of every row: [B, K]
     (0 where a row has fewer answers).
 
     Only the positions that predict answer tokens go through the LM head (for the families in
-    PLAIN_HEAD_FAMILIES; others run their own head on every position and are gathered after), so the
-    prompt and the padding cost no vocabulary projection and no full [B, L, V] tensor is built.
+    alignment.logprobs.PLAIN_HEAD_FAMILIES; others run their own head on every position and are gathered
+    after), so the prompt and the padding cost no vocabulary projection and no full [B, L, V] tensor is
+    built; past LOGITS_BUDGET logits the head runs in chunks (alignment.logprobs.head_logps).
     """
     B, K, A = batch.source.shape
     source = batch.source.view(B, K * A)
-    head = _plain_lm_head(model)
+    head = plain_lm_head(model)
     if head is not None:
         hidden = shared_prefix_hidden(model.base_model, batch)  # [B, L, H]
-        picked = head(hidden.gather(1, source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))  # [B, KA, V]
+        picked = hidden.gather(1, source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, KA, H]
+        if picked.shape[0] * picked.shape[1] * model.config.vocab_size > LOGITS_BUDGET:  # a real vocabulary: in chunks
+            flat = head_logps(picked.reshape(B * K * A, -1), head, batch.target.view(-1))
+            return (flat.view(B, K, A) * batch.target_mask).sum(-1)  # [B, K]
+        picked = head(picked)  # [B, KA, V]
     else:
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids

@@ -40,3 +40,51 @@ def test_selective_log_softmax_matches_log_softmax_in_half_precision():
     got = selective_log_softmax(logits, index)
     assert got.dtype == torch.float32
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_log_probs_at_a_sampling_temperature_by_hand():
+    """Logits (0, ln 3): softmax (0.25, 0.75); at temperature 0.5 the logits double: (1, 9) / 10 = (0.1, 0.9).
+    An RL update of answers sampled at 0.5 measures its ratios and KL in that distribution (TRL does too)."""
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])  # [1, 2, 2]
+    labels, mask = torch.tensor([[0, 1]]), torch.tensor([[0, 1]])
+    for temperature, p in ((1.0, 0.75), (0.5, 0.9), (0.0, 0.75)):  # 0: greedy, no distribution to rescale
+        token_logps, total = sequence_logprobs(logits, labels, mask, temperature)
+        assert total.item() == pytest.approx(math.log(p), abs=1e-6)
+
+
+def test_the_lm_head_in_chunks_gives_the_full_logits_log_probs_and_gradients(monkeypatch):
+    """Past LOGITS_BUDGET only the answer-predicting positions go through the head, a few rows at a time (each
+    chunk recomputed in the backward pass): the same log-probs and the same gradient of every parameter as the
+    whole [B, T, V] logits. A budget of 3 rows of the 40-token vocabulary forces 5 chunks for 13 answer tokens."""
+    from transformers import LlamaForCausalLM
+
+    from alignment import logprobs
+    from alignment.prefix import collate_shared_prefix, shared_prefix_logps
+    from conftest import tiny_llama_config
+    from test_prefix import PAIRS
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    ids = torch.randint(3, 40, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[2, 7:] = 0  # a padded row
+    mask = torch.zeros_like(ids)
+    mask[0, 4:], mask[1, 3:8], mask[2, 5:7] = 1, 1, 1
+
+    def run(budget):
+        model.zero_grad()
+        token_logps = logprobs.answer_logprobs(model, ids, attention, mask, temperature=0.7, budget=budget)
+        token_logps.sum().backward()
+        return token_logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, full_grads = run(budget=None)  # 27 tokens x 40 < the default budget: the model's own forward
+    chunked, chunked_grads = run(budget=3 * 40)
+    assert torch.allclose(chunked, full, atol=1e-6) and (mask == 0).eq(chunked == 0).all()
+    for a, b in zip(chunked_grads, full_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+    # the DPO path: a shared-prefix batch, whole and in chunks
+    batch = collate_shared_prefix(PAIRS, pad_id=0)
+    whole = shared_prefix_logps(model, batch)
+    monkeypatch.setattr("alignment.prefix.LOGITS_BUDGET", 3 * 40)
+    monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 3 * 40)
+    assert torch.allclose(shared_prefix_logps(model, batch), whole, atol=1e-5)

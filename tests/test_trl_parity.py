@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from alignment.config import SamplingParams
 from alignment.logprobs import sequence_logprobs
 from alignment.trainers.group import GRPOConfig, GroupTrainer, RLOOConfig
 from conftest import tiny_llama_config
@@ -95,6 +96,8 @@ def theirs(f, kind, **kw):
     ("GRPO, clip-higher 0.28, beta 0", GRPOConfig, dict(clip_eps_high=0.28), "grpo", dict(epsilon_high=0.28, beta=0.0)),
     ("GRPO, plain k3 (use_bias_correction_kl off)", GRPOConfig, dict(beta=0.2, unbiased_kl=False), "grpo",
      dict(beta=0.2, use_bias_correction_kl=False)),
+    ("GRPO sampled at temperature 0.7: log-probs of logits / 0.7", GRPOConfig,
+     dict(beta=0.2, sampling=SamplingParams(temperature=0.7)), "grpo", dict(beta=0.2, temperature=0.7)),
     ("RLOO, TRL's defaults (KL in the reward)", RLOOConfig, dict(beta=0.3), "rloo", dict(beta=0.3)),
 ])
 def test_one_fixed_batch_gives_trls_loss_and_gradient(fixed, name, cfg_type, ours_kw, kind, trl_kw):

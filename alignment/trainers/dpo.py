@@ -10,7 +10,7 @@ from torch import nn
 
 from alignment.config import DPOConfig  # noqa: F401 - re-exported
 from alignment.data import PairExample, collate_pairs
-from alignment.logprobs import sequence_logprobs
+from alignment.logprobs import answer_logprobs
 from alignment.losses import dpo_loss
 from alignment.lora import has_adapters, reference_mode
 from alignment.models import frozen_copy
@@ -32,8 +32,7 @@ def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device
     if shared_prefix:
         return shared_prefix_logps(model, collate_shared_prefix(examples, pad_token_id).to(device)).unbind(-1)
     input_ids, attention_mask, answer_mask = (t.to(device) for t in collate_pairs(examples, pad_token_id))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [2B, T, V]
-    _, seq_logps = sequence_logprobs(logits, input_ids, answer_mask)  # [2B]
+    seq_logps = answer_logprobs(model, input_ids, attention_mask, answer_mask).sum(-1)  # [2B]
     return seq_logps.chunk(2)
 
 

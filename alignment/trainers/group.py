@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from alignment.advantages import group_advantages, leave_one_out_advantages
 from alignment.config import GRPOConfig, RLOOConfig  # noqa: F401 - re-exported
 from alignment.data import Prompt, encode_prompt, pad
-from alignment.logprobs import sequence_logprobs
+from alignment.logprobs import answer_logprobs
 from alignment.lora import has_adapters, reference_mode
 from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
@@ -87,15 +87,14 @@ class GroupTrainer:
         out = []
         for i in range(0, len(sequences), self.minibatch_size):
             ids, am = sequences[i : i + self.minibatch_size], attention_mask[i : i + self.minibatch_size]
-            kwargs = dict(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am))
+            args = (ids, am, mask[i : i + self.minibatch_size], position_ids_from_mask(am), self.cfg.sampling.temperature)
             if not reference:
-                logits = self.model(**kwargs).logits
+                out.append(answer_logprobs(self.model, *args))
             elif self.ref_model is not None:
-                logits = self.ref_model(**kwargs).logits
+                out.append(answer_logprobs(self.ref_model, *args))
             else:
                 with reference_mode(self.model) as policy:
-                    logits = policy(**kwargs).logits
-            out.append(sequence_logprobs(logits, ids, mask[i : i + self.minibatch_size])[0])
+                    out.append(answer_logprobs(policy, *args))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -154,8 +153,8 @@ class GroupTrainer:
         cfg = self.cfg
         mb = minibatch(batch, indices)
         ids, am, mask = mb["sequences"], mb["attention_mask"], mb["mask"]
-        logits = self.opt.model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
-        logps, _ = sequence_logprobs(logits, ids, mask)  # [b, T]
+        # [b, T], at the sampling temperature; in chunks of the LM head at a real vocabulary
+        logps = answer_logprobs(self.opt.model, ids, am, mask, position_ids_from_mask(am), cfg.sampling.temperature)
         old = mb["old_logps"] if self.needs_old_logps else logps.detach()
         ref = mb.get("ref_logps")
         loss, metrics = group_policy_loss(

@@ -76,9 +76,10 @@ class PPOTrainer:
         mask[:, out.prompt_length :] = out.answer_mask
 
         logits, values = model(sequences, attention_mask)
-        logps, _ = sequence_logprobs(logits, sequences, mask)  # [B, P + N]
+        tau = cfg.sampling.temperature  # ratios and KL in the distribution the answers were sampled from
+        logps, _ = sequence_logprobs(logits, sequences, mask, tau)  # [B, P + N]
         ref_logits = self.reference_logits(sequences, attention_mask)
-        ref_logps, _ = sequence_logprobs(ref_logits, sequences, mask)
+        ref_logps, _ = sequence_logprobs(ref_logits, sequences, mask, tau)
 
         answers = self.tokenizer.batch_decode(
             [ids[m.bool()].tolist() for ids, m in zip(out.answer_ids, out.answer_mask)], skip_special_tokens=True
@@ -115,7 +116,7 @@ class PPOTrainer:
         cfg = self.cfg
         mb = minibatch(batch, indices)
         logits, values = self.opt.model(mb["sequences"], mb["attention_mask"])  # [b, T, V], [b, T]
-        logps, _ = sequence_logprobs(logits, mb["sequences"], mb["mask"])
+        logps, _ = sequence_logprobs(logits, mb["sequences"], mb["mask"], cfg.sampling.temperature)
         pg_loss, metrics = ppo_policy_loss(logps, mb["logps"], mb["advantages"], mb["mask"], cfg.clip_eps)
         vf_loss = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
         entropy_mask = torch.zeros_like(mb["mask"])

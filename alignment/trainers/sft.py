@@ -7,7 +7,7 @@ from typing import Sequence
 
 from alignment.config import SFTConfig  # noqa: F401 - re-exported
 from alignment.data import collate_answers
-from alignment.logprobs import sequence_logprobs
+from alignment.logprobs import answer_logprobs
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -39,8 +39,7 @@ class SFTTrainer:
         input_ids, attention_mask, answer_mask = (
             t.to(self.opt.device) for t in collate_answers(prompts, answers, self.pad_token_id)
         )
-        logits = self.opt.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
-        token_logps, _ = sequence_logprobs(logits, input_ids, answer_mask)
+        token_logps = answer_logprobs(self.opt.model, input_ids, attention_mask, answer_mask)  # [B, T]
         n_tokens = answer_mask[:, 1:].sum().clamp(min=1)
         loss = -token_logps.sum() / n_tokens
         return loss, {"tokens": n_tokens.float()}
