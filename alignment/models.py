@@ -66,13 +66,32 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # a stage's `dtype`: how its models' weights load
+
+
+def weights_dtype(dtype: str | torch.dtype | None = "auto"):
+    """What from_pretrained gets as dtype. "auto": on an accelerator the dtype the checkpoint was saved in (bf16
+    for today's chat models, as transformers 5 and TRL load them), on a CPU float32 (bf16 weights there are slow
+    and lose AdamW's small updates); "saved": the checkpoint's dtype everywhere (a copy of a model);
+    "float32" / "bfloat16" / "float16": that dtype. fp32 weights keep mixed_precision's meaning (autocast)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return "auto" if torch.cuda.is_available() else torch.float32
+    if dtype == "saved":
+        return "auto"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {list(DTYPES)}")
+    return getattr(torch, dtype)
+
+
 @serialized
 def load_causal_lm(
-    name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+    name_or_path: str | Path, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """Any causal LM by Hugging Face id or local path."""
+    """Any causal LM by Hugging Face id or local path, its weights in weights_dtype(dtype)."""
     return AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+        str(name_or_path), dtype=weights_dtype(dtype), trust_remote_code=trust_remote_code
     )
 
 
@@ -117,7 +136,7 @@ class RewardModel(nn.Module):
     @classmethod
     @serialized
     def from_pretrained(
-        cls, name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+        cls, name_or_path: str | Path, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False
     ) -> "RewardModel":
         """Load a trained reward model, or a pretrained LM with a freshly initialised scalar head.
 
@@ -126,7 +145,7 @@ class RewardModel(nn.Module):
         """
         with quiet_load_report():
             model = AutoModelForSequenceClassification.from_pretrained(
-                str(name_or_path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+                str(name_or_path), num_labels=1, dtype=weights_dtype(dtype), trust_remote_code=trust_remote_code
             )
         return cls(model)
 
@@ -204,7 +223,7 @@ class PolicyWithValueHead(nn.Module):
         name_or_path: str | Path,
         value_model: str = "shared",
         reward_model: str | Path | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         trust_remote_code: bool = False,
     ) -> "PolicyWithValueHead":
         """The policy at name_or_path with a value function (PPOConfig.value_model): "shared", a head on the
@@ -228,7 +247,8 @@ class PolicyWithValueHead(nn.Module):
         backbone = None
         if value_model_dir is not None:
             with quiet_load_report():  # a reward model's score head is "unexpected" in a bare backbone
-                backbone = AutoModel.from_pretrained(str(value_model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+                backbone = AutoModel.from_pretrained(str(value_model_dir), dtype=weights_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
         model = cls(policy, backbone)
         if (path / cls.VALUE_HEAD_FILE).is_file():
             model.value_head.load_state_dict(load_file(str(path / cls.VALUE_HEAD_FILE)))

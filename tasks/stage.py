@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
@@ -72,6 +72,13 @@ class StageParams(BaseModel):
             return data
         seed = (info.context or {}).get("seed")
         return _merged(_defaults(cls), data, seed)
+
+
+class ModelStageParams(StageParams):
+    """Params of a stage that loads models (policy, reference, reward model)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # their weights: "auto" = the dtype the
+    # checkpoint was saved in on an accelerator (bf16 for today's chat models, as TRL loads them), float32 on a CPU
 
 
 class Resources(BaseModel):
@@ -159,11 +166,11 @@ def model_dir(inputs: dict[str, StageOutput], slot: str) -> Path:
     return Path(inputs[slot].path) / "model"
 
 
-def load_policy(inputs: dict[str, StageOutput], slot: str = "policy"):
+def load_policy(inputs: dict[str, StageOutput], slot: str = "policy", dtype: str = "auto"):
     from alignment.models import load_causal_lm, load_tokenizer
 
     path = model_dir(inputs, slot)
-    return load_causal_lm(path), load_tokenizer(path)
+    return load_causal_lm(path, dtype=dtype), load_tokenizer(path)
 
 
 def save_model(model, tokenizer, out: Path) -> None:

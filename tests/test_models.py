@@ -186,3 +186,22 @@ def test_sampler_names_the_kv_cache_as_the_model_does_and_refuses_one_that_drops
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     with pytest.raises(RuntimeError, match="did not fill the KV cache"):
         sample(Forgetful(tiny_lm), ids, torch.ones_like(ids), SamplingParams(max_new_tokens=4), 0)
+
+
+def test_weights_load_in_float32_on_a_cpu_and_as_saved_on_an_accelerator(tmp_path, monkeypatch):
+    """A bf16 checkpoint (today's chat models): fp32 on a CPU by default, bf16 when asked or kept as saved;
+    on an accelerator "auto" hands from_pretrained transformers' "auto" (the saved dtype, as TRL loads it)."""
+    from transformers import LlamaForCausalLM as Llama
+
+    from alignment.models import RewardModel, load_causal_lm, weights_dtype
+    from conftest import tiny_llama_config
+
+    Llama(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert load_causal_lm(tmp_path).dtype == torch.float32
+    assert load_causal_lm(tmp_path, dtype="bfloat16").dtype == torch.bfloat16
+    assert load_causal_lm(tmp_path, dtype="saved").dtype == torch.bfloat16
+    assert next(RewardModel.from_pretrained(tmp_path).parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'bf16': use one of"):
+        weights_dtype("bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert weights_dtype("auto") == "auto" and weights_dtype("float32") == torch.float32

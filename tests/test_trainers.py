@@ -87,6 +87,7 @@ def test_dpo_raises_preferred_answer_probability():
 def test_dpo_reference_on_the_fly_equals_precomputed():
     on_the_fly = DPOTrainer(lm(), PAIRS, 0, DPOConfig(TrainConfig(max_steps=3, batch_size=6), precompute_ref_logps=False))
     pre = DPOTrainer(lm(), PAIRS, 0, DPOConfig(TrainConfig(max_steps=3, batch_size=6)))
+    assert on_the_fly.ref_model is not None and pre.ref_model is None  # precomputed: its copy is not kept
     a, b = on_the_fly.train(), pre.train()
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], abs=1e-5)
 

@@ -89,6 +89,8 @@ class DPOTrainer:
             raise ValueError(f"reference_logps has shape {tuple(reference_logps.shape)}, expected {expected}")
         if self.reference_logps is None and cfg.precompute_ref_logps:
             self.reference_logps = self.compute_reference_logps()
+        if self.reference_logps is not None:  # the reference is never run again: its copy of the weights goes
+            self.ref_model = None
 
     @torch.no_grad()
     def ref_pair_logps(self, examples: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from typing import Literal
 
 
 from alignment.config import DPOConfig, LoRAConfig
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, read_preferences, training_history, save_model, token_preflight, write_first_sequence, write_rejects
+from tasks.stage import ModelStageParams, StageSpec, load_policy, metrics_logger, read_preferences, training_history, save_model, token_preflight, write_first_sequence, write_rejects
 from tasks.store import stage_key
 
 INPUTS = {"preferences": "preferences", "policy": "policy"}
@@ -17,7 +17,7 @@ OUTPUT = ("policy",)
 TRAINED_WITH = "dpo.json"  # the beta of the implicit reward the policy learned, for its evaluation
 
 
-class Params(StageParams):
+class Params(ModelStageParams):
     drop_invalid: bool = False  # leave out the pairs the chat template or the token checks reject (rejects.parquet)
     dpo: DPOConfig = DPOConfig()  # training (TRL's defaults: beta 0.1, lr 1e-6, max_length 1024)
     lora: LoRAConfig | None = None  # train LoRA adapters only; the reference is the model with them off
@@ -36,7 +36,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from alignment.trainers.dpo import DPOTrainer
 
     train = read_preferences(inputs, "train")
-    policy, tokenizer = load_policy(inputs)
+    policy, tokenizer = load_policy(inputs, dtype=p.dtype)
     examples, rejects = token_preflight(tokenizer, train, p.dpo.max_length, f"{inputs['preferences'].name} (train split)",
                                         p.drop_invalid, ctx.log)
     write_rejects(out, rejects)

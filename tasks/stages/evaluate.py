@@ -22,7 +22,7 @@ from pydantic import field_validator, model_validator
 from alignment.config import DPOConfig, SamplingParams
 from tasks import rewards
 from tasks.data import DataError, prompt_of, read_prompt_rows
-from tasks.stage import StageParams, StageSpec, load_policy, read_preferences, read_prompts, template_preflight
+from tasks.stage import ModelStageParams, StageSpec, load_policy, read_preferences, read_prompts, template_preflight
 
 INPUTS = {"policy": "policy", "reference": "policy", "reward_model": "reward_model?", "preferences": "preferences?",
           "prompts": "prompts?", "world": "world?"}
@@ -31,7 +31,7 @@ GATE = re.compile(r"^\s*(>=|<=|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
-class Params(StageParams):
+class Params(ModelStageParams):
     prompts: int = 100  # how many prompts both policies answer
     prompts_file: str | None = None  # prompts to evaluate on; None: the prompts input, else the preferences' test split
     columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
@@ -157,8 +157,8 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from tasks.stages.dpo import trained_beta
     from tasks.stages.train_reward_model import examples, load_reward_fn
 
-    policy, tokenizer = load_policy(inputs)
-    reference, _ = load_policy(inputs, "reference")
+    policy, tokenizer = load_policy(inputs, dtype=p.dtype)
+    reference, _ = load_policy(inputs, "reference", p.dtype)
     test_pairs = read_preferences(inputs, "test") if "preferences" in inputs else []
     extras: list[dict] = []
     if p.prompts_file:
@@ -174,7 +174,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     template_preflight(tokenizer, prompts, p.prompts_file or "the evaluation prompts", ctx.log)
     scores = {}
     if "reward_model" in inputs:
-        scores["reward_fn"] = load_reward_fn(inputs)
+        scores["reward_fn"] = load_reward_fn(inputs, dtype=p.dtype)
     if "world" in inputs:
         from tasks.stages.world import gold_scores, has_banned_word, load_world
 

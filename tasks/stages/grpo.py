@@ -13,14 +13,14 @@ from pydantic import field_validator, model_validator
 
 from alignment.config import GRPOConfig, LoRAConfig
 from tasks import rewards
-from tasks.stage import StageParams, StageSpec, load_policy, metrics_logger, save_model, template_preflight, training_history
+from tasks.stage import ModelStageParams, StageSpec, load_policy, metrics_logger, save_model, template_preflight, training_history
 from tasks.stages.sample import one_prompt_source, prompt_rows_for
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model?", "prompts": "prompts?"}
 OUTPUT = ("policy",)
 
 
-class GroupParams(StageParams):
+class GroupParams(ModelStageParams):
     prompts: int = 2000  # how many prompts rollouts are drawn from
     prompts_file: str | None = None  # as for the sample stage; None: the prompts input (split train)
     columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
@@ -66,8 +66,8 @@ def run_group(ctx, p: GroupParams, cfg, inputs, out: Path, run_id: str) -> dict[
 
     fns = {spec: rewards.load(spec) for spec in p.reward_functions}
     if "reward_model" in inputs:
-        fns[rewards.REWARD_MODEL] = load_reward_fn(inputs)
-    policy, tokenizer = load_policy(inputs)
+        fns[rewards.REWARD_MODEL] = load_reward_fn(inputs, dtype=p.dtype)
+    policy, tokenizer = load_policy(inputs, dtype=p.dtype)
     set_seed(cfg.seed)
     if p.lora is not None:
         policy = add_lora(policy, p.lora)

@@ -74,7 +74,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from alignment.models import load_causal_lm
 
     tokenizer = open_tokenizer(p, ctx.log)
-    model = load_causal_lm(p.name_or_path, trust_remote_code=p.trust_remote_code)
+    model = load_causal_lm(p.name_or_path, dtype="saved", trust_remote_code=p.trust_remote_code)  # as saved: later stages choose
     save_model(model, tokenizer, out)
     return {"parameters": float(sum(t.numel() for t in model.parameters())),
             "chat_template": float(bool(getattr(tokenizer, "chat_template", None)))}

@@ -9,14 +9,14 @@ from pydantic import model_validator
 
 from alignment.config import LoRAConfig, PPOConfig
 from tasks.data import DataError
-from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, template_preflight, training_history
+from tasks.stage import ModelStageParams, StageSpec, metrics_logger, model_dir, template_preflight, training_history
 from tasks.stages.sample import one_prompt_source, prompts_for, sources  # noqa: F401 - sources: a prompts file is in the key
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model", "prompts": "prompts?"}
 OUTPUT = ("policy",)
 
 
-class Params(StageParams):
+class Params(ModelStageParams):
     prompts: int = 2000  # how many prompts rollouts are drawn from
     prompts_file: str | None = None  # as for the sample stage; None: the prompts input (split train)
     columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
@@ -42,11 +42,12 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     tokenizer = load_tokenizer(path)
     prompts = prompts_for(p, inputs)
     template_preflight(tokenizer, prompts, p.prompts_file or inputs["prompts"].name, ctx.log)
-    reward_fn = load_reward_fn(inputs)
+    reward_fn = load_reward_fn(inputs, dtype=p.dtype)
     set_seed(p.ppo.seed)
     if p.ppo.value_model == "reward_model":
         same_tokens(tokenizer, load_tokenizer(model_dir(inputs, "reward_model")), inputs)
-    model = PolicyWithValueHead.from_pretrained(path, value_model=p.ppo.value_model, reward_model=model_dir(inputs, "reward_model"))
+    model = PolicyWithValueHead.from_pretrained(path, value_model=p.ppo.value_model, reward_model=model_dir(inputs, "reward_model"),
+                                               dtype=p.dtype)
     if p.lora is not None:
         model.policy = add_lora(model.policy, p.lora)
     trainer = PPOTrainer(model, tokenizer, prompts, reward_fn, p.ppo,

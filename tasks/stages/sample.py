@@ -9,14 +9,14 @@ from pydantic import model_validator
 
 from alignment.config import SamplingParams
 from tasks.data import prompt_columns, read_prompt_rows
-from tasks.stage import StageParams, StageSpec, load_policy, read_prompts, template_preflight
+from tasks.stage import ModelStageParams, StageSpec, load_policy, read_prompts, template_preflight
 from tasks.store import file_hash
 
 INPUTS = {"policy": "policy", "prompts": "prompts?"}
 OUTPUT = ("samples",)
 
 
-class Params(StageParams):
+class Params(ModelStageParams):
     prompts: int = 500  # how many prompts to answer (the first ones)
     prompts_file: str | None = None  # .txt (a question a line) or a table with a prompt / messages column; None: the prompts input
     columns: dict[str, str] = {}  # the prompts file's column -> ours, e.g. {question: prompt} (GSM8K)
@@ -58,7 +58,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from alignment.evaluation import generate_answers
     from tasks import schemas
 
-    model, tokenizer = load_policy(inputs)
+    model, tokenizer = load_policy(inputs, dtype=p.dtype)
     prompts = prompts_for(p, inputs)
     template_preflight(tokenizer, prompts, p.prompts_file or inputs["prompts"].name, ctx.log)
     rows = []

@@ -18,7 +18,7 @@ from pydantic import model_validator
 from alignment.config import SFTConfig
 from tasks.data import (DataError, DEMO_LAYOUTS, DEMONSTRATION_FORMATS, convert_rows, detect_demo_layout, prompt_columns, prompt_of,
                         read_once, readable_message)
-from tasks.stage import (StageParams, StageSpec, load_policy, metrics_logger, read_table, template_preflight, training_history,
+from tasks.stage import (ModelStageParams, StageSpec, load_policy, metrics_logger, read_table, template_preflight, training_history,
                         save_model, write_first_sequence, write_rejects)
 from tasks.store import dir_hash, file_hash
 
@@ -27,7 +27,7 @@ LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate
 OUTPUT = ("policy",)
 
 
-class Params(StageParams):
+class Params(ModelStageParams):
     data: str | None = None  # demonstrations file or `datasets` folder; None: the `demonstrations` input
     format: Literal[DEMONSTRATION_FORMATS] = "auto"  # auto, alpaca, sharegpt, messages, prompt_completion
     columns: dict[str, str] = {}  # the file's column -> ours, e.g. {question: instruction}
@@ -108,7 +108,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     else:
         demos = read_table(inputs, "demonstrations", "demonstrations.parquet", schemas.DEMONSTRATIONS)
     set_seed(p.sft.train.seed)
-    policy, tokenizer = load_policy(inputs)
+    policy, tokenizer = load_policy(inputs, dtype=p.dtype)
     rows = demos.to_dict("records")
     index = list(range(1, len(rows) + 1))  # each kept demonstration's row in the demonstrations table
     unrenderable = template_preflight(tokenizer, [prompt_of(r) for r in rows], source, ctx.log, p.drop_invalid)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from alignment.config import RewardConfig
 from tasks.data import prompt_of
-from tasks.stage import StageParams, StageSpec, metrics_logger, model_dir, read_preferences, training_history, save_model, token_preflight, write_first_sequence, write_rejects
+from tasks.stage import ModelStageParams, StageSpec, metrics_logger, model_dir, read_preferences, training_history, save_model, token_preflight, write_first_sequence, write_rejects
 
 INPUTS = {"preferences": "preferences", "base": "policy", "world": "world?"}
 LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate launch (tasks/launch.py)
@@ -20,7 +20,7 @@ OUTPUT = ("reward_model",)
 CONFIG_FILE = "reward_config.json"  # how the model reads text: later stages score answers the same way
 
 
-class Params(StageParams):
+class Params(ModelStageParams):
     drop_invalid: bool = False  # leave out the pairs the chat template or the token checks reject (rejects.parquet)
     reward: RewardConfig = RewardConfig()  # training (TRL's defaults: lr 1e-4, max_length 1024)
 
@@ -49,7 +49,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     write_rejects(out, rejects)
     write_first_sequence(out, tokenizer, train_examples[0].prompt_ids, train_examples[0].chosen_ids)
     set_seed(p.reward.train.seed)
-    trainer = RewardTrainer(RewardModel.from_pretrained(base), train_examples, tokenizer.pad_token_id, p.reward,
+    trainer = RewardTrainer(RewardModel.from_pretrained(base, dtype=p.dtype), train_examples, tokenizer.pad_token_id, p.reward,
                             output_dir=out, callback=metrics_logger(ctx, run_id, out))
     trainer.train()
     rows = training_history(out)
@@ -65,11 +65,11 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     return metrics
 
 
-def load_reward_fn(inputs, slot: str = "reward_model"):
+def load_reward_fn(inputs, slot: str = "reward_model", dtype: str = "auto"):
     """reward_fn(prompts, answers) of a trained reward model, reading text as it was trained to."""
     from alignment.evaluation import reward_scores
     from alignment.models import RewardModel, load_tokenizer
 
     path = model_dir(inputs, slot)
     max_length = json.loads((path / CONFIG_FILE).read_text())["max_length"]
-    return reward_scores(RewardModel.from_pretrained(path), load_tokenizer(path), max_length)
+    return reward_scores(RewardModel.from_pretrained(path, dtype=dtype), load_tokenizer(path), max_length)
