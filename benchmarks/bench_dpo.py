@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, causal_lm, report, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, causal_lm, checkpoint_dtype, report, texts, tokenizer
 
 
 def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True) -> dict:
@@ -28,9 +28,9 @@ def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True)
     rows = texts(w, w.pairs * (w.steps + w.warmup))
     examples = tokenize_pairs(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
                               w.prompt_tokens + w.answer_tokens)
-    model = causal_lm(w, device)
+    model = causal_lm(w, device, checkpoint_dtype(device))  # as our dpo stage loads a checkpoint (dtype auto)
     cfg = DPOConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
-                                mixed_precision="bf16" if device.startswith("cuda") else "no"),
+                                mixed_precision="no"),
                     beta=0.1, max_length=w.prompt_tokens + w.answer_tokens, precompute_ref_logps=precompute,
                     shared_prefix=shared_prefix)
     t = time.perf_counter()
@@ -63,7 +63,7 @@ def trl(w: Workload, device: str) -> dict:
                          logging_steps=10_000, use_cpu=not device.startswith("cuda"), bf16=device.startswith("cuda"),
                          max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0)
         # the same starting weights as the policy; TRL would otherwise reload the reference by model id
-        trainer = DPOTrainer(causal_lm(w, device), ref_model=causal_lm(w, device), args=args, train_dataset=Dataset.from_list(texts(w, w.pairs * (w.steps + w.warmup))),
+        trainer = DPOTrainer(causal_lm(w, device, checkpoint_dtype(device)), ref_model=causal_lm(w, device, checkpoint_dtype(device)), args=args, train_dataset=Dataset.from_list(texts(w, w.pairs * (w.steps + w.warmup))),
                              processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)

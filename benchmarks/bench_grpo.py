@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from common import StepTimer, Workload, causal_lm, peak_memory_mb, texts, tokenizer, trl_timing_callback
+from common import StepTimer, Workload, causal_lm, checkpoint_dtype, peak_memory_mb, texts, tokenizer, trl_timing_callback
 
 PROMPTS, GROUP, NEW_TOKENS = 8, 8, 64
 
@@ -42,9 +42,9 @@ def ours(w: Workload, device: str) -> dict:
 
     cfg = GRPOConfig(iterations=w.steps + w.warmup, prompts_per_batch=PROMPTS, group_size=GROUP, lr=1e-6, lr_schedule="constant",
                      beta=0.0, loss_type="dapo", sampling=SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0),
-                     mixed_precision="bf16" if device.startswith("cuda") else "no")
+                     mixed_precision="no")  # bf16 weights on a GPU, as a bf16 checkpoint loads
     timer = StepTimer(w.warmup, device)
-    trainer = GroupTrainer(causal_lm(w, device), tokenizer(w), prompts(w), {"even": reward_fn}, cfg)
+    trainer = GroupTrainer(causal_lm(w, device, checkpoint_dtype(device)), tokenizer(w), prompts(w), {"even": reward_fn}, cfg)
 
     lengths = []
 
@@ -70,7 +70,7 @@ def trl(w: Workload, device: str) -> dict:
                           learning_rate=1e-6, lr_scheduler_type="constant", max_steps=w.steps + w.warmup, report_to="none",
                           save_strategy="no", logging_steps=10_000, use_cpu=not device.startswith("cuda"),
                           bf16=device.startswith("cuda"), dataloader_num_workers=0, seed=0, shuffle_dataset=False)
-        trainer = GRPOTrainer(model=causal_lm(w, device), reward_funcs=reward_fn, args=args,
+        trainer = GRPOTrainer(model=causal_lm(w, device, checkpoint_dtype(device)), reward_funcs=reward_fn, args=args,
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(w)]),
                               processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, report, seq_classifier, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, checkpoint_dtype, report, seq_classifier, texts, tokenizer
 
 
 def ours(w: Workload, device: str, shared_prefix: bool = True) -> dict:
@@ -27,9 +27,9 @@ def ours(w: Workload, device: str, shared_prefix: bool = True) -> dict:
     rows = texts(w, w.pairs * (w.steps + w.warmup))
     examples = tokenize_pairs(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
                               w.prompt_tokens + w.answer_tokens)
-    model = RewardModel(seq_classifier(w, device))
+    model = RewardModel(seq_classifier(w, device, checkpoint_dtype(device)))  # as the stage loads a checkpoint
     cfg = RewardConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
-                                   mixed_precision="bf16" if device.startswith("cuda") else "no"),
+                                   mixed_precision="no"),
                        max_length=w.prompt_tokens + w.answer_tokens, shared_prefix=shared_prefix)
     timer = StepTimer(w.warmup, device)
 
@@ -57,7 +57,7 @@ def trl(w: Workload, device: str) -> dict:
                             learning_rate=1e-5, lr_scheduler_type="constant", report_to="none", save_strategy="no",
                             logging_steps=10_000, use_cpu=not device.startswith("cuda"), bf16=device.startswith("cuda"),
                             max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0)
-        model = seq_classifier(w, device)
+        model = seq_classifier(w, device, checkpoint_dtype(device))  # a user's bf16 checkpoint
         trainer = RewardTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)

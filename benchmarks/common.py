@@ -48,6 +48,12 @@ def config(w: Workload, **kw) -> LlamaConfig:
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **kw)
 
 
+def checkpoint_dtype(device: str) -> torch.dtype:
+    """The weights a user's checkpoint loads with on this device: bf16 on a GPU (today's chat models are saved
+    in bf16; transformers 5, TRL and alignflow's dtype auto load them so), fp32 on a CPU (alignflow's auto)."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
 def causal_lm(w: Workload, device: str, dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(config(w)).to(device=device, dtype=dtype)

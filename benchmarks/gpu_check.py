@@ -191,7 +191,8 @@ def markdown(r: dict) -> str:
 def _trainer_lines(name: str, p: dict) -> list[str]:
     w = p["workload"]
     lines = [f"{w['pairs']} pairs x ({w['prompt_tokens']} + {w['answer_tokens']}) tokens, vocab {w['vocab']}, hidden "
-             f"{w['hidden']}, {w['layers']} layers, bf16 autocast, random weights.", ""]
+             f"{w['hidden']}, {w['layers']} layers, random weights in bf16 for both (as a user's bf16 checkpoint "
+             "loads: TRL and alignflow's dtype auto).", ""]
     rows = [("alignflow (reference precomputed)" if name == "dpo" else "alignflow", p["ours"])]
     if name == "dpo":
         rows.append(("alignflow (reference every step)", p["ours_ref_every_step"]))
