@@ -18,9 +18,16 @@ LOGITS_BUDGET = 1 << 26  # logits held at once (256 MB in fp32) before the LM he
 PLAIN_HEAD_FAMILIES = {"Llama", "Qwen2", "Qwen3", "Mistral", "GPT2", "Phi3", "SmolLM3"}
 
 
+def unwrapped(model):
+    """The transformers model inside a PEFT wrapper (its LoRA layers injected, so calling it runs them, and
+    disabling the adapters disables them there too); any other model as it is."""
+    return model.get_base_model() if type(model).__name__.startswith("PeftModel") else model
+
+
 def plain_lm_head(model):
     """The LM head when logits are exactly lm_head(last hidden state) of model.base_model; None for models
-    that scale or soft-cap their logits, or whose family is not known to (then the full forward is used)."""
+    that scale or soft-cap their logits, or whose family is not known to (then the full forward is used).
+    `model` is the transformers model itself (see unwrapped)."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
@@ -64,11 +71,12 @@ def answer_logprobs(model, input_ids: Tensor, attention_mask: Tensor, mask: Tens
     only the positions predicting answer tokens go through the head, in chunks (head_logps)."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   **({"position_ids": position_ids} if position_ids is not None else {}))
-    head = plain_lm_head(model)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    inner = unwrapped(model)
+    head = plain_lm_head(inner)
+    vocab = getattr(getattr(inner, "config", None), "vocab_size", None) or 0
     if head is None or input_ids.numel() * vocab <= (budget or LOGITS_BUDGET):
         return sequence_logprobs(model(**kwargs).logits, input_ids, mask, temperature)[0]
-    hidden = model.base_model(**kwargs).last_hidden_state  # [B, T, H]
+    hidden = inner.base_model(**kwargs).last_hidden_state  # [B, T, H]
     predicts = mask[:, 1:].bool()  # [B, T-1]: position t predicts answer token t + 1
     picked = head_logps(hidden[:, :-1][predicts], head, input_ids[:, 1:][predicts], temperature, budget)  # [n]
     token_logps = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from alignment.data import PairExample
-from alignment.logprobs import LOGITS_BUDGET, head_logps, plain_lm_head, selective_log_softmax
+from alignment.logprobs import LOGITS_BUDGET, head_logps, plain_lm_head, selective_log_softmax, unwrapped
 
 Tensor = torch.Tensor
 
@@ -162,11 +162,12 @@ def shared_prefix_logps(model, batch: SharedPrefixBatch) -> Tensor:
     """
     B, K, A = batch.source.shape
     source = batch.source.view(B, K * A)
-    head = plain_lm_head(model)
+    inner = unwrapped(model)  # a LoRA model's transformers model, adapters injected
+    head = plain_lm_head(inner)
     if head is not None:
-        hidden = shared_prefix_hidden(model.base_model, batch)  # [B, L, H]
+        hidden = shared_prefix_hidden(inner.base_model, batch)  # [B, L, H]
         picked = hidden.gather(1, source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, KA, H]
-        if picked.shape[0] * picked.shape[1] * model.config.vocab_size > LOGITS_BUDGET:  # a real vocabulary: in chunks
+        if picked.shape[0] * picked.shape[1] * inner.config.vocab_size > LOGITS_BUDGET:  # a real vocabulary: in chunks
             flat = head_logps(picked.reshape(B * K * A, -1), head, batch.target.view(-1))
             return (flat.view(B, K, A) * batch.target_mask).sum(-1)  # [B, K]
         picked = head(picked)  # [B, KA, V]

@@ -88,3 +88,30 @@ def test_the_lm_head_in_chunks_gives_the_full_logits_log_probs_and_gradients(mon
     monkeypatch.setattr("alignment.prefix.LOGITS_BUDGET", 3 * 40)
     monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 3 * 40)
     assert torch.allclose(shared_prefix_logps(model, batch), whole, atol=1e-5)
+
+
+def test_a_lora_model_goes_through_the_chunked_head_with_its_adapters_and_without_them():
+    """A PEFT model is unwrapped to its transformers model (LoRA layers injected): chunked log-probs equal its
+    own forward's with the adapters on, and with them off (the reference of DPO, GRPO and PPO with LoRA)."""
+    from transformers import LlamaForCausalLM
+
+    from alignment import logprobs
+    from alignment.config import LoRAConfig
+    from alignment.lora import add_lora, reference_mode
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = add_lora(LlamaForCausalLM(tiny_llama_config()), LoRAConfig(r=4))
+    for name, p in model.named_parameters():  # LoRA's B starts at 0: move it, so adapters on and off differ
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(3, 40, (2, 8))
+    attention, mask = torch.ones_like(ids), torch.zeros_like(ids)
+    mask[:, 3:] = 1
+    with torch.no_grad():
+        on = logprobs.answer_logprobs(model, ids, attention, mask, budget=2 * 40)
+        assert torch.allclose(on, logprobs.answer_logprobs(model, ids, attention, mask), atol=1e-6)
+        with reference_mode(model) as policy:
+            off = logprobs.answer_logprobs(policy, ids, attention, mask, budget=2 * 40)
+            assert torch.allclose(off, logprobs.answer_logprobs(policy, ids, attention, mask), atol=1e-6)
+    assert (on - off).abs().max() > 1e-3  # the adapters were really on, then really off

@@ -1,0 +1,159 @@
+"""Batched sampling from a causal LM with a KV cache: temperature, top-k, top-p, stop tokens."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from alignment.config import SamplingParams  # noqa: F401 - re-exported
+from alignment.models import position_ids_from_mask
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SampleOutput:
+    sequences: Tensor  # [B, P + N] left-padded prompts followed by right-padded answers
+    attention_mask: Tensor  # [B, P + N] 1 on real prompt and answer tokens
+    answer_ids: Tensor  # [B, N] sampled tokens, pad after the stop token
+    answer_mask: Tensor  # [B, N] 1 on answer tokens up to and including the stop token
+    answer_logps: Tensor  # [B, N] log pi(token) under the temperature-scaled policy, 0 where masked
+    prompt_length: int  # P
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. logits: [B, V]. Returns [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)  # [B, V]
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p  # keeps the token crossing p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from probs [B, V] by the inverse CDF: index of the first cumulative probability
+    above u * total, u ~ U[0, 1). Exactly the categorical distribution, with one uniform per row instead
+    of the V exponentials that torch.multinomial draws (those dominated a CPU decoding step). Returns [B]."""
+    cdf = probs.cumsum(-1)  # [B, V]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype, generator=generator)  # [B, 1]
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # [B]
+    return index.clamp(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    params: SamplingParams,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """Sample one answer per row. Prompts must be LEFT-padded (input_ids, attention_mask: [B, P]).
+
+    One forward over the prompts fills the KV cache, then one token per step for all rows at once.
+    Rows that hit a stop token keep running on padding (masked) until all rows stop or N tokens exist.
+    """
+    B, P = input_ids.shape
+    device = input_ids.device
+    if params.cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', not {params.cache!r}")
+    static = params.cache == "static" or params.compile
+    if static:  # mask and cache span prompt + every new token from the start; positions not yet written are 0
+        cache = StaticCache(config=model.config, max_cache_len=P + params.max_new_tokens)
+        mask = torch.cat([attention_mask.long(), attention_mask.new_zeros(B, params.max_new_tokens, dtype=torch.long)], dim=1)
+    else:
+        cache = DynamicCache(config=model.config)
+        mask = attention_mask.long()
+    decode = _compiled(model) if params.compile else model
+    cache_arg = cache_kwarg(model)
+    position_ids = position_ids_from_mask(attention_mask.long())
+    step_ids = input_ids
+    step_positions = position_ids
+    cache_position = torch.arange(P, device=device)
+    stop = torch.tensor(params.stop_token_ids, device=device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps, alive = [], [], []
+    for t in range(params.max_new_tokens):
+        forward = model if t == 0 else decode  # the prompt pass has its own shape: not compiled
+        extra = {"cache_position": cache_position} if static else {}
+        out = forward(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: cache},
+            **extra,
+        )
+        if t == 0 and cache.get_seq_length() == 0:  # a forward that swallows an unknown keyword silently drops the cache
+            raise RuntimeError(f"{type(model).__name__}.forward did not fill the KV cache passed as `{cache_arg}`: every "
+                               f"token would be drawn without its context. Is this transformers version supported (>= 5.0)?")
+        logits = out.logits[:, -1].float()  # [B, V]
+        if params.temperature > 0:
+            logits = logits / params.temperature
+        probs = torch.softmax(logits, dim=-1)  # [B, V], one pass over the vocabulary when nothing is filtered
+        if params.temperature == 0:
+            next_token = logits.argmax(-1)  # [B]
+        else:
+            filtered = params.top_k or params.top_p < 1.0
+            sample_probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1) if filtered else probs
+            next_token = draw(sample_probs, generator)  # [B]
+        next_token = next_token.masked_fill(done, pad_token_id)
+        tokens.append(next_token)
+        # log pi(token) = log of its probability; a token drawn from probs (or from a top-k/p subset) has p > 0
+        logps.append(probs.gather(-1, next_token.unsqueeze(-1)).squeeze(-1).log().masked_fill(done, 0.0))
+        alive.append(~done)
+        if len(stop):
+            done = done | torch.isin(next_token, stop)
+        if bool(done.all()):
+            break
+        step_ids = next_token.unsqueeze(-1)  # [B, 1]
+        step_positions = step_positions[:, -1:] + 1  # [B, 1]
+        cache_position = cache_position[-1:] + 1
+        if static:
+            mask = mask.clone()
+            mask[:, P + t] = 1
+        else:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=-1)
+    answer_ids = torch.stack(tokens, dim=1)  # [B, N]
+    answer_mask = torch.stack(alive, dim=1).long()  # [B, N]
+    return SampleOutput(
+        sequences=torch.cat([input_ids, answer_ids], dim=1),  # [B, P + N]
+        attention_mask=torch.cat([attention_mask.long(), answer_mask], dim=1),
+        answer_ids=answer_ids,
+        answer_mask=answer_mask,
+        answer_logps=torch.stack(logps, dim=1),
+        prompt_length=P,
+    )
+
+
+def cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: transformers 5.0-5.2x call it `past_key_values`, later versions
+    `cache` (the old name deprecated). Passing the wrong one is silently swallowed by **kwargs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg(type(base))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    names = inspect.signature(cls.forward).parameters
+    return "past_key_values" if "past_key_values" in names and "cache" not in names else "cache"
+
+
+def _compiled(model):
+    """The model under torch.compile, built once per model (CUDA graphs on a GPU). Kept in the model's
+    __dict__, not as an attribute nn.Module would register (that would add its weights to state_dict)."""
+    if "_alignflow_compiled" not in model.__dict__:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+        model.__dict__["_alignflow_compiled"] = torch.compile(model, mode=mode)
+    return model.__dict__["_alignflow_compiled"]

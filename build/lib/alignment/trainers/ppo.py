@@ -1,0 +1,171 @@
+"""PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022).
+
+One iteration: sample answers for a batch of prompts (all at once, KV cache) -> score them with the
+reward function -> per-token rewards r_t = -beta * kl_t, plus the score at the last answer token ->
+GAE -> several epochs of minibatch updates of clipped policy loss + c_v * value loss - c_e * entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from alignment.config import PPOConfig  # noqa: F401 - re-exported
+from alignment.advantages import AdaptiveKLController, FixedKLController, explained_variance, gae, whiten
+from alignment.data import encode_prompt, pad
+from alignment.logprobs import sequence_logprobs
+from alignment.lora import has_adapters, reference_mode
+from alignment.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss, value_loss
+from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
+from alignment.sampling import sample
+from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, StepSampler, minibatch
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+"""reward_fn(prompts, answers) -> scores [B]; text in, so the reward model may use its own tokenizer."""
+
+
+class PPOTrainer:
+    def __init__(
+        self,
+        model: PolicyWithValueHead,
+        tokenizer,
+        prompts: Sequence[str],
+        reward_fn: RewardFn,
+        cfg: PPOConfig,
+        ref_model=None,
+        output_dir: str | Path | None = None,
+        callback: MetricsCallback | None = None,
+    ):
+        self.cfg, self.tokenizer, self.prompts, self.reward_fn, self.callback = cfg, tokenizer, list(prompts), reward_fn, callback
+        if ref_model is None and not has_adapters(model.policy):
+            ref_model = frozen_copy(model.policy)
+        self.ref_model = ref_model  # None: the policy with its LoRA adapters disabled
+        self.opt = Optimization(model, cfg.train_config())
+        if self.ref_model is not None:
+            self.ref_model.to(self.opt.device)
+        self.prompt_sampler = StepSampler(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
+        self.kl_ctl = (
+            AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.beta)
+        )
+        self.checkpointer = Checkpointer.under(output_dir)
+        self.ledger = Ledger.under(output_dir, self.opt.accelerator.is_main_process)
+        self.iteration = 0
+        self.stop_ids = tuple(cfg.sampling.stop_token_ids) or (tokenizer.eos_token_id,)
+
+    @property
+    def model(self) -> PolicyWithValueHead:
+        return self.opt.accelerator.unwrap_model(self.opt.model)
+
+    # -- rollouts ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Sample, score, and compute per-token rewards, advantages and returns for a batch of prompts."""
+        cfg, device, pad_id = self.cfg, self.opt.device, self.tokenizer.pad_token_id
+        model = self.model.eval()
+        prompt_ids, prompt_mask = pad([encode_prompt(self.tokenizer, p) for p in prompts], pad_id, side="left")
+        params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
+        out = sample(model.policy, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator)
+        sequences, attention_mask = out.sequences, out.attention_mask  # [B, P + N]
+        mask = torch.zeros_like(attention_mask)  # [B, P + N], 1 on answer tokens
+        mask[:, out.prompt_length :] = out.answer_mask
+
+        logits, values = model(sequences, attention_mask)
+        tau = cfg.sampling.temperature  # ratios and KL in the distribution the answers were sampled from
+        logps, _ = sequence_logprobs(logits, sequences, mask, tau)  # [B, P + N]
+        ref_logits = self.reference_logits(sequences, attention_mask)
+        ref_logps, _ = sequence_logprobs(ref_logits, sequences, mask, tau)
+
+        answers = self.tokenizer.batch_decode(
+            [ids[m.bool()].tolist() for ids, m in zip(out.answer_ids, out.answer_mask)], skip_special_tokens=True
+        )
+        scores = self.reward_fn(prompts, answers).to(device).float()  # [B]
+        truncated = ~torch.isin(out.answer_ids, torch.tensor(self.stop_ids, device=device)).any(-1)  # [B]
+        shaped = scores - cfg.missing_eos_penalty * truncated.float() if cfg.missing_eos_penalty else scores
+
+        kl = kl_penalty(logps, ref_logps, cfg.kl_estimator) * mask  # [B, P + N]
+        rewards = -self.kl_ctl.value * kl
+        last = out.prompt_length + out.answer_mask.sum(-1) - 1  # [B] index of the last answer token
+        rewards[torch.arange(len(prompts), device=device), last] += shaped
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        return {
+            "sequences": sequences, "attention_mask": attention_mask, "mask": mask,
+            "logps": logps, "values": values * mask, "advantages": advantages, "returns": returns,
+            "scores": scores, "kl": kl.sum(-1), "answer_len": out.answer_mask.sum(-1).float(),
+            "truncated": truncated.float(),
+        }
+
+    @torch.no_grad()
+    def reference_logits(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of the reference policy: the frozen model, or the policy with adapters off."""
+        kwargs = dict(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        if self.ref_model is not None:
+            return self.ref_model(**kwargs).logits
+        with reference_mode(self.model.policy) as policy:
+            return policy(**kwargs).logits
+
+    # -- updates -------------------------------------------------------------------------------
+    def micro_loss(self, batch: dict[str, torch.Tensor], indices: list[int]):
+        cfg = self.cfg
+        mb = minibatch(batch, indices)
+        logits, values = self.opt.model(mb["sequences"], mb["attention_mask"])  # [b, T, V], [b, T]
+        logps, _ = sequence_logprobs(logits, mb["sequences"], mb["mask"], cfg.sampling.temperature)
+        pg_loss, metrics = ppo_policy_loss(logps, mb["logps"], mb["advantages"], mb["mask"], cfg.clip_eps)
+        vf_loss = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
+        entropy_mask = torch.zeros_like(mb["mask"])
+        entropy_mask[:, :-1] = mb["mask"][:, 1:]  # logits at t predict answer token t + 1
+        entropy = entropy_from_logits(logits, entropy_mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(), **metrics}
+
+    def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
+        """Run iterations up to cfg.iterations (or stop_at), resuming from the latest checkpoint."""
+        cfg = self.cfg
+        latest = self.checkpointer.latest()
+        if latest is not None:
+            state = self.checkpointer.load(self.opt, latest)
+            self.iteration, self.kl_ctl.value = state["iteration"], state["beta"]
+        self.ledger.resume(self.iteration)
+        end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
+        history = []
+        for _ in tqdm(range(self.iteration, end), desc="ppo", initial=self.iteration, total=cfg.iterations, leave=False, disable=None):
+            self.ledger.record(self.iteration + 1, self.prompt_sampler.batch(self.iteration))  # prompt ids
+            batch = self.rollout([self.prompts[i] for i in self.prompt_sampler.batch(self.iteration)])
+            self.opt.model.train()
+            step_metrics = []
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
+            for _epoch in range(cfg.ppo_epochs):
+                perm = torch.randperm(len(batch["scores"]), generator=g).tolist()
+                for i in range(0, len(perm), cfg.minibatch_size):
+                    step_metrics.append(self.opt.update(lambda idx: self.micro_loss(batch, idx), perm[i : i + cfg.minibatch_size]))
+            metrics = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+            mean_kl = float(batch["kl"].mean())
+            metrics.update({
+                "reward": float(batch["scores"].mean()),
+                "kl": mean_kl,
+                "beta": self.kl_ctl.value,
+                "answer_len": float(batch["answer_len"].mean()),
+                "truncated": float(batch["truncated"].mean()),
+                "value_explained_variance": float(explained_variance(batch["values"], batch["returns"], batch["mask"])),
+                "advantage_mean": float(masked_mean(batch["advantages"], batch["mask"])),
+            })
+            self.kl_ctl.update(mean_kl, len(batch["scores"]))
+            self.iteration += 1
+            history.append(metrics)
+            if self.callback is not None:
+                self.callback(self.iteration, metrics)
+            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        if history:
+            self.save_checkpoint()
+        return history
+
+    def save_checkpoint(self) -> None:
+        self.checkpointer.save(self.opt, {"iteration": self.iteration, "beta": self.kl_ctl.value})

@@ -1,0 +1,77 @@
+"""alignflow installed the way users install it: the wheel, no editable checkout on the path.
+
+The wheel is built from this checkout and installed without `-e` (and without its dependencies) into a fresh
+virtual environment whose only other packages are the suite's, reached through a path line: the suite's
+editable finder for this checkout is a .pth file there, which a path line does not run, so `import tasks`
+can only find the wheel's copy. From a folder outside the repository the installed CLI validates the
+packaged pipelines and runs a tiny pipeline. (The wheel that left out `tasks.stages` failed both.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+settings: {seed: 0}
+pipelines:
+  tiny:
+    description: a world and two SFT steps
+    stages:
+      - name: world
+        type: world
+        params: {demonstrations: 16, train_prompts: 8, test_prompts: 4,
+                 model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32, max_positions: 64}}
+      - name: sft
+        type: sft
+        inputs: {policy: world, demonstrations: world}
+        params: {sft: {max_length: 64, train: {max_steps: 2, batch_size: 4}}}
+"""
+
+
+def test_the_wheel_installed_without_the_checkout_validates_and_runs_a_pipeline(tmp_path, prefect_server):
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [wheel] = wheels.glob("alignflow-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "tasks/stages/dpo.py" in names and "tasks/stages/__init__.py" in names
+        shipped = z.read("flows/pipelines.yaml").decode()  # the file itself, not a link to ../pipelines.yaml
+    assert shipped == (ROOT / "pipelines.yaml").read_text()
+
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "suite_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch & co., not the checkout
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import tasks.stages.dpo as m; print(m.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True)
+    assert where.returncode == 0 and str(site) in where.stdout, where.stdout + where.stderr  # the wheel's copy
+    cli = str(env_dir / "bin" / "alignflow")
+    shipped_ok = subprocess.run([cli, "validate"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert shipped_ok.returncode == 0 and "quickstart" in shipped_ok.stdout, shipped_ok.stdout + shipped_ok.stderr
+    (work / "pipelines.yaml").write_text(TINY)
+    run = subprocess.run([cli, "run", "tiny"], cwd=work, env={**env, "TQDM_DISABLE": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "[sft] done" in run.stdout + run.stderr
+    assert (work / "runs" / "stages" / "sft").is_dir() and (work / "mlflow.db").is_file()
