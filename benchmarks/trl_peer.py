@@ -16,6 +16,7 @@ The trained policy is saved as a model folder; bench_methods.py evaluates it wit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -49,10 +50,9 @@ def train(method: str, params: dict, inputs: dict, out: Path, seed: int) -> Path
     eos = tokenizer.eos_token_id
 
     def reward_model(prompts, completions, completion_ids, prompt_index, **_):
-        scores = rm([prompts_by_index[i] for i in prompt_index], [_text(c) for c in completions])
+        scores = rm([prompts[i] for i in prompt_index], [_text(c) for c in completions])
         return [float(s) - penalty * (eos not in ids) for s, ids in zip(scores.tolist(), completion_ids)]
 
-    prompts_by_index = prompts
     data = Dataset.from_list([{"prompt": p, "prompt_index": i} for i, p in enumerate(prompts)])
     generation = cfg["prompts_per_batch"] * cfg["group_size"]
     minibatch = cfg.get("minibatch_size") or generation
@@ -77,5 +77,5 @@ def train(method: str, params: dict, inputs: dict, out: Path, seed: int) -> Path
     folder = out / "model"
     trainer.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (out / "log_history.json").write_text(__import__("json").dumps(trainer.state.log_history))
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
     return folder
