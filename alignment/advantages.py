@@ -7,10 +7,15 @@ Symbols follow ../shared/MATH.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 Tensor = torch.Tensor
+
+
+def _local(t: Tensor) -> Tensor:
+    return t
 
 
 def gae(
@@ -65,33 +70,37 @@ def rewards_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     return out
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total: Callable[[Tensor], Tensor] = _local) -> Tensor:
     """Whiten x with statistics over unmasked positions only: (x - mean) / (std + eps).
 
     x, mask: [B, T]. std is the unbiased standard deviation over unmasked entries.
     With shift_mean=False the mean is added back (scale only). Returns [B, T], 0 where masked.
+    total: how a sum over the batch is completed; several processes pass their all-reduce, so that each
+    whitens its rows with the statistics of the whole batch.
     """
     m = mask.to(x.dtype)
-    n = m.sum().clamp(min=1.0)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1.0)
+    n = total(m.sum()).clamp(min=1.0)
+    mean = total((x * m).sum()) / n
+    var = total((((x - mean) * m) ** 2).sum()) / (n - 1).clamp(min=1.0)
     out = (x - mean) / (var.sqrt() + eps)
     if not shift_mean:
         out = out + mean
     return out * m
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, total: Callable[[Tensor], Tensor] = _local) -> Tensor:
     """Explained variance of the value function: 1 - Var(R - V) / Var(R), over unmasked tokens.
 
     values, returns, mask: [B, T]. Returns a scalar (1 = perfect, 0 = no better than a constant).
+    total: as whiten's (the whole batch's over several processes).
     """
     m = mask.to(returns.dtype)
-    n = m.sum().clamp(min=1.0)
+    n = total(m.sum()).clamp(min=1.0)
 
     def var(x: Tensor) -> Tensor:
-        mean = (x * m).sum() / n
-        return (((x - mean) * m) ** 2).sum() / n
+        mean = total((x * m).sum()) / n
+        return total((((x - mean) * m) ** 2).sum()) / n
 
     var_r = var(returns)
     return 1.0 - var(returns - values) / var_r.clamp(min=1e-12)

@@ -172,9 +172,9 @@ def tokenize_demonstrations(tokenizer, prompts: Sequence[Prompt], completions: S
     return out
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
-    """Pad to the longest sequence. Returns (ids [B, T], mask [B, T])."""
-    T = max(len(s) for s in seqs)
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pad to the longest sequence, or to `width`. Returns (ids [B, T], mask [B, T])."""
+    T = max(len(s) for s in seqs) if width is None else width
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -39,12 +39,15 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def draw(probs: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None) -> Tensor:
     """One token per row from probs [B, V] by the inverse CDF: index of the first cumulative probability
     above u * total, u ~ U[0, 1). Exactly the categorical distribution, with one uniform per row instead
-    of the V exponentials that torch.multinomial draws (those dominated a CPU decoding step). Returns [B]."""
+    of the V exponentials that torch.multinomial draws (those dominated a CPU decoding step). Returns [B].
+    rows (first, total): these B rows are rows first .. first + B - 1 of a batch of `total`; the uniforms
+    drawn are the whole batch's, so each row gets the one it would get in the whole batch."""
     cdf = probs.cumsum(-1)  # [B, V]
-    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype, generator=generator)  # [B, 1]
+    first, total = rows or (0, probs.shape[0])
+    u = torch.rand(total, 1, device=probs.device, dtype=cdf.dtype, generator=generator)[first : first + probs.shape[0]]  # [B, 1]
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # [B]
     return index.clamp(max=probs.shape[-1] - 1)
 
@@ -57,11 +60,14 @@ def sample(
     params: SamplingParams,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> SampleOutput:
     """Sample one answer per row. Prompts must be LEFT-padded (input_ids, attention_mask: [B, P]).
 
     One forward over the prompts fills the KV cache, then one token per step for all rows at once.
     Rows that hit a stop token keep running on padding (masked) until all rows stop or N tokens exist.
+    rows (first, total): the batch is one process's share of a batch of `total` rows sampled with the same
+    generator (online RL on several processes); every row draws what it would draw in the whole batch.
     """
     B, P = input_ids.shape
     device = input_ids.device
@@ -107,7 +113,7 @@ def sample(
         else:
             filtered = params.top_k or params.top_p < 1.0
             sample_probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1) if filtered else probs
-            next_token = draw(sample_probs, generator)  # [B]
+            next_token = draw(sample_probs, generator, rows)  # [B]
         next_token = next_token.masked_fill(done, pad_token_id)
         tokens.append(next_token)
         # log pi(token) = log of its probability; a token drawn from probs (or from a top-k/p subset) has p > 0

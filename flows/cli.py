@@ -59,6 +59,11 @@ def reward_function_named(err: Exception) -> str:
     return " (" + err.__notes__[0] + ")" if getattr(err, "__notes__", None) else ""
 
 
+def where_in(err: Exception) -> str:
+    """" in stage 'ppo' (MLflow run ...)": where a stage's error happened (the lifecycle's note), or ""."""
+    return " in " + err.__notes__[0] if getattr(err, "__notes__", None) else ""
+
+
 HEADLINE = ("eval/kl", "eval/gold_win_rate", "eval/rm_win_rate", "eval/implicit_accuracy", "eval/pref_accuracy",
             "eval/banned_word_rate", "eval/accuracy", "eval/gold_accuracy")
 """The evaluation metrics the run summary shows a stage by (all of them are in MLflow and metrics.json)."""
@@ -100,6 +105,7 @@ def run(
     temporary = server.start()  # boots on the other core while the libraries below import
     from alignment.trainers.common import NonFiniteLossError
     from flows.pipeline import pipeline_flow, resolved_yaml
+    from tasks.launch import LaunchError
     import alignment.models  # noqa: F401 - transformers' model code (about 6 s on 2 cores): now, not in the first stage
     quiet_output()
     try:
@@ -118,8 +124,9 @@ def run(
     except RewardFunctionError as err:
         fail(f"bad reward function{reward_function_named(err)}: {err}", 2)
     except NonFiniteLossError as err:
-        where = " in " + err.__notes__[0] if getattr(err, "__notes__", None) else ""
-        fail(f"pipeline {pipeline!r} stopped{where}: training diverged: {err}", 1)
+        fail(f"pipeline {pipeline!r} stopped{where_in(err)}: training diverged: {err}", 1)
+    except LaunchError as err:
+        fail(f"pipeline {pipeline!r} stopped{where_in(err)}: {err}", 1)
     except Exception as err:  # noqa: BLE001 - the message, not a traceback, is what a user needs
         fail(f"pipeline {pipeline!r} failed: {type(err).__name__}: {err}", 1)
     typer.echo(f"pipeline run {result['parent_run_id']}")

@@ -26,12 +26,13 @@ from tasks.tracking import NOTE, Tracker, environment
 
 
 class _ExplainedErrors(logging.Filter):
-    """Errors whose message says what to do (bad data, a misbehaving reward function, divergence) reach the
-    user once, as the command line's sentence: Prefect's own ERROR lines about them (a repr of the exception,
-    a traceback) and its "Finished in state Failed(...)" line, which quotes them again, are held back. The
-    flow run's state in Prefect and the MLflow run's alignflow.error tag keep the message."""
+    """Errors whose message says what to do (bad data, a misbehaving reward function, divergence, a process of
+    a launched stage that died) reach the user once, as the command line's sentence: Prefect's own ERROR lines
+    about them (a repr of the exception, a traceback) and its "Finished in state Failed(...)" line, which
+    quotes them again, are held back. The flow run's state in Prefect and the MLflow run's alignflow.error
+    tag keep the message."""
 
-    NAMES = ("DataError", "RewardFunctionError", "NonFiniteLossError")
+    NAMES = ("DataError", "RewardFunctionError", "NonFiniteLossError", "LaunchError")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None and _explained(record.exc_info[1]):
@@ -44,8 +45,9 @@ def _explained(err: BaseException) -> bool:
     from alignment.rewards import RewardFunctionError
     from alignment.trainers.common import NonFiniteLossError
     from tasks.data import DataError
+    from tasks.launch import LaunchError
 
-    return isinstance(err, (DataError, RewardFunctionError, NonFiniteLossError))
+    return isinstance(err, (DataError, RewardFunctionError, NonFiniteLossError, LaunchError))
 
 
 for _name in ("prefect.task_runs", "prefect.flow_runs"):

@@ -1,5 +1,6 @@
-"""A stage on several processes: `resources: {processes: N}` (and optionally an accelerate config) in
-pipelines.yaml.
+"""Where a stage's body runs: `run_body`, which the lifecycle (tasks/stage.py) calls, runs it in the
+pipeline's process, or on several processes when the stage asks for them in pipelines.yaml
+(`resources: {processes: N}`, and optionally an accelerate config).
 
 The pipeline's process writes the stage's job (its type, params, inputs, output folder and MLflow run) to
 `<output>/.launch/job.json` and starts `torchrun --standalone` (or `accelerate launch` with the stage's
@@ -10,27 +11,82 @@ becomes the same content-addressed cache entry as a one-process run; the other r
 folders whose `checkpoints` is rank 0's, so every rank saves into and resumes from the same checkpoints.
 Stopping or killing the pipeline stops the group; a worker's error comes back as the stage's error.
 
-    python -m tasks.launch <output>/.launch/job.json     (what the launcher runs on every process)
+    python -m tasks.worker <output>/.launch/job.json     (what the launcher runs on every process)
+
+Imports: tasks.stage -> tasks.launch -> tasks.context; tasks.worker -> tasks.stages -> tasks.stage. No cycle.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from tasks.context import STOP, StageContext
 from tasks.data import DataError
-from tasks.stage import STOP, StageContext
-from tasks.store import StageOutput, Store
+from tasks.store import StageOutput
 
 LAUNCH_DIR = ".launch"  # inside the stage's partial output; removed before it is published
+
+
+class LaunchError(RuntimeError):
+    """A launched stage's processes died without an error of their own (killed, out of memory, a lost host)."""
+
+
+class LauncherOutput:
+    """The launcher's and its workers' output, line by line: to the pipeline's output, and whole to a log
+    file. Python tracebacks (a worker's error comes back as the stage's own message, from error.json) and
+    torchrun's failure report are held back from the pipeline's output; the report's root cause (which rank
+    died, and how) is kept for the stage's error."""
+
+    ELASTIC_LOG = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
+    FIELD = re.compile(r"^\s+(rank|exitcode)\s*:\s*(.*)$")
+
+    def __init__(self, log_file: Path, echo=None):
+        self.log_file, self.echo = log_file, echo or sys.stdout.write
+        self.cause: dict[str, str] = {}
+
+    def copy(self, stream) -> None:
+        hiding, in_cause = "", False
+        with open(self.log_file, "a") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+                text = line.rstrip("\n")
+                if text.startswith("Traceback (most recent call last):"):
+                    hiding = "traceback"
+                elif hiding == "traceback" and not text[:1].isspace():
+                    hiding = "report" if "ChildFailedError" in text else ""  # the exception line ends a traceback
+                    continue
+                elif hiding == "report":
+                    in_cause = in_cause or text.startswith("Root Cause")
+                    field = self.FIELD.match(text) if in_cause else None
+                    if field:
+                        self.cause[field.group(1)] = field.group(2).strip()
+                    if in_cause and text.startswith("====="):
+                        hiding = ""
+                    continue
+                if hiding or self.ELASTIC_LOG.match(text) or text.startswith(("During handling of the above", "The above exception")):
+                    continue
+                self.echo(line)
+
+    def why(self) -> str:
+        """The root cause in words: "process 1 was killed by SIGKILL" (torchrun's report), or ""."""
+        rank, code = self.cause.get("rank", "").split(" ")[0], self.cause.get("exitcode", "")
+        signal_name = re.search(r"\((SIG\w+)\)", code)
+        if not rank:
+            return ""
+        if signal_name:
+            return f"process {rank} was killed by {signal_name.group(1)}"
+        return f"process {rank} exited with code {code.split(' ')[0]}"
 
 
 def _error_type(name: str) -> type[BaseException]:
@@ -44,9 +100,9 @@ def command(resources, job_file: Path) -> list[str]:
     """torchrun for processes on this machine; accelerate launch when the stage names a config."""
     if resources.accelerate_config is None:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(resources.processes),
-                "-m", "tasks.launch", str(job_file)]
+                "-m", "tasks.worker", str(job_file)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resources.accelerate_config),
-            "--num_processes", str(resources.processes), "-m", "tasks.launch", str(job_file)]
+            "--num_processes", str(resources.processes), "-m", "tasks.worker", str(job_file)]
 
 
 # Run before the launcher, in its own process: ask Linux for SIGTERM when the pipeline's process dies (even
@@ -71,6 +127,13 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
             continue
 
 
+def run_body(ctx: StageContext, stage, module, inputs: dict[str, StageOutput], out: Path, run_id: str) -> dict[str, float]:
+    """The stage's body, `module.run`: here, or launched on its resources. Returns its metrics."""
+    if not stage.resources.launched:
+        return module.run(ctx, stage.params, inputs, out, run_id)
+    return run_launched(ctx, stage, inputs, out, run_id)
+
+
 def run_launched(ctx: StageContext, stage, inputs: dict[str, StageOutput], out: Path, run_id: str) -> dict[str, float]:
     """Run the stage's body on resources.processes processes; returns rank 0's metrics."""
     launch = out / LAUNCH_DIR
@@ -85,7 +148,11 @@ def run_launched(ctx: StageContext, stage, inputs: dict[str, StageOutput], out: 
     cmd = command(stage.resources, launch / "job.json")
     ctx.log(f"[{stage.name}] on {stage.resources.processes} process(es): {' '.join(cmd[2:])}")
     proc = subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, *cmd], start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    output = LauncherOutput(launch / "output.log")
+    reader = threading.Thread(target=output.copy, args=(proc.stdout,), daemon=True)
+    reader.start()
     try:
         while proc.poll() is None:
             if STOP.is_set():
@@ -94,104 +161,16 @@ def run_launched(ctx: StageContext, stage, inputs: dict[str, StageOutput], out: 
     except BaseException:
         stop_group(proc)
         raise
+    finally:
+        reader.join(timeout=10)
     if proc.returncode != 0:
         error = launch / "error.json"
         if error.is_file():
             e = json.loads(error.read_text())
             raise _error_type(e["type"])(e["message"])
-        raise RuntimeError(f"the {stage.resources.processes} processes of stage {stage.name!r} exited with code {proc.returncode}; "
-                           "their output is above")
+        why = output.why() or f"its launcher exited with code {proc.returncode}"
+        raise LaunchError(f"{why}, and the stage's other processes were stopped. Its last checkpoint is kept: run the "
+                          f"same command again to resume from it (the processes' output: {launch / 'output.log'})")
     metrics = json.loads((launch / "metrics.json").read_text())
     shutil.rmtree(launch)
     return metrics
-
-
-class _NoTracking:
-    """What ranks other than 0 log to: nothing (rank 0 reports the run)."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-class _ScratchStore:
-    """The store as ranks other than 0 see it: they read published outputs, and what they would publish
-    (rank 0 publishes the same) goes to their scratch folder."""
-
-    def __init__(self, store: Store, scratch: Path):
-        self.store, self.scratch = store, scratch
-
-    def final(self, stage_type: str, key: str) -> Path:
-        return self.store.final(stage_type, key)
-
-    def lookup(self, stage_type: str, key: str, log=None):
-        return self.store.lookup(stage_type, key, log)
-
-    def lock(self, stage_type: str, key: str, on_wait=None):
-        return contextlib.nullcontext()  # rank 0 holds the real lock; what this rank would publish stays in scratch
-
-    def partial(self, stage_type: str, key: str) -> Path:
-        path = self.scratch / stage_type / key
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def publish(self, stage_type: str, key: str, record: dict):
-        return self.partial(stage_type, key), ""
-
-
-def _write(path: Path, data: dict) -> None:
-    """Atomically (several ranks may report an error at once: each writes its own temporary file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def worker(job_file: Path) -> int:
-    """One process of a launched stage (rank from the launcher's environment)."""
-    from accelerate import PartialState
-
-    from tasks.stages import MODULES
-
-    job = json.loads(job_file.read_text())
-    state = PartialState(cpu=not _cuda())
-    rank = state.process_index
-    out, launch = Path(job["out"]), job_file.parent
-    module = MODULES[job["type"]]
-    params = module.Params.model_validate(job["params"])
-    inputs = {slot: StageOutput(**o) for slot, o in job["inputs"].items()}
-    store = Store(job["store"])
-    if rank == 0:
-        from tasks.tracking import Tracker  # MLflow: only the rank that reports
-
-        ctx = StageContext(Tracker(job["tracking_uri"], job["experiment"]), store, job["parent_run_id"])
-        body_out = out
-    else:  # a scratch output folder sharing rank 0's checkpoints
-        body_out = launch / f"rank-{rank}"
-        body_out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
-        link = body_out / "checkpoints"
-        if not link.is_symlink():
-            shutil.rmtree(link, ignore_errors=True)
-            link.symlink_to(out / "checkpoints", target_is_directory=True)
-        ctx = StageContext(_NoTracking(), _ScratchStore(store, body_out / "store"), job["parent_run_id"], log=lambda _: None)
-    try:
-        metrics = module.run(ctx, params, inputs, body_out, job["run_id"])
-    except BaseException as err:  # noqa: BLE001 - reported to the pipeline, which raises it as the stage's error
-        if rank == 0 or not (launch / "error.json").exists():
-            _write(launch / "error.json", {"type": type(err).__name__, "message": str(err), "rank": rank})
-        raise
-    finally:
-        ctx.tracker.flush(job["run_id"])  # the training metrics rank 0 held back (the pipeline ends the run)
-    state.wait_for_everyone()
-    if rank == 0:
-        _write(launch / "metrics.json", metrics)
-    return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-if __name__ == "__main__":
-    sys.exit(worker(Path(sys.argv[1])))

@@ -10,25 +10,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from tasks.context import STOP, StageContext  # noqa: F401 - StageContext: what stage bodies are given
 from tasks.data import TOOLS, DataError, prompt_of
-from tasks.store import StageOutput, Store, file_hash, stage_key
+from tasks.launch import run_body
+from tasks.store import StageOutput, file_hash, stage_key
 
 if TYPE_CHECKING:  # torch, transformers, pandas and MLflow are imported where a stage runs, so that loading
     import pandas as pd  # and validating pipelines.yaml (every stage module's Params) takes a fraction of a second
 
-    from tasks.tracking import Tracker
-
 HISTORY = "train_metrics.jsonl"
 METRICS = "metrics.json"  # a stage's final metrics, in its output folder
-STOP = threading.Event()  # set on Ctrl-C / SIGTERM: training stages stop at their next step, marked KILLED
 HOLD = "ALIGNFLOW_TEST_HOLD"  # tests only: "STEP:FILE" holds a training stage after step STEP (see hold_for_test)
 
 
@@ -98,18 +95,10 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str  # unique within the pipeline; how later stages name this one in `inputs`
     inputs: dict[str, str] = Field(default_factory=dict)  # input slot -> name of an earlier stage
-    resources: Resources = Resources()  # processes (training stages: sft, train_reward_model, dpo)
+    resources: Resources = Resources()  # processes (training stages: sft, train_reward_model, dpo, ppo, grpo, rloo)
 
 
 # -- what bodies share ------------------------------------------------------------------------------
-
-
-@dataclass
-class StageContext:
-    tracker: "Tracker"
-    store: Store
-    parent_run_id: str
-    log: Callable[[str], None] = print
 
 
 METRICS_EVERY_S = 2.0  # training metrics reach MLflow at most this long after their step
@@ -366,12 +355,7 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
                     ctx.tracker.log_dataset(run_id, pd.read_parquet(data), source=str(data), name=f"{o.name}/{data.stem}",
                                             digest=file_hash(data), context=slot)
             started = time.perf_counter()
-            if stage.resources.launched:
-                from tasks.launch import run_launched
-
-                metrics = run_launched(ctx, stage, inputs, out, run_id)
-            else:
-                metrics = module.run(ctx, params, inputs, out, run_id)
+            metrics = run_body(ctx, stage, module, inputs, out, run_id)  # here, or on resources.processes
             duration = round(time.perf_counter() - started, 3)  # the stage's own work: no MLflow run set-up or upload
             (out / METRICS).write_text(json.dumps(metrics, indent=2))
             final, content_hash = ctx.store.publish(stage_type, key, {"run_id": run_id, "stage": name, "duration_s": duration})

@@ -132,7 +132,8 @@ def test_kill_9_mid_stage_then_rerun_resumes(tmp_path, straight):
     # (it, the losses and every metric are in the content hash; spelled out here)
     [crash_dir], [straight_dir] = ((d / "runs" / "stages" / "ppo").glob("*[!l]") for d in (crash, straight))
     ledger = [json.loads(line) for line in (crash_dir / "ledger.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in ledger] == list(range(1, 21)) and all(len(row["ids"]) == 16 for row in ledger)
+    assert [row["step"] for row in ledger] == [step for step in range(1, 21) for _ in range(16)]  # a line a prompt
+    assert all(len({row["id"] for row in ledger if row["step"] == step}) == 16 for step in range(1, 21))
     assert (crash_dir / "ledger.jsonl").read_text() == (straight_dir / "ledger.jsonl").read_text()
     assert (crash_dir / "train_metrics.jsonl").read_text() == (straight_dir / "train_metrics.jsonl").read_text()
 

@@ -69,7 +69,7 @@ def workers_of(root: Path) -> dict[int, str]:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "tasks.launch" in text and str(root) in text:
+        if "tasks.worker" in text and str(root) in text:
             found[int(cmdline.parent.name)] = text
     return found
 

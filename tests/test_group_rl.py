@@ -225,13 +225,10 @@ def test_a_grpo_stage_without_a_reward_or_with_a_bad_one_is_refused_at_load(tmp_
 
 
 def test_dapo_steps_divide_by_the_rollouts_tokens_in_their_share(sandbox_tokenizer):
-    """A rollout of 16 answers holding 50 answer tokens, in steps of 8 answers: each dapo step's sum is divided by
+    """A rollout of 16 answers holding 50 answer tokens (over all processes), in steps of 8 answers: each dapo step's sum is divided by
     50 * 8 / 16 = 25 (TRL's num_items_in_batch / steps_per_generation), whatever its own 8 answers hold."""
     model, prompts, cfg = setup(sandbox_tokenizer, GRPOConfig)  # 4 prompts x 4 answers, minibatches of 8
     trainer = GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg)
-    mask = torch.zeros(16, 5)
-    mask[:, :3] = 1
-    mask[0, 3:] = 1  # 16 * 3 + 2 = 50 tokens
-    assert trainer.step_divisor({"mask": mask}, list(range(8))) == 25.0
+    assert trainer.step_divisor(50.0, 8) == 25.0
     trainer.cfg = GRPOConfig(**{**cfg.__dict__, "loss_type": "grpo"})
-    assert trainer.step_divisor({"mask": mask}, list(range(8))) is None  # a mean over the step's answers
+    assert trainer.step_divisor(50.0, 8) is None  # a mean over the step's answers

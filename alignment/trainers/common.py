@@ -133,10 +133,58 @@ class Ledger:
         os.replace(tmp, self.path)
 
     def record(self, step: int, ids: list[int]) -> None:
+        self._write([{"step": step, "ids": [int(i) for i in ids]}])
+
+    def record_prompts(self, step: int, ids: list[int], ranks: list[int]) -> None:
+        """Online RL: one line a prompt of iteration `step`, {"step", "id", "rank"}: which process sampled it."""
+        self._write([{"step": step, "id": int(i), "rank": int(r)} for i, r in zip(ids, ranks)])
+
+    def _write(self, rows: list[dict]) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as fh:
-                fh.write(json.dumps({"step": step, "ids": [int(i) for i in ids]}) + "\n")
+                fh.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+class RolloutShard:
+    """This process's share of an online-RL rollout batch of `prompts` prompts x `answers` answers each.
+
+    Under N processes each takes a contiguous block of prompts_per_batch / N whole prompts (a prompt's
+    answers never straddle processes, so group statistics stay local) and their rows: global rows
+    first_row .. first_row + rows - 1, prompt-major. Everything that spans the batch (advantage whitening,
+    the KL controller, token counts, logged metrics) goes through `gather` / `sum`, so N processes compute
+    what one does. In one process the shard is the whole batch and nothing is communicated.
+    """
+
+    def __init__(self, accelerator, prompts: int, answers: int = 1):
+        self.accelerator, self.world, rank = accelerator, accelerator.num_processes, accelerator.process_index
+        if prompts % self.world:
+            raise ValueError(f"{prompts} prompts a batch do not split evenly over {self.world} processes: "
+                             f"use a multiple of {self.world}")
+        self.prompts = prompts // self.world  # this process's prompts a batch
+        self.first_prompt = rank * self.prompts
+        self.rows, self.total_rows = self.prompts * answers, prompts * answers
+        self.first_row = rank * self.rows
+
+    def mine(self, global_prompts: list) -> list:
+        """This process's block of the batch's prompts (global order)."""
+        return global_prompts[self.first_prompt : self.first_prompt + self.prompts]
+
+    def rank_of(self, position: int) -> int:
+        """The process that handles the batch's `position`-th prompt."""
+        return position // self.prompts
+
+    def local(self, rows: list[int]) -> list[int]:
+        """The global rows of `rows` this process holds, as its own row indices, in the given order."""
+        return [r - self.first_row for r in rows if self.first_row <= r < self.first_row + self.rows]
+
+    def gather(self, t: Tensor) -> Tensor:
+        """[rows, ...] of every process, in global row order (contiguous blocks, rank order)."""
+        return self.accelerator.gather(t.contiguous()) if self.world > 1 else t
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Summed over processes."""
+        return self.accelerator.reduce(t.clone(), reduction="sum") if self.world > 1 else t
 
 
 def minibatch(batch: dict[str, Tensor], indices: list[int]) -> dict[str, Tensor]:

@@ -111,16 +111,24 @@ class DPOTrainer:
     @torch.no_grad()
     def compute_reference_logps(self, batch_size: int = 32) -> torch.Tensor:
         """log pi_ref of every answer, once: [N, 2] (chosen, rejected) per pair, or [G, K_max] per prompt
-        group (0 where a group has fewer answers). On the CPU."""
-        if self.groups is not None:
-            width = max(len(g.answers) for g in self.groups)
-            rows = [self.ref_group_logps(self.groups[i : i + batch_size]).float().cpu() for i in range(0, len(self.groups), batch_size)]
-            return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])  # [G, K_max]
-        rows = []
-        for i in range(0, len(self.examples), batch_size):
-            chosen, rejected = self.ref_pair_logps(self.examples[i : i + batch_size])
-            rows.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
-        return torch.cat(rows)  # [N, 2]
+        group (0 where a group has fewer answers). On the CPU. Under several processes each computes every
+        N-th chunk of `batch_size` and the chunks are summed over processes (the others' rows are 0 here,
+        and x + 0 is x): every process gets the one-process table from 1/N of the forward passes."""
+        acc = self.opt.accelerator
+        units = self.groups if self.groups is not None else self.examples
+        width = max(len(g.answers) for g in self.groups) if self.groups is not None else 2
+        table = torch.zeros(len(units), width)
+        for c, i in enumerate(range(0, len(units), batch_size)):
+            if c % acc.num_processes != acc.process_index:
+                continue
+            if self.groups is not None:
+                rows = self.ref_group_logps(self.groups[i : i + batch_size]).float().cpu()
+            else:
+                rows = torch.stack(self.ref_pair_logps(self.examples[i : i + batch_size]), dim=-1).float().cpu()
+            table[i : i + len(rows), : rows.shape[1]] = rows
+        if acc.num_processes > 1:
+            table = acc.reduce(table.to(self.opt.device), reduction="sum").cpu()
+        return table
 
     def micro_size(self, indices: list[int]) -> int:
         """What micro_loss is a mean over: pairs (a prompt group holds several)."""

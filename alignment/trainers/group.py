@@ -28,7 +28,7 @@ from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
-from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, StepSampler, minibatch
+from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
 
 ADVANTAGES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
 
@@ -66,11 +66,12 @@ class GroupTrainer:
         # no KL term (beta 0): no reference is kept; with LoRA adapters it is the policy with them off (None)
         self.ref_model = ref_model.to(self.opt.device) if cfg.beta and ref_model is not None else None
         self.prompt_sampler = StepSampler(len(self.prompts), cfg.prompts_per_batch, cfg.seed)
+        self.shard = RolloutShard(self.opt.accelerator, cfg.prompts_per_batch, cfg.group_size)  # this process's prompts
         self.checkpointer = Checkpointer.under(output_dir)
         self.ledger = Ledger.under(output_dir, self.opt.accelerator.is_main_process)
         self.iteration = 0
         self.stop_ids = tuple(cfg.sampling.stop_token_ids) or (tokenizer.eos_token_id,)
-        self.batch_size = cfg.prompts_per_batch * cfg.group_size
+        self.batch_size = cfg.prompts_per_batch * cfg.group_size  # answers a rollout, over all processes
         self.minibatch_size = cfg.minibatch_size or self.batch_size
         # old log-probs differ from the current ones only after an update inside the same rollout batch
         self.needs_old_logps = cfg.epochs > 1 or self.minibatch_size < self.batch_size
@@ -98,15 +99,22 @@ class GroupTrainer:
         return torch.cat(out)
 
     @torch.no_grad()
-    def rollout(self, prompt_indices: list[int]) -> dict[str, torch.Tensor]:
-        """Sample group_size answers to each prompt, score them, and compute their advantages."""
-        cfg, device, pad_id = self.cfg, self.opt.device, self.tokenizer.pad_token_id
+    def rollout(self, batch_prompts: list[int]) -> dict[str, torch.Tensor]:
+        """Sample group_size answers to each of this process's prompts of the batch (prompt indices, all
+        processes'), score them, and compute their advantages. Tensors are this process's rows; "stats" and
+        "tokens" are the whole batch's."""
+        cfg, device, pad_id, shard = self.cfg, self.opt.device, self.tokenizer.pad_token_id, self.shard
+        prompt_indices = shard.mine(batch_prompts)
         prompts = [self.prompts[i] for i in prompt_indices for _ in range(cfg.group_size)]  # [B], groups contiguous
         self.model.eval()
-        prompt_ids, prompt_mask = pad([encode_prompt(self.tokenizer, p) for p in prompts], pad_id, side="left")
+        # padded to the whole batch's longest prompt, so that every process's rows are the one-process rows
+        encoded = [encode_prompt(self.tokenizer, self.prompts[i]) for i in batch_prompts]
+        prompt_ids, prompt_mask = pad([ids for ids in shard.mine(encoded) for _ in range(cfg.group_size)], pad_id,
+                                      side="left", width=max(map(len, encoded)))
         params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
-        out = sample(self.model, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator)
+        out = sample(self.model, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator,
+                     rows=(shard.first_row, shard.total_rows))
         mask = torch.zeros_like(out.attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
         answers = self.tokenizer.batch_decode(
@@ -128,25 +136,30 @@ class GroupTrainer:
             old = batch["old_logps"] if self.needs_old_logps else self.token_logps(out.sequences, out.attention_mask, mask)
             kl = (kl_k1(old - batch["ref_logps"]) * mask).sum(-1)  # [B] sum over the answer's tokens
         shaped = scores - cfg.beta * kl if cfg.kl_in_reward else scores
-        grouped = shaped.view(cfg.prompts_per_batch, cfg.group_size)
+        grouped = shaped.view(shard.prompts, cfg.group_size)  # a group's answers are all on this process
         if cfg.advantage == "rloo":
             advantages = leave_one_out_advantages(grouped)
         else:
             advantages = group_advantages(grouped, scale=cfg.advantage == "grpo")
         batch["advantages"] = advantages.reshape(-1)
+        # the whole batch's statistics: every process's rows, in the one-process order
+        g = shard.gather
+        total, scores, kl, truncated = g(total.to(device)), g(scores), g(kl), g(truncated)
         by_group = scores.view(cfg.prompts_per_batch, cfg.group_size)
         group_std = by_group.std(-1)
         stats = {
             "reward": float(total.mean()),
-            **{f"reward/{name}": float(v.mean()) for name, v in each.items()},
+            **{f"reward/{name}": float(g(v.to(device)).mean()) for name, v in each.items()},
             "reward_std_in_group": float(group_std.mean()),
             # all answers scored alike: no gradient (compared exactly: a float std of equal scores need not be 0)
             "groups_without_signal": float((by_group == by_group[:, :1]).all(-1).float().mean()),
             **({"kl": float(kl.mean())} if cfg.beta else {}),  # measured only where there is a reference
-            "answer_len": float(out.answer_mask.sum(-1).float().mean()),
+            "answer_len": float(g(out.answer_mask.sum(-1)).float().mean()),
             "truncated": float(truncated.float().mean()),
+            "advantage_abs_mean": float(g(batch["advantages"]).abs().mean()),
         }
-        return {**batch, "stats": stats}
+        # answer tokens of the whole rollout: dapo's divisor
+        return {**batch, "stats": stats, "tokens": float(shard.sum(mask.sum().float()))}
 
     # -- updates -------------------------------------------------------------------------------
     def micro_loss(self, batch: dict, indices: list[int]):
@@ -167,18 +180,27 @@ class GroupTrainer:
         """What a micro-batch's loss is a mean over: answers (grpo, sequence) or answer tokens (dapo)."""
         return float(batch["mask"][indices].sum()) if self.cfg.loss_type == "dapo" else float(len(indices))
 
-    def step_divisor(self, batch: dict, part: list[int]) -> float | None:
+    def step_divisor(self, tokens: float, answers: int) -> float | None:
         """dapo: the rollout batch's answer tokens, in the share of its answers this step holds. Every token of
         the rollout then weighs the same, whichever minibatch it falls in (DAPO's token mean over the batch,
         as TRL's num_items_in_batch / steps_per_generation); a minibatch's own token count would make each
         of its tokens weigh more the shorter its answers are. None: the step's own mean (grpo, sequence)."""
         if self.cfg.loss_type != "dapo":
             return None
-        return float(batch["mask"].sum()) * len(part) / self.batch_size
+        return tokens * answers / self.batch_size
+
+    def update(self, batch: dict, tokens: float, part: list[int]) -> dict[str, float]:
+        """One optimizer step on the rollout's rows `part` (global rows; each process trains on those it holds).
+        A process that holds none of them still joins the step, with a weightless row, so that DDP's
+        gradient all-reduce meets every process."""
+        rows = self.shard.local(part)
+        weight = 1.0 if rows else 0.0
+        return self.opt.update(lambda idx: self.micro_loss(batch, idx), rows or [0],
+                               lambda idx: weight * self.micro_size(batch, idx), self.step_divisor(tokens, len(part)))
 
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         """Run iterations up to cfg.iterations (or stop_at), resuming from the latest checkpoint."""
-        cfg = self.cfg
+        cfg, shard = self.cfg, self.shard
         latest = self.checkpointer.latest()
         if latest is not None:
             self.iteration = self.checkpointer.load(self.opt, latest)["iteration"]
@@ -187,20 +209,19 @@ class GroupTrainer:
         name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
         history = []
         for _ in tqdm(range(self.iteration, end), desc=name, initial=self.iteration, total=cfg.iterations, leave=False, disable=None):
-            self.ledger.record(self.iteration + 1, self.prompt_sampler.batch(self.iteration))  # prompt ids
-            batch = self.rollout(self.prompt_sampler.batch(self.iteration))
-            stats = batch.pop("stats")
+            prompts = self.prompt_sampler.global_batch(self.iteration)  # prompt ids, every process's
+            self.ledger.record_prompts(self.iteration + 1, prompts, [shard.rank_of(k) for k in range(len(prompts))])
+            batch = self.rollout(prompts)
+            stats, tokens = batch.pop("stats"), batch.pop("tokens")
             self.opt.model.train()
             steps = []
             g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
             for _epoch in range(cfg.epochs):
-                perm = torch.randperm(self.batch_size, generator=g).tolist()
+                perm = torch.randperm(self.batch_size, generator=g).tolist()  # the rollout's global rows
                 for i in range(0, self.batch_size, self.minibatch_size):
-                    part = perm[i : i + self.minibatch_size]
-                    steps.append(self.opt.update(lambda idx: self.micro_loss(batch, idx), part,
-                                                 lambda idx: self.micro_size(batch, idx), self.step_divisor(batch, part)))
+                    steps.append(self.update(batch, tokens, perm[i : i + self.minibatch_size]))
             metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
-            metrics["advantage_abs_mean"] = float(batch["advantages"].abs().mean())
+            metrics["advantage_abs_mean"] = stats.pop("advantage_abs_mean")
             metrics.update(stats)
             self.iteration += 1
             history.append(metrics)

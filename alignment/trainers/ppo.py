@@ -20,10 +20,10 @@ from alignment.advantages import AdaptiveKLController, FixedKLController, explai
 from alignment.data import encode_prompt, pad
 from alignment.logprobs import sequence_logprobs
 from alignment.lora import has_adapters, reference_mode
-from alignment.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss, value_loss
+from alignment.losses import entropy_from_logits, kl_penalty, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
-from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, StepSampler, minibatch
+from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """reward_fn(prompts, answers) -> scores [B]; text in, so the reward model may use its own tokenizer."""
@@ -49,6 +49,7 @@ class PPOTrainer:
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
         self.prompt_sampler = StepSampler(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
+        self.shard = RolloutShard(self.opt.accelerator, cfg.rollout_batch_size)  # this process's prompts of a rollout
         self.kl_ctl = (
             AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.beta)
         )
@@ -63,14 +64,19 @@ class PPOTrainer:
 
     # -- rollouts ------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Sample, score, and compute per-token rewards, advantages and returns for a batch of prompts."""
-        cfg, device, pad_id = self.cfg, self.opt.device, self.tokenizer.pad_token_id
+    def rollout(self, batch_prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Sample, score, and compute per-token rewards, advantages and returns for this process's share of
+        a batch of prompts (every process's, in order). Tensors are this process's rows; whitening uses the
+        whole batch's statistics."""
+        cfg, device, pad_id, shard = self.cfg, self.opt.device, self.tokenizer.pad_token_id, self.shard
         model = self.model.eval()
-        prompt_ids, prompt_mask = pad([encode_prompt(self.tokenizer, p) for p in prompts], pad_id, side="left")
+        prompts = shard.mine(batch_prompts)
+        encoded = [encode_prompt(self.tokenizer, p) for p in batch_prompts]  # padded as the whole batch would be
+        prompt_ids, prompt_mask = pad(shard.mine(encoded), pad_id, side="left", width=max(map(len, encoded)))
         params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
-        out = sample(model.policy, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator)
+        out = sample(model.policy, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator,
+                     rows=(shard.first_row, shard.total_rows))
         sequences, attention_mask = out.sequences, out.attention_mask  # [B, P + N]
         mask = torch.zeros_like(attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
@@ -94,7 +100,7 @@ class PPOTrainer:
         rewards[torch.arange(len(prompts), device=device), last] += shaped
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, total=shard.sum)
         return {
             "sequences": sequences, "attention_mask": attention_mask, "mask": mask,
             "logps": logps, "values": values * mask, "advantages": advantages, "returns": returns,
@@ -125,9 +131,23 @@ class PPOTrainer:
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
         return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(), **metrics}
 
+    def micro_size(self, batch: dict[str, torch.Tensor], indices: list[int]) -> float:
+        """The loss is a token mean over a minibatch. Under several processes each holds part of the minibatch,
+        and its token mean weighs as its share of the tokens; in one process a step is one micro-batch (PPO
+        accumulates nothing), so the weight is 1 whatever is counted."""
+        return float(batch["mask"][indices].sum()) if self.shard.world > 1 else float(len(indices))
+
+    def update(self, batch: dict[str, torch.Tensor], part: list[int]) -> dict[str, float]:
+        """One optimizer step on the rollout's rows `part` (global rows; each process trains on those it holds,
+        and one that holds none joins the step with a weightless row, for DDP's all-reduce)."""
+        rows = self.shard.local(part)
+        weight = 1.0 if rows else 0.0
+        return self.opt.update(lambda idx: self.micro_loss(batch, idx), rows or [0],
+                               lambda idx: weight * self.micro_size(batch, idx))
+
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         """Run iterations up to cfg.iterations (or stop_at), resuming from the latest checkpoint."""
-        cfg = self.cfg
+        cfg, shard = self.cfg, self.shard
         latest = self.checkpointer.latest()
         if latest is not None:
             state = self.checkpointer.load(self.opt, latest)
@@ -136,27 +156,31 @@ class PPOTrainer:
         end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
         history = []
         for _ in tqdm(range(self.iteration, end), desc="ppo", initial=self.iteration, total=cfg.iterations, leave=False, disable=None):
-            self.ledger.record(self.iteration + 1, self.prompt_sampler.batch(self.iteration))  # prompt ids
-            batch = self.rollout([self.prompts[i] for i in self.prompt_sampler.batch(self.iteration)])
+            ids = self.prompt_sampler.global_batch(self.iteration)  # prompt ids, every process's
+            self.ledger.record_prompts(self.iteration + 1, ids, [shard.rank_of(k) for k in range(len(ids))])
+            batch = self.rollout([self.prompts[i] for i in ids])
             self.opt.model.train()
             step_metrics = []
             g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
             for _epoch in range(cfg.ppo_epochs):
-                perm = torch.randperm(len(batch["scores"]), generator=g).tolist()
+                perm = torch.randperm(shard.total_rows, generator=g).tolist()  # the rollout's global rows
                 for i in range(0, len(perm), cfg.minibatch_size):
-                    step_metrics.append(self.opt.update(lambda idx: self.micro_loss(batch, idx), perm[i : i + cfg.minibatch_size]))
+                    step_metrics.append(self.update(batch, perm[i : i + cfg.minibatch_size]))
             metrics = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
-            mean_kl = float(batch["kl"].mean())
+            kl = shard.gather(batch["kl"])  # the whole batch's
+            mean_kl = float(kl.mean())
+            mask = batch["mask"]
+            m = mask.to(batch["advantages"].dtype)
             metrics.update({
-                "reward": float(batch["scores"].mean()),
+                "reward": float(shard.gather(batch["scores"]).mean()),
                 "kl": mean_kl,
                 "beta": self.kl_ctl.value,
-                "answer_len": float(batch["answer_len"].mean()),
-                "truncated": float(batch["truncated"].mean()),
-                "value_explained_variance": float(explained_variance(batch["values"], batch["returns"], batch["mask"])),
-                "advantage_mean": float(masked_mean(batch["advantages"], batch["mask"])),
+                "answer_len": float(shard.gather(batch["answer_len"]).mean()),
+                "truncated": float(shard.gather(batch["truncated"]).mean()),
+                "value_explained_variance": float(explained_variance(batch["values"], batch["returns"], mask, shard.sum)),
+                "advantage_mean": float(shard.sum((batch["advantages"] * m).sum()) / shard.sum(m.sum()).clamp(min=1.0)),
             })
-            self.kl_ctl.update(mean_kl, len(batch["scores"]))
+            self.kl_ctl.update(mean_kl, len(kl))
             self.iteration += 1
             history.append(metrics)
             if self.callback is not None:

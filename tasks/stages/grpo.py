@@ -14,10 +14,11 @@ from pydantic import field_validator, model_validator
 from alignment.config import GRPOConfig, LoRAConfig
 from tasks import rewards
 from tasks.stage import ModelStageParams, StageSpec, load_policy, metrics_logger, save_model, template_preflight, training_history
-from tasks.stages.sample import one_prompt_source, prompt_rows_for
+from tasks.stages.sample import one_prompt_source, prompt_rows_for, whole_prompts_per_process
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model?", "prompts": "prompts?"}
 OUTPUT = ("policy",)
+LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate launch (tasks/launch.py)
 
 
 class GroupParams(ModelStageParams):
@@ -55,6 +56,7 @@ class Stage(StageSpec):
     params: Params = Params()
     _one_source = model_validator(mode="after")(one_prompt_source)
     _some_reward = model_validator(mode="after")(some_reward)
+    _split = model_validator(mode="after")(whole_prompts_per_process)
 
 
 def run_group(ctx, p: GroupParams, cfg, inputs, out: Path, run_id: str) -> dict[str, float]:

@@ -10,10 +10,11 @@ from pydantic import model_validator
 from alignment.config import LoRAConfig, PPOConfig
 from tasks.data import DataError
 from tasks.stage import ModelStageParams, StageSpec, metrics_logger, model_dir, template_preflight, training_history
-from tasks.stages.sample import one_prompt_source, prompts_for, sources  # noqa: F401 - sources: a prompts file is in the key
+from tasks.stages.sample import one_prompt_source, prompts_for, sources, whole_prompts_per_process  # noqa: F401 - sources: a prompts file is in the key
 
 INPUTS = {"policy": "policy", "reward_model": "reward_model", "prompts": "prompts?"}
 OUTPUT = ("policy",)
+LAUNCHABLE = True  # resources.processes > 1 runs it under torchrun / accelerate launch (tasks/launch.py)
 
 
 class Params(ModelStageParams):
@@ -29,6 +30,7 @@ class Stage(StageSpec):
     type: Literal["ppo"]
     params: Params = Params()
     _one_source = model_validator(mode="after")(one_prompt_source)
+    _split = model_validator(mode="after")(whole_prompts_per_process)
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:

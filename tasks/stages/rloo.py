@@ -9,8 +9,8 @@ from pydantic import model_validator
 
 from alignment.config import RLOOConfig
 from tasks.stage import StageSpec
-from tasks.stages.grpo import INPUTS, OUTPUT, GroupParams, run_group, some_reward, sources  # noqa: F401 - the stage's contract
-from tasks.stages.sample import one_prompt_source
+from tasks.stages.grpo import INPUTS, LAUNCHABLE, OUTPUT, GroupParams, run_group, some_reward, sources  # noqa: F401 - the stage's contract
+from tasks.stages.sample import one_prompt_source, whole_prompts_per_process
 
 
 class Params(GroupParams):
@@ -22,6 +22,7 @@ class Stage(StageSpec):
     params: Params = Params()
     _one_source = model_validator(mode="after")(one_prompt_source)
     _some_reward = model_validator(mode="after")(some_reward)
+    _split = model_validator(mode="after")(whole_prompts_per_process)
 
 
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:

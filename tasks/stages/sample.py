@@ -32,6 +32,19 @@ def one_prompt_source(stage):
     return stage
 
 
+def whole_prompts_per_process(stage):
+    """Online RL on several processes (ppo, grpo, rloo): each process samples an equal share of a rollout's
+    prompts, with all of a prompt's answers."""
+    cfg = getattr(stage.params, stage.type)
+    per_batch, field = ((cfg.rollout_batch_size, "rollout_batch_size") if stage.type == "ppo" else
+                        (cfg.prompts_per_batch, "prompts_per_batch"))
+    n = stage.resources.processes
+    if per_batch % n:
+        raise ValueError(f"{stage.type}.{field} {per_batch} does not split evenly over resources.processes {n}: "
+                         f"every process samples the same number of prompts; use a multiple of {n}")
+    return stage
+
+
 class Stage(StageSpec):
     type: Literal["sample"]
     params: Params = Params()
