@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import PipelinesFile, preflight
+from flows import nodes  # noqa: F401 - the work-pool engine of resources.nodes
 from tasks.stage import STOP, StageContext, execute
 from tasks.stages import MODULES
 from tasks.store import StageOutput, Store

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from tasks.context import STOP, StageContext
 from tasks.data import DataError
@@ -134,25 +135,24 @@ def run_body(ctx: StageContext, stage, module, inputs: dict[str, StageOutput], o
     return run_launched(ctx, stage, inputs, out, run_id)
 
 
-def run_launched(ctx: StageContext, stage, inputs: dict[str, StageOutput], out: Path, run_id: str) -> dict[str, float]:
-    """Run the stage's body on resources.processes processes; returns rank 0's metrics."""
-    launch = out / LAUNCH_DIR
-    launch.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "error.json"):
-        (launch / stale).unlink(missing_ok=True)
-    job = {"type": stage.type, "name": stage.name, "params": stage.params.model_dump(mode="json"), "out": str(out),
-           "inputs": {slot: dataclasses.asdict(o) for slot, o in inputs.items()}, "run_id": run_id,
-           "tracking_uri": ctx.tracker.uri, "experiment": ctx.tracker.experiment, "store": str(ctx.store.root),
-           "parent_run_id": ctx.parent_run_id}
-    (launch / "job.json").write_text(json.dumps(job, indent=1))
-    cmd = command(stage.resources, launch / "job.json")
-    ctx.log(f"[{stage.name}] on {stage.resources.processes} process(es): {' '.join(cmd[2:])}")
+NODE_ENGINES: dict[str, Callable] = {}
+"""How a stage's nodes are started when resources.nodes > 1: engine(ctx, stage, job_file, run_id) -> (exit code,
+why it failed). flows/nodes.py registers "prefect" (a flow run a node on a work pool's workers)."""
+
+
+def start(cmd: list[str], log_file: Path, echo=None) -> tuple[subprocess.Popen, LauncherOutput, threading.Thread]:
+    """Start a launcher command in a process group of its own that dies with this process, its output copied."""
     proc = subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, *cmd], start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace")
-    output = LauncherOutput(launch / "output.log")
+    output = LauncherOutput(log_file, echo)
     reader = threading.Thread(target=output.copy, args=(proc.stdout,), daemon=True)
     reader.start()
+    return proc, output, reader
+
+
+def wait(proc: subprocess.Popen, reader: threading.Thread) -> int:
+    """The launcher's exit code; a stop request (Ctrl-C, SIGTERM) or an error here stops its group."""
     try:
         while proc.poll() is None:
             if STOP.is_set():
@@ -163,14 +163,36 @@ def run_launched(ctx: StageContext, stage, inputs: dict[str, StageOutput], out: 
         raise
     finally:
         reader.join(timeout=10)
-    if proc.returncode != 0:
+    return proc.returncode
+
+
+def run_launched(ctx: StageContext, stage, inputs: dict[str, StageOutput], out: Path, run_id: str) -> dict[str, float]:
+    """Run the stage's body on its processes (and nodes); returns rank 0's metrics."""
+    launch = out / LAUNCH_DIR
+    launch.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", "error.json"):
+        (launch / stale).unlink(missing_ok=True)
+    job = {"type": stage.type, "name": stage.name, "params": stage.params.model_dump(mode="json"), "out": str(out),
+           "inputs": {slot: dataclasses.asdict(o) for slot, o in inputs.items()}, "run_id": run_id,
+           "tracking_uri": ctx.tracker.uri, "experiment": ctx.tracker.experiment, "store": str(ctx.store.root),
+           "parent_run_id": ctx.parent_run_id}
+    (launch / "job.json").write_text(json.dumps(job, indent=1))
+    res = stage.resources
+    if res.nodes > 1:
+        returncode, why = NODE_ENGINES["prefect"](ctx, stage, launch / "job.json", run_id)
+    else:
+        cmd = command(res, launch / "job.json")
+        ctx.log(f"[{stage.name}] on {res.processes} process(es): {' '.join(cmd[2:])}")
+        proc, output, reader = start(cmd, launch / "output.log")
+        returncode = wait(proc, reader)
+        why = output.why() or f"its launcher exited with code {returncode}"
+    if returncode != 0:
         error = launch / "error.json"
         if error.is_file():
             e = json.loads(error.read_text())
             raise _error_type(e["type"])(e["message"])
-        why = output.why() or f"its launcher exited with code {proc.returncode}"
         raise LaunchError(f"{why}, and the stage's other processes were stopped. Its last checkpoint is kept: run the "
-                          f"same command again to resume from it (the processes' output: {launch / 'output.log'})")
+                          f"same command again to resume from it (the processes' output is in {launch})")
     metrics = json.loads((launch / "metrics.json").read_text())
     shutil.rmtree(launch)
     return metrics

@@ -82,13 +82,25 @@ class Resources(BaseModel):
     """Where a stage runs. Not part of its cache key: N processes compute what one does (tasks/launch.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    processes: int = Field(1, ge=1)  # processes on the host; > 1 starts the stage with torchrun (DDP: gloo on CPU, NCCL on GPUs)
+    processes: int = Field(1, ge=1)  # processes on the host (each node); > 1 starts the stage with torchrun (DDP: gloo on CPU, NCCL on GPUs)
     accelerate_config: str | None = None  # an accelerate config (configs/accelerate/fsdp2.yaml, zero3.yaml, ...): starts it with accelerate launch
+    nodes: int = Field(1, ge=1)  # hosts; > 1: one flow run a node on the workers of `pool`, joined by torchrun's c10d rendezvous
+    pool: str | None = None  # the Prefect work pool whose workers run the nodes (nodes > 1)
+    rendezvous: str | None = None  # the address the nodes reach this pipeline's host at (its rendezvous store); default: its host name
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "Resources":
+        if self.nodes > 1 and not self.pool:
+            raise ValueError(f"nodes: {self.nodes} runs a node on each of {self.nodes} hosts through a Prefect work pool: "
+                             "name it as pool (prefect work-pool create POOL --type process; prefect worker start --pool POOL on each host)")
+        if self.nodes > 1 and self.accelerate_config is not None:
+            raise ValueError("nodes > 1 starts torchrun on each node; accelerate_config is for one host (drop one of them)")
+        return self
 
     @property
     def launched(self) -> bool:
         """Whether the stage runs in processes of its own rather than in the pipeline's."""
-        return self.processes > 1 or self.accelerate_config is not None
+        return self.processes > 1 or self.nodes > 1 or self.accelerate_config is not None
 
 
 class StageSpec(BaseModel):
@@ -330,7 +342,7 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
             f"lineage.{slot}.artifact_uri": ctx.tracker.output_uri(o.run_id, o.path),
         })
     tags = {"alignflow.stage": name, "alignflow.stage_type": stage_type, "alignflow.cache_key": key,
-            "alignflow.processes": str(stage.resources.processes), **lineage}
+            "alignflow.processes": str(stage.resources.processes), "alignflow.nodes": str(stage.resources.nodes), **lineage}
     run_id = ctx.tracker.start_run(name, tags, parent_id=ctx.parent_run_id)
     try:
         ctx.tracker.log_params(run_id, params_dict)

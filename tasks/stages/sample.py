@@ -38,9 +38,11 @@ def whole_prompts_per_process(stage):
     cfg = getattr(stage.params, stage.type)
     per_batch, field = ((cfg.rollout_batch_size, "rollout_batch_size") if stage.type == "ppo" else
                         (cfg.prompts_per_batch, "prompts_per_batch"))
-    n = stage.resources.processes
+    res = stage.resources
+    n = res.processes * res.nodes
     if per_batch % n:
-        raise ValueError(f"{stage.type}.{field} {per_batch} does not split evenly over resources.processes {n}: "
+        over = f"resources.processes {n}" if res.nodes == 1 else f"the {n} processes of resources.nodes x processes"
+        raise ValueError(f"{stage.type}.{field} {per_batch} does not split evenly over {over}: "
                          f"every process samples the same number of prompts; use a multiple of {n}")
     return stage
 
