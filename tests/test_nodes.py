@@ -144,7 +144,7 @@ def test_a_dpo_stage_on_two_nodes_of_a_work_pool_equals_two_processes_and_resume
     w1, w2 = (load_file(output(r) / "model" / "model.safetensors") for r in (one, two))
     assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     base = load_file(model / "model.safetensors")
-    assert max(float((w1[k] - base[k]).abs().max()) for k in base) > 1e-2  # it trained: not two idle runs compared
+    assert max(float((w1[k] - base[k]).abs().max()) for k in base) > 1e-3  # it trained (Adam: about lr a step): not idle runs
 
     from mlflow import MlflowClient
 
