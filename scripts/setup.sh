@@ -12,11 +12,14 @@ pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "
 pip_install "${TORCH_SPEC:-torch==2.13.0}"
 if [ "${1:-}" = "--test" ]; then
   pip_install -e ".[dev]"
-  if ! command -v chromium >/dev/null 2>&1; then
+  # Debian's chromium drives the MLflow UI test; podman, runc and mmdebstrap build and run the image's test
+  missing=()
+  for tool in chromium podman runc mmdebstrap; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+  if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null
     else
-      echo "note: install Debian's chromium for the MLflow UI browser test (it is skipped without it)" >&2
+      echo "note: install Debian's ${missing[*]} (the MLflow UI and image tests are skipped without them)" >&2
     fi
   fi
 else
