@@ -56,6 +56,8 @@ class SFTConfig:
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=8, lr=2e-5))  # optimisation
     max_length: int = 1024  # prompt + answer tokens per example (longer ones are truncated)
+    packing: bool = False  # a micro-batch's rows hold several examples, each seeing only itself, up to its longest
+    # one's length: the same loss with less padding (alignment.prefix.pack_rows)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ class RewardConfig:
     shared_prefix: bool = True  # one row prompt ++ chosen ++ rejected per pair (prompt computed once)
     group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and
     # every labeled pair among them (InstructGPT's K-way batches); train.batch_size then counts prompts
+    packing: bool = False  # a micro-batch's rows hold several pairs (or prompt groups), each seeing only itself,
+    # up to its longest one's length: the same losses with less padding (alignment.prefix.pack_rows; shared_prefix)
+
+    def __post_init__(self):
+        _packing_needs_shared_prefix(self)
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,16 @@ class DPOConfig:
     shared_prefix: bool = True  # chosen and rejected read one copy of their prompt (alignment.prefix)
     group_by_prompt: bool = False  # a batch element is a prompt with all its answers, each scored once, and
     # every labeled pair among them; train.batch_size then counts prompts (alignment.prefix.group_by_prompt)
+    packing: bool = False  # a micro-batch's rows hold several pairs (or prompt groups), each seeing only itself,
+    # up to its longest one's length: the same losses with less padding (alignment.prefix.pack_rows; shared_prefix)
+
+    def __post_init__(self):
+        _packing_needs_shared_prefix(self)
+
+
+def _packing_needs_shared_prefix(cfg) -> None:
+    if cfg.packing and not (cfg.shared_prefix or cfg.group_by_prompt):
+        raise ValueError("packing puts several shared-prefix rows into one: it needs shared_prefix: true (or group_by_prompt)")
 
 
 VALUE_MODELS = ("reward_model", "policy", "shared")

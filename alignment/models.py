@@ -162,18 +162,16 @@ class RewardModel(nn.Module):
         if shared is not None:
             from alignment.prefix import shared_prefix_hidden
 
-            hidden = shared_prefix_hidden(self.model.base_model, shared)  # [B, L, H]
-            last = shared.answer_last  # [B, K]
-        else:
-            hidden = self.model.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-            ).last_hidden_state  # [B, T, H]
-            last = last_token_index(attention_mask).unsqueeze(-1)  # [B, 1]
-        rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)  # [B, 1]
-        rewards = self.model.score(hidden[rows, last]).squeeze(-1).float()  # [B, K]
-        return rewards if shared is not None else rewards.squeeze(-1)
+            hidden = shared_prefix_hidden(self.model.base_model, shared)  # [R, L, H]
+            flat = hidden.reshape(-1, hidden.shape[-1])[shared.answer_last.view(-1)]  # [B * K, H]
+            return self.model.score(flat).squeeze(-1).float().view(shared.answer_last.shape)  # [B, K]
+        hidden = self.model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).last_hidden_state  # [B, T, H]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)  # [B]
+        return self.model.score(hidden[rows, last_token_index(attention_mask)]).squeeze(-1).float()  # [B]
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))

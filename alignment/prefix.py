@@ -71,11 +71,11 @@ def group_by_prompt(examples: Sequence[PairExample], max_answers: int = 16) -> l
 
 @dataclass
 class SharedPrefixBatch:
-    input_ids: Tensor  # [B, L] prompt ++ answer_1 ++ ... ++ answer_K, right-padded
-    position_ids: Tensor  # [B, L] the positions of every answer restart after the prompt
-    attention_mask: Tensor  # [B, 1, L, L] bool, True = may attend
-    answer_last: Tensor  # [B, K] index of the last token of each answer (0 where a row has fewer answers)
-    source: Tensor  # [B, K, A] position whose logits predict answer token a (0 where padded)
+    input_ids: Tensor  # [R, L] rows of prompt ++ answer_1 ++ ... ++ answer_K (several such groups when packed), right-padded
+    position_ids: Tensor  # [R, L] the positions of every answer restart after its prompt; a packed group's start at 0
+    attention_mask: Tensor  # [R, 1, L, L] bool, True = may attend
+    answer_last: Tensor  # [B, K] index into the R * L flattened positions of each answer's last token (0 where absent)
+    source: Tensor  # [B, K, A] flattened position whose logits predict answer token a (0 where padded)
     target: Tensor  # [B, K, A] answer token ids
     target_mask: Tensor  # [B, K, A] 1 on real answer tokens
 
@@ -83,53 +83,85 @@ class SharedPrefixBatch:
         return SharedPrefixBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
-def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> SharedPrefixBatch:
-    """Build the shared-prefix batch of rows (prompt_ids, [answer_ids, ...]) (see the module docstring)."""
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of row indices whose lengths sum to at most `capacity` (first fit, longest first); a row longer than
+    the capacity gets a bin of its own. Each bin lists its rows in their given order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, r in enumerate(room) if lengths[i] <= r), None)
+        if b is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[b].append(i)
+            room[b] -= lengths[i]
+    return [sorted(b) for b in sorted(bins, key=min)]
+
+
+def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+                           pack: bool = False) -> SharedPrefixBatch:
+    """Build the shared-prefix batch of groups (prompt_ids, [answer_ids, ...]) (see the module docstring).
+
+    pack: several groups share a row, up to the longest group's length (pack_rows), so the batch holds far less
+    padding when lengths differ; the mask keeps each group to itself and positions restart at 0 for each, so
+    every answer's logits and hidden states are those of the unpacked batch (padding-free batches).
+    """
     B = len(rows)
-    L = max(len(p) + sum(len(a) for a in answers) for p, answers in rows)
+    lengths = [len(p) + sum(len(a) for a in answers) for p, answers in rows]
+    L = max(lengths)
     K = max(len(answers) for _, answers in rows)
     A = max(len(a) for _, answers in rows for a in answers)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    seg = torch.zeros((B, L), dtype=torch.long)  # segment: 0 pad, 1 prompt, 2 + k answer k
+    bins = pack_rows(lengths, L) if pack else [[i] for i in range(B)]
+    R = len(bins)
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, L), dtype=torch.long)
+    group = torch.full((R, L), -1, dtype=torch.long)  # which group a position belongs to; -1 pad
+    part = torch.zeros((R, L), dtype=torch.long)  # 0 the group's prompt, 1 + k its answer k
     answer_last = torch.zeros((B, K), dtype=torch.long)
     source = torch.zeros((B, K, A), dtype=torch.long)
     target = torch.full((B, K, A), pad_id, dtype=torch.long)
     target_mask = torch.zeros((B, K, A), dtype=torch.long)
-    for i, (prompt, answers) in enumerate(rows):
-        P = len(prompt)
-        if P == 0 or any(len(a) == 0 for a in answers):
-            raise ValueError(f"row {i}: the prompt and every answer must have at least one token")
-        ids[i, :P], seg[i, :P], pos[i, :P] = torch.tensor(list(prompt)), 1, torch.arange(P)
-        start = P
-        for k, answer in enumerate(answers):
-            n = len(answer)
-            ids[i, start : start + n] = torch.tensor(list(answer))
-            pos[i, start : start + n] = torch.arange(P, P + n)
-            seg[i, start : start + n] = 2 + k
-            answer_last[i, k] = start + n - 1
-            # logits at position s predict the token at s + 1; the last prompt position predicts the first
-            # token of every answer
-            source[i, k, 0] = P - 1
-            source[i, k, 1:n] = torch.arange(start, start + n - 1)
-            target[i, k, :n], target_mask[i, k, :n] = torch.tensor(list(answer)), 1
-            start += n
-    q, k = seg.unsqueeze(2), seg.unsqueeze(1)  # [B, L, 1], [B, 1, L]
+    for r, members in enumerate(bins):
+        start = 0
+        for i in members:
+            prompt, answers = rows[i]
+            P = len(prompt)
+            if P == 0 or any(len(a) == 0 for a in answers):
+                raise ValueError(f"row {i}: the prompt and every answer must have at least one token")
+            base = r * L  # flattened index of the row's first position
+            ids[r, start : start + P], pos[r, start : start + P] = torch.tensor(list(prompt)), torch.arange(P)
+            group[r, start : start + lengths[i]] = i
+            last_prompt = start + P - 1
+            start += P
+            for k, answer in enumerate(answers):
+                n = len(answer)
+                ids[r, start : start + n] = torch.tensor(list(answer))
+                pos[r, start : start + n] = torch.arange(P, P + n)
+                part[r, start : start + n] = 1 + k
+                answer_last[i, k] = base + start + n - 1
+                # logits at position s predict the token at s + 1; the last prompt position predicts the first
+                # token of every answer
+                source[i, k, 0] = base + last_prompt
+                source[i, k, 1:n] = base + torch.arange(start, start + n - 1)
+                target[i, k, :n], target_mask[i, k, :n] = torch.tensor(list(answer)), 1
+                start += n
     causal = torch.ones(L, L, dtype=torch.bool).tril()
-    visible = (k == 1) | (q == k)  # the prompt, and tokens of one's own segment
-    mask = causal & visible & (q != 0) & (k != 0)
+    same = (group.unsqueeze(2) == group.unsqueeze(1)) & (group.unsqueeze(1) >= 0)  # [R, L, L] one group, no pad
+    visible = (part.unsqueeze(1) == 0) | (part.unsqueeze(2) == part.unsqueeze(1))  # its prompt, and its own segment
+    mask = causal & same & visible
     mask |= torch.eye(L, dtype=torch.bool)  # pads see themselves: no empty softmax row
     return SharedPrefixBatch(ids, pos, mask.unsqueeze(1), answer_last, source, target, target_mask)
 
 
-def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int) -> SharedPrefixBatch:
-    """One row prompt ++ chosen ++ rejected per pair: answer 0 is the chosen one, answer 1 the rejected."""
-    return collate_answers_shared([(e.prompt_ids, (e.chosen_ids, e.rejected_ids)) for e in examples], pad_id)
+def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int, pack: bool = False) -> SharedPrefixBatch:
+    """prompt ++ chosen ++ rejected per pair: answer 0 is the chosen one, answer 1 the rejected."""
+    return collate_answers_shared([(e.prompt_ids, (e.chosen_ids, e.rejected_ids)) for e in examples], pad_id, pack)
 
 
-def collate_groups(groups: Sequence[PromptGroup], pad_id: int) -> SharedPrefixBatch:
-    """One row prompt ++ all answers per group."""
-    return collate_answers_shared([(g.prompt_ids, g.answers) for g in groups], pad_id)
+def collate_groups(groups: Sequence[PromptGroup], pad_id: int, pack: bool = False) -> SharedPrefixBatch:
+    """prompt ++ all answers per group."""
+    return collate_answers_shared([(g.prompt_ids, g.answers) for g in groups], pad_id, pack)
 
 
 def pair_values(values: Tensor, groups: Sequence[PromptGroup]) -> tuple[Tensor, Tensor]:
@@ -145,7 +177,7 @@ def pair_count(groups: Sequence[PromptGroup] | None, indices: Sequence[int]) -> 
 
 
 def shared_prefix_hidden(backbone, batch: SharedPrefixBatch) -> Tensor:
-    """Last hidden states [B, L, H] of a transformers base model on a shared-prefix batch."""
+    """Last hidden states [R, L, H] of a transformers base model on a shared-prefix batch."""
     return backbone(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
     ).last_hidden_state
@@ -161,20 +193,21 @@ def shared_prefix_logps(model, batch: SharedPrefixBatch) -> Tensor:
     built; past LOGITS_BUDGET logits the head runs in chunks (alignment.logprobs.head_logps).
     """
     B, K, A = batch.source.shape
-    source = batch.source.view(B, K * A)
+    real = batch.target_mask.view(-1).bool()  # the answer slots that hold a token: only these meet the vocabulary
+    source, target = batch.source.view(-1)[real], batch.target.view(-1)[real]  # [n] into the R * L flattened positions
     inner = unwrapped(model)  # a LoRA model's transformers model, adapters injected
     head = plain_lm_head(inner)
     if head is not None:
-        hidden = shared_prefix_hidden(inner.base_model, batch)  # [B, L, H]
-        picked = hidden.gather(1, source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, KA, H]
-        if picked.shape[0] * picked.shape[1] * inner.config.vocab_size > LOGITS_BUDGET:  # a real vocabulary: in chunks
-            flat = head_logps(picked.reshape(B * K * A, -1), head, batch.target.view(-1))
-            return (flat.view(B, K, A) * batch.target_mask).sum(-1)  # [B, K]
-        picked = head(picked)  # [B, KA, V]
+        hidden = shared_prefix_hidden(inner.base_model, batch)  # [R, L, H]
+        picked = hidden.reshape(-1, hidden.shape[-1])[source]  # [n, H]
+        if picked.shape[0] * inner.config.vocab_size > LOGITS_BUDGET:  # a real vocabulary: in chunks
+            flat = head_logps(picked, head, target)
+        else:
+            flat = selective_log_softmax(head(picked).unsqueeze(0), target.unsqueeze(0)).squeeze(0)  # [n]
     else:
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits  # [B, L, V]
-        picked = logits.gather(1, source.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # [B, KA, V]
-    token_logps = selective_log_softmax(picked, batch.target.view(B, K * A)).view(B, K, A)
-    return (token_logps * batch.target_mask).sum(-1)  # [B, K]
+        ).logits  # [R, L, V]
+        flat = selective_log_softmax(logits.reshape(-1, logits.shape[-1])[source].unsqueeze(0), target.unsqueeze(0)).squeeze(0)
+    token_logps = flat.new_zeros(B * K * A).masked_scatter(real, flat)  # 0 on the empty slots
+    return token_logps.view(B, K, A).sum(-1)  # [B, K]

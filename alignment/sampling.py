@@ -13,6 +13,7 @@ from alignment.config import SamplingParams  # noqa: F401 - re-exported
 from alignment.models import position_ids_from_mask
 
 Tensor = torch.Tensor
+STOP_CHECK_EVERY = 16  # on an accelerator, tokens decoded between two looks at whether every row has stopped
 
 
 @dataclass
@@ -61,14 +62,23 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     rows: tuple[int, int] | None = None,
+    answers_per_prompt: int = 1,
 ) -> SampleOutput:
-    """Sample one answer per row. Prompts must be LEFT-padded (input_ids, attention_mask: [B, P]).
+    """Sample answers_per_prompt (G) answers to each prompt. Prompts must be LEFT-padded (input_ids,
+    attention_mask: [B0, P]); the output has B = B0 * G rows, a prompt's G answers next to each other.
 
-    One forward over the prompts fills the KV cache, then one token per step for all rows at once.
-    Rows that hit a stop token keep running on padding (masked) until all rows stop or N tokens exist.
-    rows (first, total): the batch is one process's share of a batch of `total` rows sampled with the same
-    generator (online RL on several processes); every row draws what it would draw in the whole batch.
+    One forward over the distinct prompts fills the KV cache (with G > 1 it is then repeated G times, so a
+    prompt is computed once for its G answers: GRPO and RLOO groups), then one token per step for all rows
+    at once. Rows that hit a stop token keep running on padding (masked) until all rows stop or N tokens exist.
+    rows (first, total): the B output rows are one process's share of a batch of `total` rows sampled with
+    the same generator (online RL on several processes); every row draws what it would draw in the whole batch.
     """
+    G = answers_per_prompt
+    if G < 1:
+        raise ValueError(f"answers_per_prompt must be at least 1, not {G}")
+    prompts = (input_ids, attention_mask)
+    if G > 1:  # the answers' rows; the prompt pass below reads the distinct prompts
+        input_ids, attention_mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
     B, P = input_ids.shape
     device = input_ids.device
     if params.cache not in ("dynamic", "static"):
@@ -90,21 +100,24 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps, alive = [], [], []
     for t in range(params.max_new_tokens):
-        forward = model if t == 0 else decode  # the prompt pass has its own shape: not compiled
-        extra = {"cache_position": cache_position} if static else {}
-        out = forward(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=step_positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_arg: cache},
-            **extra,
-        )
+        if t == 0 and G > 1:
+            logits = _prompt_pass_once(model, *prompts, cache, cache_arg, G)  # [B, V]
+        else:
+            forward = model if t == 0 else decode  # the prompt pass has its own shape: not compiled
+            extra = {"cache_position": cache_position} if static else {}
+            out = forward(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_arg: cache},
+                **extra,
+            )
+            logits = out.logits[:, -1].float()  # [B, V]
         if t == 0 and cache.get_seq_length() == 0:  # a forward that swallows an unknown keyword silently drops the cache
             raise RuntimeError(f"{type(model).__name__}.forward did not fill the KV cache passed as `{cache_arg}`: every "
                                f"token would be drawn without its context. Is this transformers version supported (>= 5.0)?")
-        logits = out.logits[:, -1].float()  # [B, V]
         if params.temperature > 0:
             logits = logits / params.temperature
         probs = torch.softmax(logits, dim=-1)  # [B, V], one pass over the vocabulary when nothing is filtered
@@ -121,8 +134,8 @@ def sample(
         alive.append(~done)
         if len(stop):
             done = done | torch.isin(next_token, stop)
-        if bool(done.all()):
-            break
+        if (device.type == "cpu" or (t + 1) % STOP_CHECK_EVERY == 0) and bool(done.all()):
+            break  # on an accelerator, reading `done` waits for the device: asked every STOP_CHECK_EVERY tokens
         step_ids = next_token.unsqueeze(-1)  # [B, 1]
         step_positions = step_positions[:, -1:] + 1  # [B, 1]
         cache_position = cache_position[-1:] + 1
@@ -141,6 +154,20 @@ def sample(
         answer_logps=torch.stack(logps, dim=1),
         prompt_length=P,
     )
+
+
+def _prompt_pass_once(model, input_ids: Tensor, attention_mask: Tensor, cache, cache_arg: str, G: int) -> Tensor:
+    """The prompt pass over B0 distinct prompts [B0, P]; fills `cache` (dynamic or static, sized for B0 * G rows)
+    with each prompt's keys and values repeated G times. Returns the last position's logits [B0 * G, V]."""
+    once = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=True, logits_to_keep=1, **{cache_arg: once})
+    if once.get_seq_length() == 0:
+        return out.logits[:, -1].float().repeat_interleave(G, 0)  # the caller names the forward that kept no cache
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    for layer, kv in enumerate(once.layers):  # Cache.update: the call a model's attention makes on every cache type
+        cache.update(kv.keys.repeat_interleave(G, 0), kv.values.repeat_interleave(G, 0), layer, {"cache_position": positions})
+    return out.logits[:, -1].float().repeat_interleave(G, 0)
 
 
 def cache_kwarg(model) -> str:

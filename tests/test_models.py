@@ -159,6 +159,38 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(tiny_lm):
         sample(tiny_lm, ids, mask, SamplingParams(cache="paged"), 0)
 
 
+def test_a_prompt_is_computed_once_for_its_answers_and_they_are_what_repeated_rows_sample(tiny_lm):
+    """answers_per_prompt G: the prompt pass reads each distinct prompt once (B0 rows, not B0 * G) and its keys and
+    values are repeated into the cache, dynamic or static. The G answers are what G repeated rows draw from the same
+    seed: tokens and stops exactly, log-probs to float tolerance; and with rows=(first, total), a process's share."""
+    tiny_lm.eval()
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7], [0, 1, 9, 8, 7]])
+    mask, G = (prompts != 0).long(), 4
+    seen = []
+    hook = tiny_lm.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        for cache in ("dynamic", "static"):
+            params = SamplingParams(max_new_tokens=8, temperature=1.0, stop_token_ids=(2, 3), cache=cache)
+            seen.clear()
+            once = sample(tiny_lm, prompts, mask, params, 0, torch.Generator().manual_seed(5), answers_per_prompt=G)
+            assert seen[0] == (3, 5) and all(shape == (12, 1) for shape in seen[1:]), seen  # prompts once, then 12 rows
+            seen.clear()
+            rows = sample(tiny_lm, prompts.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), params, 0,
+                          torch.Generator().manual_seed(5))
+            assert seen[0] == (12, 5)  # the repeated rows' prompt pass reads every copy
+            assert torch.equal(once.sequences, rows.sequences) and torch.equal(once.answer_mask, rows.answer_mask)
+            assert torch.allclose(once.answer_logps, rows.answer_logps, atol=1e-5)
+            assert once.answer_mask.sum() > 12  # real answers were drawn
+            assert len({tuple(r) for r in once.answer_ids[:G].tolist()}) > 1  # a prompt's answers differ
+            share = sample(tiny_lm, prompts[1:2], mask[1:2], params, 0, torch.Generator().manual_seed(5), rows=(G, 3 * G),
+                           answers_per_prompt=G)  # the process holding prompt 1 of the 3
+            assert torch.equal(share.sequences, once.sequences[G : 2 * G])
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="answers_per_prompt"):
+        sample(tiny_lm, prompts, mask, SamplingParams(), 0, answers_per_prompt=0)
+
+
 def test_sampler_names_the_kv_cache_as_the_model_does_and_refuses_one_that_drops_it(tiny_lm):
     """transformers renamed the forward's `past_key_values` to `cache`; under 5.17 our `cache=` was swallowed
     by **kwargs and every token was drawn without its context (found on the GPU image). The sampler asks the

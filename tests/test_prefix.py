@@ -166,3 +166,80 @@ def test_grouped_dpo_loss_equals_the_dpo_loss_of_each_pair():
     assert loss.item() == pytest.approx(float(expected), abs=1e-4)
     assert metrics["rewards/margin"].item() == pytest.approx(sum(margins) / len(margins), abs=1e-4)
     assert abs(float(expected) - 0.6931) > 1e-3  # the policy differs from the reference: not log 2 by construction
+
+
+def test_pack_rows_by_hand():
+    """First fit, longest first, into bins of the longest row's length; each bin in the rows' order."""
+    from alignment.prefix import pack_rows
+
+    # lengths 7, 3, 4, 2, 7, 1 into 7: 7 | 7 | 4+3 | 2+1 (the 3 joins the 4's bin, the 1 the 2's)
+    assert pack_rows([7, 3, 4, 2, 7, 1], 7) == [[0], [1, 2], [3, 5], [4]]
+    assert pack_rows([5], 5) == [[0]]
+    assert pack_rows([9, 2], 5) == [[0], [1]]  # too long for the capacity: alone
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_packed_rows_give_every_answer_what_it_gets_unpacked(family):
+    """Several groups in one row (packing) change no log-prob, reward or gradient: each group attends only to
+    itself and its positions restart at 0. The batch holds fewer rows, and so less padding."""
+    from alignment.prefix import collate_answers_shared
+
+    torch.manual_seed(0)
+    model, rm = LMS[family]().eval(), RewardModel(CLASSIFIERS[family]()).eval()  # eval: no dropout; gradients still flow
+    rows = [((1, 5, 6), ((7, 8, 2), (9, 2))), ((1, 10), ((11, 2),)), ((1, 3, 4, 5, 6, 7, 8, 9, 10), ((8, 2), (8, 9, 2))),
+            ((1, 4), ((5, 2), (6, 2))), ((1,), ((12, 13, 2),))]  # lengths 8, 4, 14, 6, 4: three rows of 14, not five
+    plain, packed = collate_answers_shared(rows, pad_id=0), collate_answers_shared(rows, pad_id=0, pack=True)
+    assert tuple(packed.input_ids.shape) == (3, 14) and tuple(plain.input_ids.shape) == (5, 14)
+    assert int((packed.input_ids != 0).sum()) == int((plain.input_ids != 0).sum()) == 36  # the same tokens, 6 pads not 34
+    for net, fn in ((model, shared_prefix_logps), (rm, lambda m, b: m(shared=b))):
+        out = []
+        for batch in (plain, packed):
+            net.zero_grad()
+            values = fn(net, batch)  # [5, 2]
+            (values * torch.arange(1, 11.0).view(5, 2)).sum().backward()
+            out.append((values.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+        assert torch.allclose(out[0][0], out[1][0], atol=1e-5), (out[0][0], out[1][0])
+        assert out[0][0].abs().min() > 0 if net is rm else out[0][0][1, 1] == 0  # log-probs: an empty slot is 0
+        assert len(out[0][1]) == len(out[1][1]) > 0
+        for a, b in zip(out[0][1], out[1][1]):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sft_dpo_and_reward_training_with_packing_take_the_steps_they_take_without():
+    """packing: true is a layout, not a change of the objective: 3 steps of DPO (pairs, and prompt groups), of the
+    reward model and of SFT give the losses and the weights they give unpacked, to float tolerance. And it refuses a layout it
+    cannot pack."""
+    from transformers import LlamaForSequenceClassification
+
+    from alignment.config import DPOConfig, RewardConfig, SFTConfig, TrainConfig
+    from alignment.trainers.dpo import DPOTrainer
+    from alignment.trainers.reward import RewardTrainer
+    from alignment.trainers.sft import SFTTrainer
+
+    pairs = PAIRS + GROUPED  # prompts of 2 to 6 tokens, answers of 2 to 5
+    train = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, group_by_length=False)
+
+    def trained(make, **kw):
+        torch.manual_seed(0)
+        trainer = make(**kw)
+        losses = [h["loss"] for h in trainer.train()]
+        return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+    for grouped in (False, True):
+        dpo = lambda packing: DPOTrainer(LlamaForCausalLM(tiny_llama_config()), pairs, 0, DPOConfig(
+            train, beta=0.5, group_by_prompt=grouped, packing=packing))
+        (plain_losses, plain_weights), (packed_losses, packed_weights) = trained(dpo, packing=False), trained(dpo, packing=True)
+        assert plain_losses == pytest.approx(packed_losses, abs=1e-5) and plain_losses[0] != pytest.approx(plain_losses[-1])
+        assert torch.allclose(plain_weights, packed_weights, atol=1e-5)
+    rm = lambda packing: RewardTrainer(RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1))), pairs, 0,
+                                       RewardConfig(train, packing=packing))
+    (plain_losses, plain_weights), (packed_losses, packed_weights) = trained(rm, packing=False), trained(rm, packing=True)
+    assert plain_losses == pytest.approx(packed_losses, abs=1e-5)
+    assert torch.allclose(plain_weights, packed_weights, atol=1e-5)
+    sft = lambda packing: SFTTrainer(LlamaForCausalLM(tiny_llama_config()), [(e.prompt_ids, e.chosen_ids) for e in pairs]
+                                     + [(e.prompt_ids, e.rejected_ids) for e in pairs], 0, SFTConfig(train, packing=packing))
+    (plain_losses, plain_weights), (packed_losses, packed_weights) = trained(sft, packing=False), trained(sft, packing=True)
+    assert plain_losses == pytest.approx(packed_losses, abs=1e-5) and plain_losses[0] != pytest.approx(plain_losses[-1])
+    assert torch.allclose(plain_weights, packed_weights, atol=1e-5)
+    with pytest.raises(ValueError, match="packing .* needs shared_prefix"):
+        DPOConfig(shared_prefix=False, packing=True)

@@ -23,37 +23,38 @@ from alignment.trainers.common import (
 )
 
 
-def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device, shared_prefix: bool = True):
+def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device, shared_prefix: bool = True,
+               pack: bool = False):
     """(chosen_logps [B], rejected_logps [B]) of the answers in one forward pass.
 
-    shared_prefix: B rows prompt ++ chosen ++ rejected (alignment.prefix); otherwise 2B padded rows
-    prompt ++ answer, chosen rows then rejected rows.
+    shared_prefix: B rows prompt ++ chosen ++ rejected (alignment.prefix; pack: several pairs a row); otherwise
+    2B padded rows prompt ++ answer, chosen rows then rejected rows.
     """
     if shared_prefix:
-        return shared_prefix_logps(model, collate_shared_prefix(examples, pad_token_id).to(device)).unbind(-1)
+        return shared_prefix_logps(model, collate_shared_prefix(examples, pad_token_id, pack).to(device)).unbind(-1)
     input_ids, attention_mask, answer_mask = (t.to(device) for t in collate_pairs(examples, pad_token_id))
     seq_logps = answer_logprobs(model, input_ids, attention_mask, answer_mask).sum(-1)  # [2B]
     return seq_logps.chunk(2)
 
 
-def group_logps(model, groups: Sequence[PromptGroup], pad_token_id: int, device) -> torch.Tensor:
-    """log pi(answer | prompt) of every answer of every group, one row per group: [B, K]."""
-    return shared_prefix_logps(model, collate_groups(groups, pad_token_id).to(device))
+def group_logps(model, groups: Sequence[PromptGroup], pad_token_id: int, device, pack: bool = False) -> torch.Tensor:
+    """log pi(answer | prompt) of every answer of every group: [B, K] (one row per group, or several a row: pack)."""
+    return shared_prefix_logps(model, collate_groups(groups, pad_token_id, pack).to(device))
 
 
 class PairLogps(nn.Module):
     """The trained module: a policy whose forward gives the log-probs of pairs (a tuple chosen, rejected)
     or of prompt groups ([B, K]), so DDP/FSDP wrappers see the call."""
 
-    def __init__(self, policy, pad_token_id: int, shared_prefix: bool):
+    def __init__(self, policy, pad_token_id: int, shared_prefix: bool, pack: bool = False):
         super().__init__()
-        self.policy, self.pad_token_id, self.shared_prefix = policy, pad_token_id, shared_prefix
+        self.policy, self.pad_token_id, self.shared_prefix, self.pack = policy, pad_token_id, shared_prefix, pack
 
     def forward(self, items: Sequence[PairExample] | Sequence[PromptGroup]):
         device = next(self.policy.parameters()).device
         if items and isinstance(items[0], PromptGroup):
-            return group_logps(self.policy, items, self.pad_token_id, device)
-        return pair_logps(self.policy, items, self.pad_token_id, device, self.shared_prefix)
+            return group_logps(self.policy, items, self.pad_token_id, device, self.pack)
+        return pair_logps(self.policy, items, self.pad_token_id, device, self.shared_prefix, self.pack)
 
 
 class DPOTrainer:
@@ -75,7 +76,7 @@ class DPOTrainer:
         if ref_model is None and reference_logps is None and not has_adapters(model):
             ref_model = frozen_copy(model)
         self.ref_model = ref_model
-        self.opt = Optimization(PairLogps(model, pad_token_id, cfg.shared_prefix), cfg.train)
+        self.opt = Optimization(PairLogps(model, pad_token_id, cfg.shared_prefix, cfg.packing), cfg.train)
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
         self.groups = group_by_prompt(self.examples) if cfg.group_by_prompt else None
@@ -96,17 +97,17 @@ class DPOTrainer:
     def ref_pair_logps(self, examples: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_ref of chosen and rejected answers: the reference model, or the policy with adapters off."""
         if self.ref_model is not None:
-            return pair_logps(self.ref_model, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix)
+            return pair_logps(self.ref_model, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix, self.cfg.packing)
         with reference_mode(self.model) as policy:
-            return pair_logps(policy, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix)
+            return pair_logps(policy, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix, self.cfg.packing)
 
     @torch.no_grad()
     def ref_group_logps(self, groups: Sequence[PromptGroup]) -> torch.Tensor:
         """log pi_ref of every answer of each group: [B, K]."""
         if self.ref_model is not None:
-            return group_logps(self.ref_model, groups, self.pad_token_id, self.opt.device)
+            return group_logps(self.ref_model, groups, self.pad_token_id, self.opt.device, self.cfg.packing)
         with reference_mode(self.model) as policy:
-            return group_logps(policy, groups, self.pad_token_id, self.opt.device)
+            return group_logps(policy, groups, self.pad_token_id, self.opt.device, self.cfg.packing)
 
     @torch.no_grad()
     def compute_reference_logps(self, batch_size: int = 32) -> torch.Tensor:

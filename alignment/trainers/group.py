@@ -109,12 +109,11 @@ class GroupTrainer:
         self.model.eval()
         # padded to the whole batch's longest prompt, so that every process's rows are the one-process rows
         encoded = [encode_prompt(self.tokenizer, self.prompts[i]) for i in batch_prompts]
-        prompt_ids, prompt_mask = pad([ids for ids in shard.mine(encoded) for _ in range(cfg.group_size)], pad_id,
-                                      side="left", width=max(map(len, encoded)))
+        prompt_ids, prompt_mask = pad(shard.mine(encoded), pad_id, side="left", width=max(map(len, encoded)))
         params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
         out = sample(self.model, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator,
-                     rows=(shard.first_row, shard.total_rows))
+                     rows=(shard.first_row, shard.total_rows), answers_per_prompt=cfg.group_size)  # a prompt computed once
         mask = torch.zeros_like(out.attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
         answers = self.tokenizer.batch_decode(

@@ -45,7 +45,7 @@ class RewardTrainer:
         """(chosen_rewards [B], rejected_rewards [B]) from one forward pass."""
         model = model or self.opt.model
         if self.cfg.shared_prefix:
-            batch = collate_shared_prefix(examples, self.pad_token_id).to(self.opt.device)
+            batch = collate_shared_prefix(examples, self.pad_token_id, self.cfg.packing).to(self.opt.device)
             return model(shared=batch).unbind(-1)
         input_ids, attention_mask, _ = (t.to(self.opt.device) for t in collate_pairs(examples, self.pad_token_id))
         rewards = model(input_ids, attention_mask)  # [2B]
@@ -55,7 +55,7 @@ class RewardTrainer:
         """(preferred [N], other [N]) over all N pairs of the prompt groups, each answer scored once, one
         forward pass (a row per group)."""
         model = model or self.opt.model
-        return pair_values(model(shared=collate_groups(groups, self.pad_token_id).to(self.opt.device)), groups)
+        return pair_values(model(shared=collate_groups(groups, self.pad_token_id, self.cfg.packing).to(self.opt.device)), groups)
 
     def micro_size(self, indices: list[int]) -> int:
         """What micro_loss is a mean over: pairs (a prompt group holds several)."""

@@ -5,15 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from torch import nn
+
 from alignment.config import SFTConfig  # noqa: F401 - re-exported
 from alignment.data import collate_answers
 from alignment.logprobs import answer_logprobs
+from alignment.prefix import SharedPrefixBatch, collate_answers_shared, shared_prefix_logps
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
     train_steps,
 )
+
+
+class PackedLogps(nn.Module):
+    """The trained module under packing: a policy whose forward gives each example's summed answer log-prob
+    from a packed batch [B, 1], so DDP/FSDP wrappers see the call."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: SharedPrefixBatch) -> torch.Tensor:
+        return shared_prefix_logps(self.policy, batch)
 
 
 class SFTTrainer:
@@ -29,13 +45,17 @@ class SFTTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
-        self.opt = Optimization(model, cfg.train)
+        self.opt = Optimization(PackedLogps(model) if cfg.packing else model, cfg.train)
         self.sampler = self.opt.sampler(len(self.examples), [len(p) + len(a) for p, a in self.examples])
         self.checkpointer = Checkpointer.under(output_dir)
 
     def micro_loss(self, indices: list[int]):
         prompts = [self.examples[i][0] for i in indices]
         answers = [self.examples[i][1] for i in indices]
+        if self.cfg.packing:
+            batch = collate_answers_shared([(p, [a]) for p, a in zip(prompts, answers)], self.pad_token_id, pack=True)
+            n_tokens = batch.target_mask.sum().to(self.opt.device)
+            return -self.opt.model(batch.to(self.opt.device)).sum() / n_tokens, {"tokens": n_tokens.float()}
         input_ids, attention_mask, answer_mask = (
             t.to(self.opt.device) for t in collate_answers(prompts, answers, self.pad_token_id)
         )
@@ -55,4 +75,5 @@ class SFTTrainer:
 
     @property
     def model(self):
-        return self.opt.accelerator.unwrap_model(self.opt.model)
+        model = self.opt.accelerator.unwrap_model(self.opt.model)
+        return model.policy if self.cfg.packing else model
