@@ -20,16 +20,20 @@ from alignment.trainers.common import (
 )
 
 
-class PackedLogps(nn.Module):
-    """The trained module under packing: a policy whose forward gives each example's summed answer log-prob
-    from a packed batch [B, 1], so DDP/FSDP wrappers see the call."""
+class AnswerLogps(nn.Module):
+    """The trained module: a policy whose forward gives answer log-probs, so DDP/FSDP wrappers see the call while
+    the policy inside sends only answer positions through its LM head (alignment.logprobs). Takes a packed batch
+    (returns each example's summed log-prob [B, 1]) or padded rows (input_ids, attention_mask, answer_mask:
+    returns per-token log-probs [B, T])."""
 
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
 
-    def forward(self, batch: SharedPrefixBatch) -> torch.Tensor:
-        return shared_prefix_logps(self.policy, batch)
+    def forward(self, batch: SharedPrefixBatch | tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if isinstance(batch, SharedPrefixBatch):
+            return shared_prefix_logps(self.policy, batch)
+        return answer_logprobs(self.policy, *batch)
 
 
 class SFTTrainer:
@@ -45,7 +49,7 @@ class SFTTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
-        self.opt = Optimization(PackedLogps(model) if cfg.packing else model, cfg.train)
+        self.opt = Optimization(AnswerLogps(model), cfg.train)
         self.sampler = self.opt.sampler(len(self.examples), [len(p) + len(a) for p, a in self.examples])
         self.checkpointer = Checkpointer.under(output_dir)
 
@@ -59,7 +63,7 @@ class SFTTrainer:
         input_ids, attention_mask, answer_mask = (
             t.to(self.opt.device) for t in collate_answers(prompts, answers, self.pad_token_id)
         )
-        token_logps = answer_logprobs(self.opt.model, input_ids, attention_mask, answer_mask)  # [B, T]
+        token_logps = self.opt.model((input_ids, attention_mask, answer_mask))  # [B, T]
         n_tokens = answer_mask[:, 1:].sum().clamp(min=1)
         loss = -token_logps.sum() / n_tokens
         return loss, {"tokens": n_tokens.float()}
@@ -75,5 +79,4 @@ class SFTTrainer:
 
     @property
     def model(self):
-        model = self.opt.accelerator.unwrap_model(self.opt.model)
-        return model.policy if self.cfg.packing else model
+        return self.opt.accelerator.unwrap_model(self.opt.model).policy
