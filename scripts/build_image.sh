@@ -56,25 +56,7 @@ echo "+ podman build ${build[*]} ."
 pod build -q "${build[@]}" . >/dev/null
 built=$(now)
 
-cat > "$WORK/pipelines.yaml" <<'YAML'
-settings: {seed: 0}
-pipelines:
-  tiny:
-    description: a sandbox world, two SFT steps and an evaluation
-    stages:
-      - name: world
-        type: world
-        params: {demonstrations: 16, train_prompts: 8, test_prompts: 4,
-                 model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32, max_positions: 64}}
-      - name: sft
-        type: sft
-        inputs: {policy: world, demonstrations: world}
-        params: {sft: {max_length: 64, train: {max_steps: 2, batch_size: 4}}}
-      - name: evaluate
-        type: evaluate
-        inputs: {policy: sft, reference: world, prompts: world, world: world}
-        params: {prompts: 4, max_length: 64, sampling: {max_new_tokens: 8}}
-YAML
+cp scripts/tiny_pipeline.yaml "$WORK/pipelines.yaml"
 echo "+ podman run --rm --network host -v $WORK:/work $IMAGE run tiny"
 pod run --rm --network host -v "$WORK:/work" "$IMAGE" run tiny
 ran=$(now)

@@ -22,21 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = """
-settings: {seed: 0}
-pipelines:
-  tiny:
-    description: a world and two SFT steps
-    stages:
-      - name: world
-        type: world
-        params: {demonstrations: 16, train_prompts: 8, test_prompts: 4,
-                 model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32, max_positions: 64}}
-      - name: sft
-        type: sft
-        inputs: {policy: world, demonstrations: world}
-        params: {sft: {max_length: 64, train: {max_steps: 2, batch_size: 4}}}
-"""
+TINY = (ROOT / "scripts" / "tiny_pipeline.yaml").read_text()  # the one scripts/build_image.sh runs in the image
 
 
 def test_the_wheel_installed_without_the_checkout_validates_and_runs_a_pipeline(tmp_path, prefect_server):
