@@ -209,3 +209,8 @@ class RLOOConfig(GRPOConfig):
     advantage: str = "rloo"  # the leave-one-out baseline; the only choice
     loss_type: str = "sequence"  # one action an answer: the ratio of its probability, REINFORCE's gradient (as TRL)
     kl_in_reward = True  # RLOO folds the KL into the score, the baseline then sees it
+
+    def __post_init__(self):
+        if not self.unbiased_kl:
+            raise ValueError("unbiased_kl weights the KL term of GRPO's loss; RLOO's KL is a penalty in the reward "
+                             "(beta), with no term in the loss to weight: leave unbiased_kl out")

@@ -38,7 +38,7 @@ NOT_SWEPT = {
     "TrainConfig.compile": "torch.compile of the trained model: minutes of compilation on a CPU (the GPU check runs it)",
     "SamplingParams.compile": "a compiled decode step: minutes of compilation on a CPU (the GPU check runs it)",
     "RLOOConfig.advantage": "the leave-one-out baseline is RLOO's only advantage",
-    "RLOOConfig.unbiased_kl": "RLOO's KL is in the reward, so its loss has no KL term to weight (GRPO's is swept)",
+    "RLOOConfig.unbiased_kl": "RLOO's KL is in the reward, so its loss has no KL term to weight: refused (test_trainers; GRPO's is swept)",
     "label.labeler": "the human labeler: tests/test_labeling.py runs it through the labeling page",
     "label.db": "the human labeler's store: tests/test_labeling.py",
     "label.min_judgements": "the human labeler: tests/test_labeling.py",

@@ -88,6 +88,10 @@ def test_bad_param_names_its_key_path(tmp_path):
     assert ("pipelines.tiny.stages[6].params.ppo: value_model must be one of reward_model, policy, shared, not 'critic'"
             in bad(tmp_path, value_model))
 
+    def packing(d):
+        d["pipelines"]["tiny"]["stages"][5]["params"]["dpo"] = {"shared_prefix": False, "packing": True}
+    assert "pipelines.tiny.stages[5].params.dpo: packing puts several shared-prefix rows into one: it needs shared_prefix" in bad(tmp_path, packing)
+
     def old_name(d):
         d["pipelines"]["tiny"]["stages"][6]["params"]["ppo"]["separate_value_model"] = True
     assert ("pipelines.tiny.stages[6].params.ppo.separate_value_model: unknown parameter (replaced by value_model: "

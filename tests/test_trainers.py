@@ -319,3 +319,13 @@ def test_ppo_loss_of_a_cut_minibatch_equals_the_full_width_one(sandbox_tokenizer
     assert float(cut) == pytest.approx(float(full), abs=1e-5)
     for key in ("policy_loss", "value_loss", "entropy"):
         assert float(cut_metrics[key]) == pytest.approx(float(full_metrics[key]), abs=1e-5), key
+
+
+def test_rloo_refuses_unbiased_kl_false_which_it_could_not_apply():
+    """RLOO's KL is a penalty in the reward, so there is no KL term in its loss for unbiased_kl to weight: setting
+    it is refused, not silently ignored. GRPO takes it."""
+    from alignment.config import GRPOConfig, RLOOConfig
+
+    with pytest.raises(ValueError, match="RLOO's KL is a penalty in the reward"):
+        RLOOConfig(unbiased_kl=False)
+    assert GRPOConfig(unbiased_kl=False).unbiased_kl is False and RLOOConfig().unbiased_kl
