@@ -162,11 +162,10 @@ def _prompt_pass_once(model, input_ids: Tensor, attention_mask: Tensor, cache, c
     once = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=True, logits_to_keep=1, **{cache_arg: once})
-    if once.get_seq_length() == 0:
-        return out.logits[:, -1].float().repeat_interleave(G, 0)  # the caller names the forward that kept no cache
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    for layer, kv in enumerate(once.layers):  # Cache.update: the call a model's attention makes on every cache type
-        cache.update(kv.keys.repeat_interleave(G, 0), kv.values.repeat_interleave(G, 0), layer, {"cache_position": positions})
+    if once.get_seq_length() > 0:  # (if the forward kept no cache, the caller names it)
+        for layer, kv in enumerate(once.layers):  # Cache.update: the call a model's attention makes on every cache type
+            cache.update(kv.keys.repeat_interleave(G, 0), kv.values.repeat_interleave(G, 0), layer, {"cache_position": positions})
     return out.logits[:, -1].float().repeat_interleave(G, 0)
 
 
