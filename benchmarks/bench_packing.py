@@ -46,7 +46,8 @@ def real_lengths():
     return len(tok), demos, pairs
 
 
-def timed_training(make, steps: int) -> tuple[float, list[float]]:
+def timed_training(make, steps: int):
+    """(seconds a step after the first, the losses, the trainer)."""
     trainer = make()
     times, last = [], [time.perf_counter()]
 
@@ -57,7 +58,7 @@ def timed_training(make, steps: int) -> tuple[float, list[float]]:
 
     trainer.callback = tick
     losses = [h["loss"] for h in trainer.train()]
-    return sum(times[1:]) / max(1, len(times) - 1), losses  # the first step warms up
+    return sum(times[1:]) / max(1, len(times) - 1), losses, trainer  # the first step warms up
 
 
 def layout(rows, pack: bool) -> tuple[int, int, int]:
@@ -87,9 +88,8 @@ def packing(device: str, steps: int, vocab: int, demos, pairs) -> list[dict]:
         runs = {}
         for pack in (False, True):
             torch.manual_seed(0)
-            step_s, losses = timed_training(lambda: make(pack), steps)
-            probe = make(pack)
-            shapes = [layout(rows_of(probe.sampler.batch(s)), pack) for s in range(steps + 1)]
+            step_s, losses, trainer = timed_training(lambda: make(pack), steps)
+            shapes = [layout(rows_of(trainer.sampler.batch(s)), pack) for s in range(steps + 1)]  # the batches it trained on
             rows, real, padded = (sum(x[i] for x in shapes) / len(shapes) for i in range(3))
             runs[pack] = dict(step_s=step_s, losses=losses, rows=rows, real=real, pad_share=padded / (real + padded))
         gap = max(abs(a - b) for a, b in zip(runs[False]["losses"], runs[True]["losses"]))
