@@ -28,6 +28,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
 
 
+CACHES = ("auto", "dynamic", "static")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256  # answer length limit, in tokens
@@ -36,10 +39,15 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after one of these (it is kept)
     batch_size: int = 256  # prompts sampled together (PPO rollouts: rollout_batch_size instead)
-    cache: str = "dynamic"  # KV cache: "dynamic" grows a token at a time; "static" is allocated once for
-    # prompt + max_new_tokens, so every decoding step has the same shapes (what a compiled step needs)
-    compile: bool = False  # torch.compile the decoding step (static cache; CUDA graphs on a GPU). The first
-    # call compiles (a minute or more): for long rollouts on a GPU, not for short CPU runs
+    cache: str = "auto"  # KV cache: "auto" = static with a compiled decoding step on CUDA, dynamic elsewhere;
+    # "dynamic" grows a token at a time; "static" is allocated once for prompt + max_new_tokens (prompts padded to
+    # a multiple of 64 tokens), so every decoding step has the same shapes (what a compiled step needs)
+    compile: bool = False  # torch.compile the decoding step (static cache; CUDA graphs on a GPU) on any device.
+    # The first call compiles (a minute or more): for long rollouts on a GPU, not for short CPU runs
+
+    def __post_init__(self):
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, not {self.cache!r}")
 
 
 @dataclass(frozen=True)

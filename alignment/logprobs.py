@@ -9,6 +9,8 @@ goes through the model's own forward at once (one matmul: the fastest for small 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -38,17 +40,29 @@ def plain_lm_head(model):
     return model.get_output_embeddings()
 
 
-def _head_chunk(hidden: Tensor, head, targets: Tensor, temperature: float) -> Tensor:
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last axis, in float32.
+
+    H = -sum_a pi(a) log pi(a) = logsumexp(z) - sum_a softmax(z)_a z_a. logits z: [..., V]. Returns [...].
+    """
+    z = logits.float()
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def _head_chunk(hidden: Tensor, head, targets: Tensor, temperature: float, entropy: bool) -> Tensor:
     logits = head(hidden)  # [n, V]
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
-    return selective_log_softmax(logits.unsqueeze(0), targets.unsqueeze(0)).squeeze(0)
+    logps = selective_log_softmax(logits.unsqueeze(0), targets.unsqueeze(0)).squeeze(0)  # [n]
+    return torch.stack([logps, token_entropy(logits)], dim=-1) if entropy else logps
 
 
-def head_logps(hidden: Tensor, head, targets: Tensor, temperature: float = 1.0, budget: int | None = None) -> Tensor:
+def head_logps(hidden: Tensor, head, targets: Tensor, temperature: float = 1.0, budget: int | None = None,
+               entropy: bool = False) -> Tensor:
     """log softmax(head(hidden) / tau)[target] at N positions, budget // V positions at a time.
 
-    hidden: [N, H] the hidden states that predict the targets; targets: [N] token ids. Returns [N] (float32).
+    hidden: [N, H] the hidden states that predict the targets; targets: [N] token ids. Returns [N] (float32), or
+    [N, 2] (log-prob, entropy of softmax(head(hidden) / tau)) with entropy=True.
     With gradients on, each chunk runs under activation checkpointing: its [n, V] logits are recomputed in the
     backward pass, so at most one chunk's logits (and their gradient) exist at once.
     """
@@ -58,30 +72,63 @@ def head_logps(hidden: Tensor, head, targets: Tensor, temperature: float = 1.0, 
     for i in range(0, hidden.shape[0], rows):
         h, t = hidden[i : i + rows], targets[i : i + rows]
         if torch.is_grad_enabled():
-            out.append(checkpoint(_head_chunk, h, head, t, temperature, use_reentrant=False))
+            out.append(checkpoint(_head_chunk, h, head, t, temperature, entropy, use_reentrant=False))
         else:
-            out.append(_head_chunk(h, head, t, temperature))
-    return torch.cat(out) if out else hidden.new_zeros(0)
+            out.append(_head_chunk(h, head, t, temperature, entropy))
+    if not out:
+        return hidden.new_zeros((0, 2) if entropy else (0,), dtype=torch.float32)
+    return torch.cat(out)
 
 
-def answer_logprobs(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, position_ids: Tensor | None = None,
-                    temperature: float = 1.0, budget: int | None = None) -> Tensor:
+@dataclass
+class AnswerPass:
+    """What one forward pass gives about a batch's answer tokens, each aligned with the labels [B, T] (0 where
+    the mask is 0): log-probs, entropies of the distributions that predicted them (when asked for), and the
+    last hidden state [B, T, H] (when asked for: a value head reads it)."""
+
+    logps: Tensor
+    entropies: Tensor | None = None
+    hidden: Tensor | None = None
+
+
+def answer_pass(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, position_ids: Tensor | None = None,
+                temperature: float = 1.0, budget: int | None = None, entropy: bool = False, hidden: bool = False
+                ) -> AnswerPass:
     """Per-token log-probs [B, T] of the answer tokens (mask 1) under a causal LM, as sequence_logprobs of its
     logits, without [B, T, V] logits when those would exceed the budget (and the model's head is plain): then
-    only the positions predicting answer tokens go through the head, in chunks (head_logps)."""
+    only the positions predicting answer tokens go through the head, in chunks (head_logps). entropy: also the
+    entropy of softmax(logits / tau) at those positions; hidden: also the last hidden state."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   **({"position_ids": position_ids} if position_ids is not None else {}))
     inner = unwrapped(model)
     head = plain_lm_head(inner)
     vocab = getattr(getattr(inner, "config", None), "vocab_size", None) or 0
     if head is None or input_ids.numel() * vocab <= (budget or LOGITS_BUDGET):
-        return sequence_logprobs(model(**kwargs).logits, input_ids, mask, temperature)[0]
-    hidden = inner.base_model(**kwargs).last_hidden_state  # [B, T, H]
+        out = model(**kwargs, **({"output_hidden_states": True} if hidden else {}))
+        logits = out.logits
+        result = AnswerPass(sequence_logprobs(logits, input_ids, mask, temperature)[0],
+                            hidden=out.hidden_states[-1] if hidden else None)
+        if entropy:
+            scaled = logits[:, :-1] / temperature if temperature not in (0.0, 1.0) else logits[:, :-1]
+            result.entropies = torch.zeros_like(result.logps)
+            result.entropies[:, 1:] = token_entropy(scaled) * mask[:, 1:]
+        return result
+    states = inner.base_model(**kwargs).last_hidden_state  # [B, T, H]
     predicts = mask[:, 1:].bool()  # [B, T-1]: position t predicts answer token t + 1
-    picked = head_logps(hidden[:, :-1][predicts], head, input_ids[:, 1:][predicts], temperature, budget)  # [n]
-    token_logps = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
-    token_logps[:, 1:][predicts] = picked
-    return token_logps
+    picked = head_logps(states[:, :-1][predicts], head, input_ids[:, 1:][predicts], temperature, budget, entropy)
+    result = AnswerPass(torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device),
+                        hidden=states if hidden else None)
+    result.logps[:, 1:][predicts] = picked[:, 0] if entropy else picked
+    if entropy:
+        result.entropies = torch.zeros_like(result.logps)
+        result.entropies[:, 1:][predicts] = picked[:, 1]
+    return result
+
+
+def answer_logprobs(model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, position_ids: Tensor | None = None,
+                    temperature: float = 1.0, budget: int | None = None) -> Tensor:
+    """Per-token log-probs [B, T] of the answer tokens (mask 1): answer_pass's log-probs alone."""
+    return answer_pass(model, input_ids, attention_mask, mask, position_ids, temperature, budget).logps
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:

@@ -210,18 +210,6 @@ def value_loss(
     return 0.5 * masked_mean(err, mask)
 
 
-def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean policy entropy over unmasked tokens.
-
-    H_t = -sum_a pi(a|s_t) log pi(a|s_t) = logsumexp(z_t) - sum_a softmax(z_t)_a z_t,a
-    logits z: [B, T, V], mask: [B, T]. Returns a scalar.
-    """
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)  # [B, T, V]
-    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # [B, T]
-    return masked_mean(entropy, mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Critic-free online RL (GRPO, Dr. GRPO, DAPO, RLOO): one advantage per answer, spread over its tokens
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from alignment.logprobs import answer_pass
+
 Tensor = torch.Tensor
 
 # transformers' from_pretrained monkeypatches torch.nn.init and PreTrainedModel.init_weights for the
@@ -254,17 +256,18 @@ class PolicyWithValueHead(nn.Module):
             model.value_head.load_state_dict(reward_head(value_model_dir, head, model.value_head))
         return model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """input_ids, attention_mask: [B, T]. Returns (logits [B, T, V], values [B, T])."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, temperature: float = 1.0,
+                entropy: bool = False, budget: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """input_ids, attention_mask, mask (1 on answer tokens): [B, T]. Returns (token log-probs [B, T] of the
+        answer tokens at temperature tau, values [B, T], entropies [B, T] of softmax(logits / tau) or None), each
+        aligned with the labels. The log-probs go through answer_pass: at a real vocabulary only the answer
+        positions reach the LM head, in chunks, so [B, T, V] logits are never held."""
         position_ids = position_ids_from_mask(attention_mask)
-        out = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=self.value_model is None,
-        )
-        if self.value_model is None:
-            hidden = out.hidden_states[-1]  # [B, T, H]
+        shared = self.value_model is None
+        out = answer_pass(self.policy, input_ids, attention_mask, mask, position_ids, temperature, budget,
+                          entropy=entropy, hidden=shared)
+        if shared:
+            hidden = out.hidden  # [B, T, H]
         else:
             hidden = self.value_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
@@ -272,7 +275,7 @@ class PolicyWithValueHead(nn.Module):
         state_values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, T]
         values = torch.zeros_like(state_values)
         values[:, 1:] = state_values[:, :-1]  # value of the state that predicts token t
-        return out.logits, values
+        return out.logps, values, out.entropies
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)

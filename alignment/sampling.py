@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
 from alignment.config import SamplingParams  # noqa: F401 - re-exported
@@ -14,6 +16,19 @@ from alignment.models import position_ids_from_mask
 
 Tensor = torch.Tensor
 STOP_CHECK_EVERY = 16  # on an accelerator, tokens decoded between two looks at whether every row has stopped
+STATIC_WIDTH_STEP = 64  # a static cache's prompts are left-padded to a multiple of this: few shapes to compile
+log = logging.getLogger(__name__)
+
+
+def cache_mode(params: SamplingParams, device: torch.device) -> tuple[bool, bool]:
+    """(static cache, compiled decoding step) for these params on this device. "auto": both on CUDA, where a
+    compiled step with CUDA graphs decodes several times faster, and neither elsewhere (compiling costs more than
+    it saves on short CPU runs); compile=True asks for both on any device."""
+    if params.compile:
+        return True, True
+    if params.cache == "auto":
+        return (device.type == "cuda",) * 2
+    return params.cache == "static", False
 
 
 @dataclass
@@ -76,21 +91,23 @@ def sample(
     G = answers_per_prompt
     if G < 1:
         raise ValueError(f"answers_per_prompt must be at least 1, not {G}")
+    static, compiled = cache_mode(params, input_ids.device)
+    width = input_ids.shape[1]
+    if static:  # a few prompt widths, so the compiled step sees a few cache shapes; trimmed off the output
+        extra = -width % STATIC_WIDTH_STEP
+        input_ids, attention_mask = F.pad(input_ids, (extra, 0), value=pad_token_id), F.pad(attention_mask, (extra, 0))
     prompts = (input_ids, attention_mask)
     if G > 1:  # the answers' rows; the prompt pass below reads the distinct prompts
         input_ids, attention_mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
     B, P = input_ids.shape
     device = input_ids.device
-    if params.cache not in ("dynamic", "static"):
-        raise ValueError(f"cache must be 'dynamic' or 'static', not {params.cache!r}")
-    static = params.cache == "static" or params.compile
     if static:  # mask and cache span prompt + every new token from the start; positions not yet written are 0
         cache = StaticCache(config=model.config, max_cache_len=P + params.max_new_tokens)
         mask = torch.cat([attention_mask.long(), attention_mask.new_zeros(B, params.max_new_tokens, dtype=torch.long)], dim=1)
     else:
         cache = DynamicCache(config=model.config)
         mask = attention_mask.long()
-    decode = _compiled(model) if params.compile else model
+    decode = _compiled_step(model) if compiled else model
     cache_arg = cache_kwarg(model)
     position_ids = position_ids_from_mask(attention_mask.long())
     step_ids = input_ids
@@ -103,17 +120,12 @@ def sample(
         if t == 0 and G > 1:
             logits = _prompt_pass_once(model, *prompts, cache, cache_arg, G)  # [B, V]
         else:
-            forward = model if t == 0 else decode  # the prompt pass has its own shape: not compiled
-            extra = {"cache_position": cache_position} if static else {}
-            out = forward(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_arg: cache},
-                **extra,
-            )
+            inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
+                          logits_to_keep=1, **{cache_arg: cache}, **({"cache_position": cache_position} if static else {}))
+            if t == 0 or decode is model:  # the prompt pass has its own shape: not compiled
+                out = model(**inputs)
+            else:
+                out, decode = _decode(decode, model, inputs)
             logits = out.logits[:, -1].float()  # [B, V]
         if t == 0 and cache.get_seq_length() == 0:  # a forward that swallows an unknown keyword silently drops the cache
             raise RuntimeError(f"{type(model).__name__}.forward did not fill the KV cache passed as `{cache_arg}`: every "
@@ -147,12 +159,12 @@ def sample(
     answer_ids = torch.stack(tokens, dim=1)  # [B, N]
     answer_mask = torch.stack(alive, dim=1).long()  # [B, N]
     return SampleOutput(
-        sequences=torch.cat([input_ids, answer_ids], dim=1),  # [B, P + N]
-        attention_mask=torch.cat([attention_mask.long(), answer_mask], dim=1),
+        sequences=torch.cat([input_ids[:, P - width :], answer_ids], dim=1),  # [B, width + N]
+        attention_mask=torch.cat([attention_mask[:, P - width :].long(), answer_mask], dim=1),
         answer_ids=answer_ids,
         answer_mask=answer_mask,
         answer_logps=torch.stack(logps, dim=1),
-        prompt_length=P,
+        prompt_length=width,
     )
 
 
@@ -182,10 +194,29 @@ def _cache_kwarg(cls: type) -> str:
     return "past_key_values" if "past_key_values" in names and "cache" not in names else "cache"
 
 
-def _compiled(model):
+def _compiled_step(model):
     """The model under torch.compile, built once per model (CUDA graphs on a GPU). Kept in the model's
-    __dict__, not as an attribute nn.Module would register (that would add its weights to state_dict)."""
+    __dict__, not as an attribute nn.Module would register (that would add its weights to state_dict). The
+    model itself where compiling it failed before."""
     if "_alignflow_compiled" not in model.__dict__:
         mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
         model.__dict__["_alignflow_compiled"] = torch.compile(model, mode=mode)
     return model.__dict__["_alignflow_compiled"]
+
+
+def _decode(decode, model, inputs: dict):
+    """One decoding step through the compiled model; (output, the step to use from now on). torch.compile builds
+    its graph on the first call: where that fails (a model it cannot trace), the step and every later one run
+    uncompiled, with one warning, instead of the rollout failing. Once a graph was built, errors are raised."""
+    if model.__dict__.get("_alignflow_compiled_ran"):
+        return decode(**inputs), decode
+    try:
+        out = decode(**inputs)
+    except Exception as e:  # torch._dynamo and inductor raise many types; a real error shows again uncompiled
+        log.debug("compiling the decoding step failed", exc_info=e)
+        log.warning("torch.compile could not compile %s's decoding step; sampling goes on without compiling "
+                    "(sampling `cache: dynamic` skips the attempt)", type(model).__name__)
+        model.__dict__["_alignflow_compiled"] = model
+        return model(**inputs), model
+    model.__dict__["_alignflow_compiled_ran"] = True
+    return out, decode

@@ -4,7 +4,9 @@ a fresh process of this invocation so that one's peak does not hide the other's.
     .venv/bin/python benchmarks/bench_memory.py [--device cpu]
 
 Workload: a tiny Llama (hidden 64, 2 layers) with Qwen2's vocabulary (151,936 rows, tied embeddings), 4 pairs a
-step of 1,024 tokens a sequence (64 prompt + 960 answer). Peak = the process's peak resident memory (CPU) or
+step of 1,024 tokens a sequence (64 prompt + 960 answer). `alignflow-ppo-update` is PPO's scoring of 4 rollout
+answers of that length (policy, values, reference) and one update on them (policy, value and entropy terms), no TRL
+peer: TRL's PPOTrainer forms whole logits in both. Peak = the process's peak resident memory (CPU) or
 torch's peak allocation (CUDA), the interpreter and libraries included (the `baseline` row: the same imports
 and model, no step). Goal (issue 29): alignflow's DPO peak at most half of TRL's.
 """
@@ -20,7 +22,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RUNS = ("baseline", "alignflow-dpo", "alignflow-dpo-ref-every-step", "trl-dpo", "alignflow-reward", "trl-reward")
+RUNS = ("baseline", "alignflow-dpo", "alignflow-dpo-ref-every-step", "trl-dpo", "alignflow-reward", "trl-reward",
+        "alignflow-ppo-update")
 
 
 def workload():
@@ -28,6 +31,38 @@ def workload():
 
     return Workload(vocab=151_936, hidden=64, layers=2, heads=4, intermediate=128, pairs=4, prompt_tokens=64,
                     answer_tokens=960, steps=1, warmup=0)
+
+
+def ppo_update(w, device: str) -> dict:
+    """PPO's work on 4 answers of 960 tokens after 64-token prompts: the rollout's scoring pass (log-probs and
+    values of the policy, the reference's log-probs) and one update with an entropy bonus."""
+    from common import checkpoint_dtype, peak_memory_mb, tokenizer
+
+    from alignment.config import PPOConfig, SamplingParams
+    from alignment.models import PolicyWithValueHead
+    from alignment.trainers.ppo import PPOTrainer
+
+    import common
+
+    policy = common.causal_lm(w, device, checkpoint_dtype(device))
+    rows, length = w.pairs, w.prompt_tokens + w.answer_tokens
+    cfg = PPOConfig(iterations=1, rollout_batch_size=rows, minibatch_size=rows, ppo_epochs=1, ent_coef=0.01,
+                    sampling=SamplingParams(max_new_tokens=w.answer_tokens))
+    trainer = PPOTrainer(PolicyWithValueHead(policy), tokenizer(w), ["w1"] * rows, lambda p, a: torch.zeros(len(a)), cfg)
+    g = torch.Generator().manual_seed(0)
+    sequences = torch.randint(4, w.vocab, (rows, length), generator=g).to(device)
+    attention_mask = torch.ones_like(sequences)
+    mask = torch.zeros_like(sequences)
+    mask[:, w.prompt_tokens :] = 1
+    with torch.no_grad():
+        logps, values, _ = trainer.model(sequences, attention_mask, mask)
+        trainer.reference_logps(sequences, attention_mask, mask)
+    advantages = torch.randn(rows, length, generator=g).to(device) * mask
+    batch = {"sequences": sequences, "attention_mask": attention_mask, "mask": mask, "logps": logps,
+             "values": values * mask, "advantages": advantages, "returns": (values + advantages) * mask}
+    metrics = trainer.update(batch, list(range(rows)))
+    assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
+    return {"name": "alignflow PPO (scoring pass + one update)", "peak_mb": peak_memory_mb(device)}
 
 
 def one(run: str, device: str) -> dict:
@@ -45,6 +80,7 @@ def one(run: str, device: str) -> dict:
         "trl-dpo": lambda: bench_dpo.trl(w, device),
         "alignflow-reward": lambda: bench_reward.ours(w, device),
         "trl-reward": lambda: bench_reward.trl(w, device),
+        "alignflow-ppo-update": lambda: ppo_update(w, device),
     }[run]()
 
 

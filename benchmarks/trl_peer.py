@@ -25,6 +25,18 @@ def _text(completion) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
+def reward_function(rm, prompts: list, penalty: float, eos: int):
+    """Our reward model as a TRL reward function: rm(prompts, answers) -> scores, minus `penalty` for an answer
+    without EOS. TRL calls it with keyword arguments: its own `prompts` (the batch's, in TRL's form) and every
+    dataset column per answer, so the prompt comes from our list through the `prompt_index` column."""
+
+    def reward_model(completions, completion_ids, prompt_index, **_):
+        scores = rm([prompts[i] for i in prompt_index], [_text(c) for c in completions])
+        return [float(s) - penalty * (eos not in ids) for s, ids in zip(scores.tolist(), completion_ids)]
+
+    return reward_model
+
+
 def train(method: str, params: dict, inputs: dict, out: Path, seed: int) -> Path:
     """Train TRL's `method` ("grpo" or "rloo") with a stage's `params` (the pipeline's, as a dict) on the
     stage outputs `inputs` (policy, reward_model, prompts: StageOutput). Returns the saved model folder."""
@@ -45,14 +57,8 @@ def train(method: str, params: dict, inputs: dict, out: Path, seed: int) -> Path
         trl_ids = (tokenizer(text=p)["input_ids"] if isinstance(p, str) else
                    tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         assert list(trl_ids) == encode_prompt(tokenizer, p), "TRL would tokenize the prompts differently"
-    rm = load_reward_fn(inputs)
-    penalty = cfg.get("missing_eos_penalty") or 0.0
-    eos = tokenizer.eos_token_id
-
-    def reward_model(prompts, completions, completion_ids, prompt_index, **_):
-        scores = rm([prompts[i] for i in prompt_index], [_text(c) for c in completions])
-        return [float(s) - penalty * (eos not in ids) for s, ids in zip(scores.tolist(), completion_ids)]
-
+    reward_model = reward_function(load_reward_fn(inputs), prompts, cfg.get("missing_eos_penalty") or 0.0,
+                                   tokenizer.eos_token_id)
     data = Dataset.from_list([{"prompt": p, "prompt_index": i} for i, p in enumerate(prompts)])
     generation = cfg["prompts_per_batch"] * cfg["group_size"]
     minibatch = cfg.get("minibatch_size") or generation

@@ -46,3 +46,22 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\nearlier text\n") and text.count("<!-- gpu_check:start -->") == 1
     assert text.endswith(section)
+
+
+def test_the_trl_peer_reward_function_scores_our_prompt_of_each_answer_as_trl_calls_it():
+    """TRL passes its batch's `prompts` and every dataset column by keyword; the prompt an answer is scored with
+    is ours at its prompt_index (index 5 of 6 prompts, in a batch of 2), and an answer without EOS loses the
+    penalty: scores 5 + len("ab") = 7, and 2 + len("c") - 0.5 = 2.5."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from trl_peer import reward_function
+
+    ours = [f"p{i}" for i in range(6)]
+    rm = lambda ps, answers: torch.tensor([float(p[1:]) + len(a) for p, a in zip(ps, answers)])  # noqa: E731
+    fn = reward_function(rm, ours, penalty=0.5, eos=2)
+    scores = fn(prompts=["batch 0", "batch 1"], completions=["ab", [{"role": "assistant", "content": "c"}]],
+                completion_ids=[[7, 8, 2], [9]], prompt_index=[5, 2], trainer_state=None)
+    assert scores == [7.0, 2.5]

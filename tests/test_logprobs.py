@@ -115,3 +115,60 @@ def test_a_lora_model_goes_through_the_chunked_head_with_its_adapters_and_withou
             off = logprobs.answer_logprobs(policy, ids, attention, mask, budget=2 * 40)
             assert torch.allclose(off, logprobs.answer_logprobs(policy, ids, attention, mask), atol=1e-6)
     assert (on - off).abs().max() > 1e-3  # the adapters were really on, then really off
+
+
+def test_ppo_policy_with_value_in_chunks_gives_the_full_logits_numbers(monkeypatch, sandbox_tokenizer):
+    """PPO's policy-with-value forward sends only answer positions through the LM head, in chunks, past the
+    budget: log-probs, entropies (at the sampling temperature), values and every gradient equal the whole-logits
+    pass, for a value head on the policy's trunk and for a separate value model. Two PPO iterations with a tiny
+    budget then log the same metrics and leave the same weights."""
+    import copy
+
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    from alignment import logprobs
+    from alignment.models import PolicyWithValueHead
+    from alignment.trainers.ppo import PPOTrainer
+    from conftest import tiny_llama_config
+    from test_trainers import ppo_setup
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 40, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[2, 7:] = 0
+    mask = torch.zeros_like(ids)
+    mask[0, 4:], mask[1, 3:8], mask[2, 5:7] = 1, 1, 1
+    for value_model in (None, LlamaModel(tiny_llama_config())):
+        model = PolicyWithValueHead(LlamaForCausalLM(tiny_llama_config()), value_model)
+        torch.nn.init.normal_(model.value_head.weight)
+
+        def run(budget):
+            model.zero_grad()
+            logps, values, entropies = model(ids, attention, mask, temperature=0.7, entropy=True, budget=budget)
+            (logps.sum() + values.sum() + entropies.sum()).backward()
+            return [t.detach() for t in (logps, values, entropies)], [p.grad.clone() for p in model.parameters()]
+
+        full, full_grads = run(None)  # 27 x 40 logits: under the default budget, the model's own forward
+        chunked, chunked_grads = run(3 * 40)  # 3 rows a chunk: 5 chunks
+        for a, b in zip(chunked, full):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert (full[2][mask == 1] > 0).all() and (full[2][mask == 0] == 0).all()
+        for a, b in zip(chunked_grads, full_grads):  # to float rounding of each tensor's scale (values' grads are large)
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6, ((a - b).abs().max(), b.abs().max())
+
+    def train(budget):
+        if budget:
+            monkeypatch.setattr(logprobs, "LOGITS_BUDGET", budget)
+        model, prompts, reward_fn, cfg = ppo_setup(sandbox_tokenizer, iterations=2, ent_coef=0.01)
+        history = PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg).train()
+        monkeypatch.undo()
+        return history, copy.deepcopy(model.state_dict())
+
+    whole, whole_weights = train(None)
+    parts, parts_weights = train(len(sandbox_tokenizer) * 5)  # 5 positions a chunk
+    for a, b in zip(parts, whole):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    for k in whole_weights:
+        assert torch.allclose(parts_weights[k], whole_weights[k], atol=1e-4), k

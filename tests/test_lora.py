@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from alignment.logprobs import sequence_logprobs
 from alignment.lora import LoRAConfig, add_lora, merged
 from alignment.trainers.common import TrainConfig
 from alignment.trainers.dpo import DPOConfig, DPOTrainer, pair_logps
@@ -57,7 +58,8 @@ def test_ppo_with_lora_reference_is_the_base_model(sandbox_tokenizer):
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        assert torch.allclose(trainer.reference_logits(ids, mask), original(input_ids=ids).logits, atol=1e-5)
+        expected = sequence_logprobs(original(input_ids=ids).logits, ids, mask, cfg.sampling.temperature)[0]
+        assert torch.allclose(trainer.reference_logps(ids, mask, mask), expected, atol=1e-5)
         assert not torch.allclose(model.policy(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-3)
 
 

@@ -7,13 +7,13 @@ import torch
 
 from alignment.losses import (
     dpo_loss,
-    entropy_from_logits,
     kl_penalty,
     masked_mean,
     ppo_policy_loss,
     reward_model_loss,
     value_loss,
 )
+from alignment.logprobs import token_entropy
 
 
 def sig(x):
@@ -161,14 +161,14 @@ def test_value_loss_takes_the_larger_error():
     assert v.item() == pytest.approx(0.5)
 
 
-def test_entropy_by_hand_and_masking():
+def test_token_entropy_by_hand():
     # uniform over 4 tokens: log 4; one-hot-ish (very peaked): ~0
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
-    assert entropy_from_logits(logits, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(4.0), abs=1e-6)
-    assert entropy_from_logits(logits, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
-    # p = (0.5, 0.25, 0.25): H = 1.5 log 2
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
-    assert entropy_from_logits(logits, torch.ones(1, 1)).item() == pytest.approx(1.5 * math.log(2.0), abs=1e-6)
+    assert token_entropy(logits).tolist()[0] == pytest.approx([math.log(4.0), 0.0], abs=1e-6)
+    # p = (0.5, 0.25, 0.25): H = 1.5 log 2, in float32 from half-precision logits as well
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    assert token_entropy(logits).item() == pytest.approx(1.5 * math.log(2.0), abs=1e-6)
+    assert token_entropy(logits.bfloat16()).dtype == torch.float32
 
 
 def test_masked_mean_excludes_masked():

@@ -56,14 +56,19 @@ def test_policy_with_value_head_round_trip_and_alignment(tmp_path, tiny_lm):
         model = PolicyWithValueHead(tiny_lm, vm)
         torch.nn.init.normal_(model.value_head.weight)
         ids = torch.tensor([[1, 5, 6, 7]])
-        logits, values = model(ids, torch.ones_like(ids))
-        assert logits.shape == (1, 4, 40) and values.shape == (1, 4)
+        answer = torch.tensor([[0, 0, 1, 1]])
+        logps, values, entropies = model(ids, torch.ones_like(ids), answer, entropy=True)
+        assert logps.shape == values.shape == entropies.shape == (1, 4)
+        # the log-probs and entropies of the answer tokens, as the policy's logits give them
+        logits = tiny_lm(input_ids=ids).logits[0].log_softmax(-1)  # [4, 40]
+        assert torch.allclose(logps[0, 2:], logits[[1, 2], [6, 7]], atol=1e-6) and (logps[0, :2] == 0).all()
+        assert torch.allclose(entropies[0, 2:], -(logits[1:3].exp() * logits[1:3]).sum(-1), atol=1e-5)
         assert values[0, 0] == 0  # no state precedes the first token
         model.save_pretrained(tmp_path / f"p-{value_model}")
         loaded = PolicyWithValueHead.from_pretrained(tmp_path / f"p-{value_model}")
         assert (loaded.value_model is None) == (value_model is None)
         with torch.no_grad():
-            _, values2 = loaded(ids, torch.ones_like(ids))
+            _, values2, _ = loaded(ids, torch.ones_like(ids), answer)
         assert torch.allclose(values, values2, atol=1e-6)
 
 
@@ -77,7 +82,7 @@ def test_a_value_model_from_the_reward_model_starts_as_the_reward_of_each_prefix
     model = PolicyWithValueHead.from_pretrained(tmp_path / "policy", value_model="reward_model", reward_model=tmp_path / "rm")
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     with torch.no_grad():
-        _, values = model(ids, torch.ones_like(ids))
+        _, values, _ = model(ids, torch.ones_like(ids), torch.ones_like(ids))
         prefix_rewards = torch.stack([rm(ids[:, :t], torch.ones(1, t, dtype=torch.long))[0] for t in range(1, 6)])
     assert values[0, 0] == 0
     assert torch.allclose(values[0, 1:], prefix_rewards, atol=1e-5)
@@ -155,8 +160,50 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(tiny_lm):
         assert torch.equal(outs[0].answer_mask, outs[1].answer_mask)
         assert torch.allclose(outs[0].answer_logps, outs[1].answer_logps, atol=1e-5)
     assert outs[0].answer_mask.sum() > 3  # real answers were drawn
-    with pytest.raises(ValueError, match="cache must be"):
-        sample(tiny_lm, ids, mask, SamplingParams(cache="paged"), 0)
+    with pytest.raises(ValueError, match="cache must be one of auto, dynamic, static, not 'paged'"):
+        SamplingParams(cache="paged")
+
+
+def test_a_static_cache_keeps_its_shape_across_prompt_widths_and_auto_means_compiled_on_cuda_only(tiny_lm, monkeypatch, caplog):
+    """Prompts of 5 and of 9 tokens fill one static cache shape (64 + 8: what a compiled step needs to run again
+    without recompiling), and the output has the prompts' own width, as the dynamic cache gives it. `auto` is a
+    static cache with a compiled step on CUDA only; where compiling fails, sampling goes on uncompiled, with one
+    warning."""
+    from alignment import sampling
+
+    tiny_lm.eval()
+    shapes = []
+    real = sampling.StaticCache
+    monkeypatch.setattr(sampling, "StaticCache", lambda **kw: shapes.append(kw["max_cache_len"]) or real(**kw))
+    for width in (5, 9):
+        ids = torch.randint(3, 40, (2, width))
+        mask = torch.ones_like(ids)
+        outs = [sample(tiny_lm, ids, mask, SamplingParams(max_new_tokens=8, cache=c), 0, torch.Generator().manual_seed(1))
+                for c in ("static", "dynamic")]
+        assert outs[0].prompt_length == outs[1].prompt_length == width
+        assert torch.equal(outs[0].sequences, outs[1].sequences) and outs[0].sequences.shape == (2, width + 8)
+    assert shapes == [72, 72]
+    assert [sampling.cache_mode(SamplingParams(cache="auto"), torch.device(d)) for d in ("cpu", "cuda")] == \
+        [(False, False), (True, True)]
+    assert sampling.cache_mode(SamplingParams(cache="dynamic", compile=True), torch.device("cpu")) == (True, True)
+    assert sampling.cache_mode(SamplingParams(cache="static"), torch.device("cuda")) == (True, False)
+
+    class Broken:  # a compiled model whose first call fails, as torch.compile does on a model it cannot trace
+        def __call__(self, **kwargs):
+            raise RuntimeError("dynamo could not trace this")
+
+    ids = torch.randint(3, 40, (2, 5))
+    monkeypatch.setattr(sampling, "_compiled_step", lambda model: Broken())
+    with caplog.at_level("WARNING", logger="alignment.sampling"):
+        out = sample(tiny_lm, ids, torch.ones_like(ids), SamplingParams(max_new_tokens=8, compile=True), 0,
+                     torch.Generator().manual_seed(1))
+    plain = sample(tiny_lm, ids, torch.ones_like(ids), SamplingParams(max_new_tokens=8, cache="static"), 0,
+                   torch.Generator().manual_seed(1))
+    assert torch.equal(out.sequences, plain.sequences)
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile could not compile LlamaForCausalLM's decoding step; sampling goes on without compiling "
+        "(sampling `cache: dynamic` skips the attempt)"]
+    tiny_lm.__dict__.pop("_alignflow_compiled", None)
 
 
 def test_a_prompt_is_computed_once_for_its_answers_and_they_are_what_repeated_rows_sample(tiny_lm):
@@ -173,11 +220,12 @@ def test_a_prompt_is_computed_once_for_its_answers_and_they_are_what_repeated_ro
             params = SamplingParams(max_new_tokens=8, temperature=1.0, stop_token_ids=(2, 3), cache=cache)
             seen.clear()
             once = sample(tiny_lm, prompts, mask, params, 0, torch.Generator().manual_seed(5), answers_per_prompt=G)
-            assert seen[0] == (3, 5) and all(shape == (12, 1) for shape in seen[1:]), seen  # prompts once, then 12 rows
+            width = 64 if cache == "static" else 5  # a static cache's prompts are padded to a multiple of 64
+            assert seen[0] == (3, width) and all(shape == (12, 1) for shape in seen[1:]), seen  # prompts once, then 12 rows
             seen.clear()
             rows = sample(tiny_lm, prompts.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), params, 0,
                           torch.Generator().manual_seed(5))
-            assert seen[0] == (12, 5)  # the repeated rows' prompt pass reads every copy
+            assert seen[0] == (12, width)  # the repeated rows' prompt pass reads every copy
             assert torch.equal(once.sequences, rows.sequences) and torch.equal(once.answer_mask, rows.answer_mask)
             assert torch.allclose(once.answer_logps, rows.answer_logps, atol=1e-5)
             assert once.answer_mask.sum() > 12  # real answers were drawn

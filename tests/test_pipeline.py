@@ -92,6 +92,11 @@ def test_bad_param_names_its_key_path(tmp_path):
         d["pipelines"]["tiny"]["stages"][5]["params"]["dpo"] = {"shared_prefix": False, "packing": True}
     assert "pipelines.tiny.stages[5].params.dpo: packing puts several shared-prefix rows into one: it needs shared_prefix" in bad(tmp_path, packing)
 
+    def cache(d):
+        d["pipelines"]["tiny"]["stages"][6]["params"]["ppo"]["sampling"] = {"cache": "paged"}
+    assert ("pipelines.tiny.stages[6].params.ppo.sampling: cache must be one of auto, dynamic, static, not 'paged'"
+            in bad(tmp_path, cache))
+
     def old_name(d):
         d["pipelines"]["tiny"]["stages"][6]["params"]["ppo"]["separate_value_model"] = True
     assert ("pipelines.tiny.stages[6].params.ppo.separate_value_model: unknown parameter (replaced by value_model: "

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from alignment.config import PPOConfig  # noqa: F401 - re-exported
 from alignment.advantages import AdaptiveKLController, FixedKLController, explained_variance, gae, whiten
 from alignment.data import encode_prompt, pad
-from alignment.logprobs import sequence_logprobs
+from alignment.logprobs import answer_logprobs
 from alignment.lora import has_adapters, reference_mode
-from alignment.losses import entropy_from_logits, kl_penalty, ppo_policy_loss, value_loss
+from alignment.losses import kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
 from alignment.sampling import sample
 from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
@@ -81,11 +81,9 @@ class PPOTrainer:
         mask = torch.zeros_like(attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
 
-        logits, values = model(sequences, attention_mask)
         tau = cfg.sampling.temperature  # ratios and KL in the distribution the answers were sampled from
-        logps, _ = sequence_logprobs(logits, sequences, mask, tau)  # [B, P + N]
-        ref_logits = self.reference_logits(sequences, attention_mask)
-        ref_logps, _ = sequence_logprobs(ref_logits, sequences, mask, tau)
+        logps, values, _ = model(sequences, attention_mask, mask, tau)  # [B, P + N] each
+        ref_logps = self.reference_logps(sequences, attention_mask, mask)
 
         answers = self.tokenizer.batch_decode(
             [ids[m.bool()].tolist() for ids, m in zip(out.answer_ids, out.answer_mask)], skip_special_tokens=True
@@ -109,25 +107,24 @@ class PPOTrainer:
         }
 
     @torch.no_grad()
-    def reference_logits(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V] of the reference policy: the frozen model, or the policy with adapters off."""
-        kwargs = dict(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    def reference_logps(self, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs [B, T] of the answer tokens under the reference policy (the frozen model, or the
+        policy with adapters off), at the sampling temperature."""
+        args = (sequences, attention_mask, mask, position_ids_from_mask(attention_mask), self.cfg.sampling.temperature)
         if self.ref_model is not None:
-            return self.ref_model(**kwargs).logits
+            return answer_logprobs(self.ref_model, *args)
         with reference_mode(self.model.policy) as policy:
-            return policy(**kwargs).logits
+            return answer_logprobs(policy, *args)
 
     # -- updates -------------------------------------------------------------------------------
     def micro_loss(self, batch: dict[str, torch.Tensor], indices: list[int]):
         cfg = self.cfg
         mb = minibatch(batch, indices)
-        logits, values = self.opt.model(mb["sequences"], mb["attention_mask"])  # [b, T, V], [b, T]
-        logps, _ = sequence_logprobs(logits, mb["sequences"], mb["mask"], cfg.sampling.temperature)
+        logps, values, entropies = self.opt.model(mb["sequences"], mb["attention_mask"], mb["mask"],
+                                                  cfg.sampling.temperature, entropy=True)  # [b, T] each
         pg_loss, metrics = ppo_policy_loss(logps, mb["logps"], mb["advantages"], mb["mask"], cfg.clip_eps)
         vf_loss = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
-        entropy_mask = torch.zeros_like(mb["mask"])
-        entropy_mask[:, :-1] = mb["mask"][:, 1:]  # logits at t predict answer token t + 1
-        entropy = entropy_from_logits(logits, entropy_mask)
+        entropy = masked_mean(entropies, mb["mask"])  # of the distributions that predicted the answer tokens
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
         return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(), **metrics}
 
