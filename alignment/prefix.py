@@ -13,7 +13,9 @@ comparisons of a prompt as one batch element). A prompt with 8 answers and 28 la
 row of 8 answers instead of 28 rows of 2.
 
 Rows are right-padded; a pad token attends only to itself (so no attention row is empty).
-Needs a model whose attention accepts a custom 4D mask (transformers' Llama, Qwen2, Mistral, GPT-2, ...).
+Needs a model whose attention accepts a custom 4D mask (transformers' Llama, Qwen2, Mistral, GPT-2, ...). A model
+loaded with attn_implementation="flex_attention" reads the same rule as a FlexAttention BlockMask instead
+(`block_mask`): no dense [R, L, L] mask, and blocks nobody sees are skipped.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def group_by_prompt(examples: Sequence[PairExample], max_answers: int = 16) -> l
 class SharedPrefixBatch:
     input_ids: Tensor  # [R, L] rows of prompt ++ answer_1 ++ ... ++ answer_K (several such groups when packed), right-padded
     position_ids: Tensor  # [R, L] the positions of every answer restart after its prompt; a packed group's start at 0
-    attention_mask: Tensor  # [R, 1, L, L] bool, True = may attend
+    group: Tensor  # [R, L] which group (prompt and its answers) a position belongs to; -1 on padding
+    part: Tensor  # [R, L] 0 on a group's prompt, 1 + k on its answer k
     answer_last: Tensor  # [B, K] index into the R * L flattened positions of each answer's last token (0 where absent)
     source: Tensor  # [B, K, A] flattened position whose logits predict answer token a (0 where padded)
     target: Tensor  # [B, K, A] answer token ids
@@ -81,6 +84,37 @@ class SharedPrefixBatch:
 
     def to(self, device) -> "SharedPrefixBatch":
         return SharedPrefixBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[R, 1, L, L] bool, True = may attend (see visible). Built on demand: the block-mask path never forms it."""
+        L = self.group.shape[1]
+        q = torch.arange(L, device=self.group.device)
+        g, p = self.group, self.part
+        return visible(g[:, :, None], g[:, None, :], p[:, :, None], p[:, None, :], q[:, None], q[None, :]).unsqueeze(1)
+
+
+def visible(group_q: Tensor, group_kv: Tensor, part_q: Tensor, part_kv: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+    """May the query at position q attend to the key at kv? Causally, within its own group, to the group's prompt
+    (part 0) and to its own answer, never to padding (group -1); every position sees itself, so a pad's softmax row
+    is not empty. The one rule of the dense mask (broadcast over [R, L, L]) and of the block mask (per index)."""
+    return ((kv <= q) & (group_q == group_kv) & (group_kv >= 0) & ((part_kv == 0) | (part_kv == part_q))) | (q == kv)
+
+
+def block_mask(batch: SharedPrefixBatch):
+    """The batch's attention rule as a FlexAttention BlockMask: blocks of 128 x 128 positions that no query may see
+    are skipped, and no [R, L, L] mask exists (a dense mask keeps SDPA off its fastest kernels on a GPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g, p = batch.group, batch.part
+    R, L = g.shape
+    return create_block_mask(lambda b, h, q, kv: visible(g[b, q], g[b, kv], p[b, q], p[b, kv], q, kv), R, None, L, L,
+                             device=g.device)
+
+
+def uses_flex_attention(model) -> bool:
+    """Whether a transformers model attends through FlexAttention (attn_implementation="flex_attention")."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "flex_attention"
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -146,12 +180,7 @@ def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence
                 source[i, k, 1:n] = base + torch.arange(start, start + n - 1)
                 target[i, k, :n], target_mask[i, k, :n] = torch.tensor(list(answer)), 1
                 start += n
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    same = (group.unsqueeze(2) == group.unsqueeze(1)) & (group.unsqueeze(1) >= 0)  # [R, L, L] one group, no pad
-    visible = (part.unsqueeze(1) == 0) | (part.unsqueeze(2) == part.unsqueeze(1))  # its prompt, and its own segment
-    mask = causal & same & visible
-    mask |= torch.eye(L, dtype=torch.bool)  # pads see themselves: no empty softmax row
-    return SharedPrefixBatch(ids, pos, mask.unsqueeze(1), answer_last, source, target, target_mask)
+    return SharedPrefixBatch(ids, pos, group, part, answer_last, source, target, target_mask)
 
 
 def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int, pack: bool = False) -> SharedPrefixBatch:
@@ -176,10 +205,21 @@ def pair_count(groups: Sequence[PromptGroup] | None, indices: Sequence[int]) -> 
     return sum(len(groups[i].pairs) for i in indices) if groups is not None else len(indices)
 
 
+def attention_mask_for(model, batch: SharedPrefixBatch):
+    """The mask a model reads a shared-prefix batch with: a BlockMask for FlexAttention, the dense 4D mask for the
+    others. torch has no FlexAttention backward on a CPU: training there needs another attention."""
+    if not uses_flex_attention(model):
+        return batch.attention_mask
+    if torch.is_grad_enabled() and batch.input_ids.device.type == "cpu":
+        raise ValueError("FlexAttention cannot train on a CPU (torch has no backward for it there): load the model "
+                         "with attn_implementation 'sdpa' or 'eager'")
+    return block_mask(batch)
+
+
 def shared_prefix_hidden(backbone, batch: SharedPrefixBatch) -> Tensor:
     """Last hidden states [R, L, H] of a transformers base model on a shared-prefix batch."""
     return backbone(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        input_ids=batch.input_ids, attention_mask=attention_mask_for(backbone, batch), position_ids=batch.position_ids
     ).last_hidden_state
 
 
@@ -206,7 +246,7 @@ def shared_prefix_logps(model, batch: SharedPrefixBatch) -> Tensor:
             flat = selective_log_softmax(head(picked).unsqueeze(0), target.unsqueeze(0)).squeeze(0)  # [n]
     else:
         logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+            input_ids=batch.input_ids, attention_mask=attention_mask_for(inner, batch), position_ids=batch.position_ids
         ).logits  # [R, L, V]
         flat = selective_log_softmax(logits.reshape(-1, logits.shape[-1])[source].unsqueeze(0), target.unsqueeze(0)).squeeze(0)
     token_logps = flat.new_zeros(B * K * A).masked_scatter(real, flat)  # 0 on the empty slots

@@ -16,19 +16,30 @@ import time
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, causal_lm, checkpoint_dtype, report, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, causal_lm, checkpoint_dtype, report, reset_peak, texts, tokenizer
 
 
-def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True) -> dict:
+def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True, attention: str | None = None,
+         lora: bool = False) -> dict:
+    """alignflow's DPOTrainer. attention: the model's attn_implementation ("flex_attention": shared-prefix rows
+    through a block mask instead of a dense one); lora: LoRA adapters (r 16 on every linear layer, the reference
+    is the base model)."""
+    from alignment.config import LoRAConfig
     from alignment.data import tokenize_pairs
+    from alignment.lora import add_lora
     from alignment.trainers.common import TrainConfig
     from alignment.trainers.dpo import DPOConfig, DPOTrainer
 
+    reset_peak(device)
     tok = tokenizer(w)
     rows = texts(w, w.pairs * (w.steps + w.warmup))
     examples = tokenize_pairs(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
                               w.prompt_tokens + w.answer_tokens)
     model = causal_lm(w, device, checkpoint_dtype(device))  # as our dpo stage loads a checkpoint (dtype auto)
+    if attention:
+        model.set_attn_implementation(attention)
+    if lora:
+        model = add_lora(model, LoRAConfig())
     cfg = DPOConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
                                 mixed_precision="no"),
                     beta=0.1, max_length=w.prompt_tokens + w.answer_tokens, precompute_ref_logps=precompute,
@@ -47,27 +58,33 @@ def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True)
     trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
     extra = f"(reference pass once: {setup_s:.1f} s for {len(examples)} pairs)" if precompute else ""
-    name = f"alignflow DPO ({'ref precomputed' if precompute else 'ref every step'}{'' if shared_prefix else ', no prefix sharing'})"
+    name = (f"alignflow DPO ({'ref precomputed' if precompute else 'ref every step'}{'' if shared_prefix else ', no prefix sharing'}"
+            f"{f', {attention}' if attention else ''}{', LoRA' if lora else ''})")
     return report(name, tokens, timer.step_s, device, sum(p.numel() for p in model.parameters()), extra)
 
 
-def trl(w: Workload, device: str) -> dict:
+def trl(w: Workload, device: str, precompute: bool = False) -> dict:
+    """TRL's DPOTrainer as its users run it: bf16 weights on a GPU; the reference every step (TRL's default) or,
+    with precompute, its log-probs computed once before training (`precompute_ref_log_probs`)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    reset_peak(device)
     timer = StepTimer(w.warmup, device)
 
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=w.pairs, max_steps=w.steps + w.warmup,
                          learning_rate=1e-5, lr_scheduler_type="constant", beta=0.1, report_to="none", save_strategy="no",
                          logging_steps=10_000, use_cpu=not device.startswith("cuda"), bf16=device.startswith("cuda"),
-                         max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0)
+                         max_length=w.prompt_tokens + w.answer_tokens + 2, dataloader_num_workers=0, seed=0,
+                         precompute_ref_log_probs=precompute)
         # the same starting weights as the policy; TRL would otherwise reload the reference by model id
         trainer = DPOTrainer(causal_lm(w, device, checkpoint_dtype(device)), ref_model=causal_lm(w, device, checkpoint_dtype(device)), args=args, train_dataset=Dataset.from_list(texts(w, w.pairs * (w.steps + w.warmup))),
                              processing_class=tokenizer(w), callbacks=[trl_timing_callback(timer)])
         trainer.train()
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
-    return report("TRL DPOTrainer (defaults)", tokens, timer.step_s, device, sum(p.numel() for p in trainer.model.parameters()))
+    name = "TRL DPOTrainer (" + ("ref precomputed" if precompute else "defaults: ref every step") + ")"
+    return report(name, tokens, timer.step_s, device, sum(p.numel() for p in trainer.model.parameters()))
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, checkpoint_dtype, report, seq_classifier, texts, tokenizer
+from common import StepTimer, trl_timing_callback, Workload, checkpoint_dtype, report, reset_peak, seq_classifier, texts, tokenizer
 
 
 def ours(w: Workload, device: str, shared_prefix: bool = True) -> dict:
@@ -23,6 +23,7 @@ def ours(w: Workload, device: str, shared_prefix: bool = True) -> dict:
     from alignment.trainers.common import TrainConfig
     from alignment.trainers.reward import RewardConfig, RewardTrainer
 
+    reset_peak(device)
     tok = tokenizer(w)
     rows = texts(w, w.pairs * (w.steps + w.warmup))
     examples = tokenize_pairs(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
@@ -49,6 +50,7 @@ def trl(w: Workload, device: str) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
+    reset_peak(device)
     timer = StepTimer(w.warmup, device)
 
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in texts(w, w.pairs * (w.steps + w.warmup))]

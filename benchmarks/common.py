@@ -27,12 +27,27 @@ class Workload:
     answer_tokens: int = 96
     steps: int = 12  # timed steps (after warm-up)
     warmup: int = 3
+    kv_heads: int | None = None  # grouped-query attention: key/value heads (None: as many as heads)
 
     @classmethod
     def gpu(cls) -> "Workload":
         """Qwen2-0.5B-shaped: 24 layers, hidden 896, vocab 32000; 8 pairs x (128 + 384) tokens."""
         return cls(vocab=32000, hidden=896, layers=24, heads=14, intermediate=4864, pairs=8,
                    prompt_tokens=128, answer_tokens=384, steps=20, warmup=5)
+
+    @classmethod
+    def gpu_1_5b(cls) -> "Workload":
+        """Qwen2-1.5B-shaped (28 layers, hidden 1536, 12 heads, 2 key/value heads), vocab 32000 as gpu(); the
+        same 8 pairs x (128 + 384) tokens."""
+        return cls(vocab=32000, hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, pairs=8,
+                   prompt_tokens=128, answer_tokens=384, steps=8, warmup=3)
+
+    @classmethod
+    def gpu_7b(cls) -> "Workload":
+        """Qwen2-7B-shaped (28 layers, hidden 3584, 28 heads, 4 key/value heads) with its real vocabulary (152,064),
+        for memory: 4 pairs x (128 + 384) tokens, 2 steps after 1."""
+        return cls(vocab=152_064, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, pairs=4,
+                   prompt_tokens=128, answer_tokens=384, steps=2, warmup=1)
 
 
 def tokenizer(w: Workload) -> PreTrainedTokenizerFast:
@@ -44,7 +59,7 @@ def tokenizer(w: Workload) -> PreTrainedTokenizerFast:
 
 def config(w: Workload, **kw) -> LlamaConfig:
     return LlamaConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate, num_hidden_layers=w.layers,
-                       num_attention_heads=w.heads, num_key_value_heads=w.heads, max_position_embeddings=1024,
+                       num_attention_heads=w.heads, num_key_value_heads=w.kv_heads or w.heads, max_position_embeddings=1024,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **kw)
 
 
@@ -55,7 +70,11 @@ def checkpoint_dtype(device: str) -> torch.dtype:
 
 
 def causal_lm(w: Workload, device: str, dtype=torch.float32) -> LlamaForCausalLM:
+    """Random weights (seed 0). On a GPU they are drawn there, in `dtype`: a 7B model's on a CPU take minutes."""
     torch.manual_seed(0)
+    if device.startswith("cuda"):
+        with torch.device(device):
+            return LlamaForCausalLM._from_config(config(w), dtype=dtype)
     return LlamaForCausalLM(config(w)).to(device=device, dtype=dtype)
 
 
@@ -72,6 +91,17 @@ def texts(w: Workload, n: int, seed: int = 0) -> list[dict]:
     # prompt and answer as text (without it the prompt's last word and the answer's first merge into one)
     return [{"prompt": words(w.prompt_tokens - 1), "chosen": " " + words(w.answer_tokens - 1), "rejected": " " + words(w.answer_tokens - 1)}
             for _ in range(n)]
+
+
+def reset_peak(device: str) -> None:
+    """Start a new peak of torch's allocations on a GPU: each run's row reports its own. (A CPU process's peak
+    resident memory cannot be reset: bench_memory runs each row in a process of its own.)"""
+    if device.startswith("cuda"):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory_mb(device: str) -> float:

@@ -18,9 +18,14 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [k for k, v in result.items() if "error" in v] == [], log
     assert result["env"]["dry_run"] is True and result["env"]["trl"]
-    for part in ("dpo", "reward"):  # ours and the peer measured on the same workload, and their ratio
+    for part in ("dpo", "dpo_1_5b", "reward"):  # ours and the peer measured on the same workload, and their ratio
         assert result[part]["ours"]["tokens_per_s"] > 0 and result[part]["trl"]["tokens_per_s"] > 0, log
         assert result[part]["ratio"] > 0
+    dpo = result["dpo"]
+    assert dpo["trl_precomputed"]["tokens_per_s"] > 0 and dpo["ratio_ref_every_step"] > 0
+    assert dpo["ours_flex"] == {"error": "GPU only: torch has no FlexAttention backward on a CPU"}
+    assert result["dpo_1_5b"]["workload"]["kv_heads"] == 2 and result["lora_7b"]["ours"]["peak_mb"] > 0
+    assert "LoRA" in result["lora_7b"]["ours"]["name"]
     rollout = result["rollout"]
     assert rollout["static"]["ours"]["completions_per_s"] > 0 and rollout["static"]["peer"]["completions_per_s"] > 0
     assert rollout["dynamic"]["completions_per_s"] > 0
@@ -33,6 +38,8 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     section = (tmp_path / "gpu_check.md").read_text()
     assert section.startswith("<!-- gpu_check:start -->") and section.rstrip().endswith("<!-- gpu_check:end -->")
     assert "| TRL (defaults) |" in section and "| TRL GRPOTrainer |" in section and "dry run" in section
+    assert "| TRL (precompute_ref_log_probs) |" in section and "**DPO with LoRA at the Qwen2-7B shape** (memory):" in section
+    assert "| alignflow (reference precomputed, FlexAttention block mask) | not run: GPU only" in section
     # --into puts the section into a RESULTS.md once, and replaces it on the next report
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nearlier text\n")
@@ -46,6 +53,15 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\nearlier text\n") and text.count("<!-- gpu_check:start -->") == 1
     assert text.endswith(section)
+    # a part that started and left no result is reported as such; one that never started is left out
+    (parts / "grpo.json").unlink()
+    (parts / ".grpo.started").touch()
+    (parts / "sandbox.json").unlink()
+    subprocess.run([str(ROOT / ".venv/bin/python"), "benchmarks/gpu_check.py", "report", str(parts)], cwd=ROOT, check=True,
+                   capture_output=True)
+    section = (parts / "gpu_check.md").read_text()
+    assert "**GRPO step**" in section and "not measured: no result: the part crashed or ran past its time limit" in section
+    assert "sandbox quickstart" not in section
 
 
 def test_the_trl_peer_reward_function_scores_our_prompt_of_each_answer_as_trl_calls_it():

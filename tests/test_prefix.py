@@ -243,3 +243,36 @@ def test_sft_dpo_and_reward_training_with_packing_take_the_steps_they_take_witho
     assert torch.allclose(plain_weights, packed_weights, atol=1e-5)
     with pytest.raises(ValueError, match="packing .* needs shared_prefix"):
         DPOConfig(shared_prefix=False, packing=True)
+
+
+def test_a_flex_attention_model_reads_shared_prefix_and_packed_rows_through_a_block_mask():
+    """attn_implementation="flex_attention": the shared-prefix rule goes in as a BlockMask (no dense mask is built)
+    and gives the log-probs and rewards of the dense-mask path, for pairs and for packed groups (forward only: torch
+    has no FlexAttention backward on a CPU, so training there is refused with a sentence)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from alignment import prefix
+    from alignment.prefix import collate_answers_shared
+
+    torch.manual_seed(0)
+    model, rm = LMS["llama"]().eval(), RewardModel(CLASSIFIERS["llama"]()).eval()
+    rows = [((1, 5, 6), ((7, 8, 2), (9, 2))), ((1, 10), ((11, 2),)), ((1, 3, 4, 5, 6, 7, 8, 9, 10), ((8, 2), (8, 9, 2))),
+            ((1, 4), ((5, 2), (6, 2)))]
+    batches = [collate_shared_prefix(PAIRS, pad_id=0), collate_answers_shared(rows, pad_id=0, pack=True)]
+    with torch.no_grad():
+        dense = [(shared_prefix_logps(model, b), rm(shared=b)) for b in batches]
+        for net in (model, rm.model):
+            net.set_attn_implementation("flex_attention")
+        masks = []
+        real = prefix.block_mask
+        prefix.block_mask = lambda b: masks.append(real(b)) or masks[-1]
+        try:
+            flex = [(shared_prefix_logps(model, b), rm(shared=b)) for b in batches]
+        finally:
+            prefix.block_mask = real
+    assert len(masks) == 4 and all(isinstance(m, BlockMask) for m in masks)
+    for (logps, rewards), (flex_logps, flex_rewards) in zip(dense, flex):
+        assert torch.allclose(flex_logps, logps, atol=1e-5) and torch.allclose(flex_rewards, rewards, atol=1e-5)
+    assert dense[0][0].abs().min() > 0.1  # real log-probs: the comparison is not of zeros
+    with pytest.raises(ValueError, match="FlexAttention cannot train on a CPU"):
+        shared_prefix_logps(model, batches[0])
