@@ -64,6 +64,21 @@ def where_in(err: Exception) -> str:
     return " in " + err.__notes__[0] if getattr(err, "__notes__", None) else ""
 
 
+def unexpected(pipeline: str, err: BaseException) -> str:
+    """The sentence for an error no handler knows: what it says (its first line), where it happened, and where
+    its traceback is; running out of memory gets what to do instead."""
+    where = where_in(err)
+    # torch.OutOfMemoryError on a GPU; a RuntimeError from torch's CPU allocator
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err):
+        return (f"pipeline {pipeline!r} stopped{where}: it ran out of memory. Lower the stage's batch_size or "
+                "max_length, or turn on gradient_checkpointing in its train params (or train LoRA adapters)")
+    keyed = isinstance(err, KeyError) and err.args and isinstance(err.args[0], str)  # a KeyError's str is a repr
+    said = err.args[0] if keyed else str(err)
+    text = next((line.strip() for line in said.splitlines() if line.strip()), "an error without a message")
+    help_ = "the MLflow run's tag alignflow.traceback holds the traceback" if where else "this is a bug: please report it"
+    return f"pipeline {pipeline!r} failed{where}: {text.rstrip('.')} (unexpected: {help_})"
+
+
 HEADLINE = ("eval/kl", "eval/gold_win_rate", "eval/rm_win_rate", "eval/implicit_accuracy", "eval/pref_accuracy",
             "eval/banned_word_rate", "eval/accuracy", "eval/gold_accuracy")
 """The evaluation metrics the run summary shows a stage by (all of them are in MLflow and metrics.json)."""
@@ -128,7 +143,7 @@ def run(
     except LaunchError as err:
         fail(f"pipeline {pipeline!r} stopped{where_in(err)}: {err}", 1)
     except Exception as err:  # noqa: BLE001 - the message, not a traceback, is what a user needs
-        fail(f"pipeline {pipeline!r} failed: {type(err).__name__}: {err}", 1)
+        fail(unexpected(pipeline, err), 1)
     typer.echo(f"pipeline run {result['parent_run_id']}")
     failed_gates = []
     for name, out in result["stages"].items():

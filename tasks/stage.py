@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -381,7 +382,8 @@ def execute(ctx: StageContext, stage, module, inputs: dict[str, StageOutput]) ->
         ctx.tracker.end_run(run_id, "KILLED")
         raise
     except BaseException as err:
-        ctx.tracker.set_tags(run_id, {"alignflow.error": f"{type(err).__name__}: {err}"[:5000]})
+        ctx.tracker.set_tags(run_id, {"alignflow.error": f"{type(err).__name__}: {err}"[:5000],
+                                      "alignflow.traceback": traceback.format_exc()[-5000:]})  # for a bug report
         ctx.tracker.end_run(run_id, "FAILED")
         err.add_note(f"stage {name!r} (MLflow run {run_id})")  # where it happened, for the command line's message
         raise

@@ -312,6 +312,26 @@ def test_cli_exit_codes_a_failed_gate_3_a_failed_stage_1(env):
     assert stage.info.status == "FAILED" and "NonFiniteLossError" in stage.data.tags["alignflow.error"]
 
 
+def test_an_error_no_handler_knows_is_one_sentence_with_where_and_what_next():
+    """The command line's last resort: the error's first line, the stage and MLflow run it happened in, and
+    where the traceback is; no exception class; running out of memory (a GPU's or torch's CPU allocator's) says
+    what to lower instead."""
+    from flows.cli import unexpected
+
+    err = KeyError("\nthe key 'x' is missing\n  details on another line")
+    err.add_note("stage 'dpo' (MLflow run 0123)")
+    assert unexpected("tiny", err) == ("pipeline 'tiny' failed in stage 'dpo' (MLflow run 0123): the key 'x' is missing "
+                                       "(unexpected: the MLflow run's tag alignflow.traceback holds the traceback)")
+    assert unexpected("tiny", RuntimeError()) == ("pipeline 'tiny' failed: an error without a message (unexpected: "
+                                                  "this is a bug: please report it)")
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried ...")
+    oom.add_note("stage 'dpo' (MLflow run 0123)")
+    assert unexpected("tiny", oom) == ("pipeline 'tiny' stopped in stage 'dpo' (MLflow run 0123): it ran out of memory. "
+                                       "Lower the stage's batch_size or max_length, or turn on gradient_checkpointing in "
+                                       "its train params (or train LoRA adapters)")
+    assert "ran out of memory" in unexpected("tiny", MemoryError())
+
+
 def test_unchanged_rerun_recomputes_nothing(env):
     second = env["run"]()
     assert all(s["cached"] for s in second["stages"].values())
@@ -366,6 +386,8 @@ def test_a_diverging_stage_stops_within_a_step_and_fails_its_runs(env):
     [failed] = tracker.runs("tags.alignflow.overrides = 'sft.sft.train.lr=1e12' and attributes.status = 'FAILED'")
     [stage] = children(tracker, failed.info.run_id).values()
     assert stage.info.status == "FAILED" and "NonFiniteLossError" in stage.data.tags["alignflow.error"]
+    trace = stage.data.tags["alignflow.traceback"]  # for a bug report: the command line shows a sentence, not this
+    assert trace.startswith("Traceback (most recent call last)") and "NonFiniteLossError: " in trace
     assert [m.step for m in tracker.client.get_metric_history(stage.info.run_id, "train/loss")] == [1]  # one step, then stop
     assert not (Path(env["tmp"]) / "runs" / "stages" / "sft" / stage.data.tags["alignflow.cache_key"]).exists()
 

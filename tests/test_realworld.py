@@ -244,7 +244,7 @@ def test_a_template_error_before_or_inside_a_stage_is_the_same_sentence(tmp_path
     assert [r.split(": ")[1] for r in rejects] == [f"demonstration {i}" for i in (1, 2, 4, 5, 9)]
 
 
-def test_a_model_folder_whose_tokenizer_json_cannot_be_parsed_is_a_sentence(tmp_path):
+def test_a_model_folder_whose_tokenizer_json_or_config_cannot_be_parsed_is_a_sentence(tmp_path):
     """minimind's real tokenizer.json cut in half, as an interrupted download leaves it: the model stage's
     check says which folder and what it needs, as a DataError (exit 2), not transformers' traceback."""
     import shutil
@@ -262,3 +262,12 @@ def test_a_model_folder_whose_tokenizer_json_cannot_be_parsed_is_a_sentence(tmp_
         open_tokenizer(Params(name_or_path=str(folder)))
     assert str(err.value).startswith(f"{folder}: its tokenizer cannot be loaded (") and "save_pretrained" in str(err.value)
     assert "Traceback" not in str(err.value)
+    # a whole tokenizer with a config.json whose hidden_size is text: the config is named, not the tokenizer
+    shutil.copy(real("tokenizers/minimind/tokenizer.json"), folder / "tokenizer.json")
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}')
+    with pytest.raises(DataError) as err:
+        open_tokenizer(Params(name_or_path=str(folder)))
+    said = str(err.value)  # transformers 5.24: "(Validation error for field 'hidden_size': Field 'hidden_size' expected int, ...)"
+    assert said.startswith(f"{folder}: its config.json cannot be read (") and "'hidden_size'" in said, said
+    assert said.endswith("); a model folder needs the config.json that save_pretrained writes for the model")
+    assert "TypeError" not in said and "tokenizer" not in said

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,7 @@ from tasks.stage import StageParams, StageSpec, save_model
 from tasks.store import dir_hash
 
 INPUTS: dict[str, str] = {}
+EXCEPTION_PREFIX = re.compile(r"^[A-Za-z_.]*(Error|Exception): ")  # "TypeError: " inside a library's message
 OUTPUT = ("policy",)
 
 
@@ -25,6 +27,13 @@ class Stage(StageSpec):
     params: Params
 
 
+def said_by(err: Exception, limit: int = 300) -> str:
+    """What an exception's message says, its lines joined (transformers often puts the detail on the second)."""
+    lines = (EXCEPTION_PREFIX.sub("", line.strip()) for line in str(err).splitlines())
+    text = " ".join(line for line in lines if line) or "no message"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def open_tokenizer(p: Params, log=print):
     """The model's tokenizer, checked before anything trains: it loads, has an EOS token, fits the
     embeddings, and its chat template takes system turns (or p.system_turns says what to do instead).
@@ -35,10 +44,17 @@ def open_tokenizer(p: Params, log=print):
     from alignment.models import load_tokenizer
 
     name = p.name_or_path
+    try:  # first: the tokenizer's loader reads config.json too, and would blame the tokenizer for a broken one
+        config = AutoConfig.from_pretrained(name, trust_remote_code=p.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - transformers' many ways to fail: what its message says
+        if (Path(name) / "config.json").is_file():
+            raise DataError(f"{name}: its config.json cannot be read ({said_by(err)}); a model folder needs the "
+                            f"config.json that save_pretrained writes for the model") from None
+        config = None  # a tokenizer-only folder, or a hub id out of reach: the tokenizer's load says more
     try:
         tokenizer = load_tokenizer(name, trust_remote_code=p.trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - transformers' many ways to fail: the first line of its message
-        said = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    except Exception as err:  # noqa: BLE001 - transformers' many ways to fail: what its message says
+        said = said_by(err)
         raise DataError(f"{name}: its tokenizer cannot be loaded ({said}). A model folder needs the files that "
                         f"save_pretrained writes: tokenizer.json (or a slow tokenizer's vocabulary files) and "
                         f"tokenizer_config.json; e.g. for GPT-2's vocab.json and merges.txt, "
@@ -50,10 +66,7 @@ def open_tokenizer(p: Params, log=print):
     if tokenizer.eos_token_id is None:
         raise DataError(f"{name}: the tokenizer has no EOS token, so no answer could end; set eos_token in its "
                         f"tokenizer_config.json (the token its chat template ends a turn with)")
-    try:
-        vocab = getattr(AutoConfig.from_pretrained(name, trust_remote_code=p.trust_remote_code), "vocab_size", None)
-    except Exception:  # noqa: BLE001 - the model load reports a bad config.json in its own words
-        vocab = None
+    vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise DataError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings {vocab} rows, so "
                         f"token ids from {vocab} on have no embedding; resize them "
