@@ -28,7 +28,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
 
 
-CACHES = ("auto", "dynamic", "static")
+CACHES = ("auto", "dynamic", "static")  # SamplingParams.cache
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # a stage's `dtype`: how its models' weights load
 
 
 @dataclass(frozen=True)

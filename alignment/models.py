@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from alignment.config import DTYPES
 from alignment.logprobs import answer_pass
 
 Tensor = torch.Tensor
@@ -68,7 +69,6 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # a stage's `dtype`: how its models' weights load
 
 
 def weights_dtype(dtype: str | torch.dtype | None = "auto"):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from alignment.config import DTYPES
 from tasks.context import STOP, StageContext  # noqa: F401 - StageContext: what stage bodies are given
 from tasks.data import TOOLS, DataError, prompt_of
 from tasks.launch import run_body
@@ -75,7 +76,7 @@ class StageParams(BaseModel):
 class ModelStageParams(StageParams):
     """Params of a stage that loads models (policy, reference, reward model)."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # their weights: "auto" = the dtype the
+    dtype: Literal[DTYPES] = "auto"  # their weights: "auto" = the dtype the
     # checkpoint was saved in on an accelerator (bf16 for today's chat models, as TRL loads them), float32 on a CPU
 
 
