@@ -69,6 +69,24 @@ def render_answer(tokenizer, prompt: Sequence[Message], message: Message) -> str
     return full[len(head):].rstrip() if full.startswith(head) else ""
 
 
+def turn_end_ids(tokenizer) -> tuple[int, ...]:
+    """The special token a chat template writes right after an assistant message's text (Phi-3's <|end|>, ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>): where a chat model's answer ends, before or instead of
+    EOS. () without a template, or when the template ends a turn with no special token of the vocabulary."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ()
+    marker = "Hi there."
+    try:
+        text = render_answer(tokenizer, [{"role": "user", "content": "Hello?"}], {"role": "assistant", "content": marker})
+    except Exception:  # noqa: BLE001 - a template that cannot render this probe: it says so where it is used
+        return ()
+    if marker not in text:
+        return ()
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    return next(((i,) for i in after if i in special), ())
+
+
 # Jinja put in front of a chat template that rejects the system role (Gemma, Mistral v0.1): the system
 # text folded into the first user turn (LLaMA-Factory's way for Gemma), or left out.
 SYSTEM_TURN_PREAMBLES = {

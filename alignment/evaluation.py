@@ -17,7 +17,7 @@ from alignment.data import PairExample, Prompt, collate_answers, encode_answer, 
 from alignment.logprobs import answer_logprobs
 from alignment.losses import kl_k1, kl_k3
 from alignment.models import position_ids_from_mask
-from alignment.sampling import SampleOutput, SamplingParams, sample
+from alignment.sampling import SampleOutput, SamplingParams, sample, stop_token_ids
 
 ScoreFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, answers) -> [B]
 
@@ -63,7 +63,7 @@ def generate_answers(
     """Sample one answer per prompt, params.batch_size prompts at a time, with a seeded generator.
     Returns (texts, raw outputs)."""
     device = next(model.parameters()).device
-    params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids or (tokenizer.eos_token_id,))
+    params = dataclasses.replace(params, stop_token_ids=stop_token_ids(params, tokenizer, model))
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, outs = [], []
     for i in range(0, len(prompts), params.batch_size):

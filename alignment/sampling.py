@@ -12,12 +12,26 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
 from alignment.config import SamplingParams  # noqa: F401 - re-exported
+from alignment.data import turn_end_ids
+from alignment.logprobs import unwrapped
 from alignment.models import position_ids_from_mask
 
 Tensor = torch.Tensor
 STOP_CHECK_EVERY = 16  # on an accelerator, tokens decoded between two looks at whether every row has stopped
 STATIC_WIDTH_STEP = 64  # a static cache's prompts are left-padded to a multiple of this: few shapes to compile
 log = logging.getLogger(__name__)
+
+
+def stop_token_ids(params: SamplingParams, tokenizer, model=None) -> tuple[int, ...]:
+    """params.stop_token_ids when given; else every token a chat model ends its answer with: the tokenizer's EOS,
+    the chat template's end of turn (Phi-3's <|end|>, ChatML's <|im_end|>: turn_end_ids) and the EOS ids of the
+    model's generation_config (what transformers' generate, TRL and vLLM stop on)."""
+    if params.stop_token_ids:
+        return tuple(params.stop_token_ids)
+    config = getattr(unwrapped(model), "generation_config", None) if model is not None else None
+    saved = getattr(config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *turn_end_ids(tokenizer), *(saved if isinstance(saved, (list, tuple)) else [saved])]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def cache_mode(params: SamplingParams, device: torch.device) -> tuple[bool, bool]:

@@ -271,3 +271,45 @@ def test_a_model_folder_whose_tokenizer_json_or_config_cannot_be_parsed_is_a_sen
     assert said.startswith(f"{folder}: its config.json cannot be read (") and "'hidden_size'" in said, said
     assert said.endswith("); a model folder needs the config.json that save_pretrained writes for the model")
     assert "TypeError" not in said and "tokenizer" not in said
+
+
+def test_answers_stop_where_the_chat_template_ends_the_turn(tmp_path):
+    """A chat model ends its answer with its template's end-of-turn token, which need not be the tokenizer's EOS:
+    Phi-3 writes <|end|> (its EOS is <|endoftext|>), Gemma <end_of_turn>, ChatML <|im_end|>. Sampling stops on
+    each of them and on the EOS ids of the model's generation_config (what transformers' generate and TRL stop on),
+    as evaluation and the RL trainers sample; params.stop_token_ids, when given, are the only ones."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alignment.config import GRPOConfig, SamplingParams
+    from alignment.data import turn_end_ids
+    from alignment.evaluation import generate_answers
+    from alignment.sampling import stop_token_ids
+    from alignment.trainers.group import GroupTrainer
+
+    phi3 = real_tokenizer("phi-3-mini")
+    end = phi3.convert_tokens_to_ids("<|end|>")
+    assert (phi3.eos_token, turn_end_ids(phi3)) == ("<|endoftext|>", (end,))
+    gemma = real_tokenizer("minimind", "gemma/tokenizer_config.json")
+    assert turn_end_ids(gemma) == (gemma.convert_tokens_to_ids("<end_of_turn>"),)
+    chatml = real_tokenizer("minimind")
+    assert turn_end_ids(chatml) == (chatml.eos_token_id,)  # <|im_end|> is minimind's EOS as well
+    assert turn_end_ids(gpt2_tokenizer()) == ()  # no chat template
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama(tmp_path / "phi3", phi3))
+    assert stop_token_ids(SamplingParams(), phi3, model) == (phi3.eos_token_id, end)
+    model.generation_config.eos_token_id = [phi3.eos_token_id, 32001, end]  # Phi-3-mini-instruct's
+    assert stop_token_ids(SamplingParams(), phi3, model) == (phi3.eos_token_id, end, 32001)
+    assert stop_token_ids(SamplingParams(stop_token_ids=(5,)), phi3, model) == (5,)
+    cfg = GRPOConfig(iterations=1, prompts_per_batch=2, group_size=2, sampling=SamplingParams(max_new_tokens=8))
+    trainer = GroupTrainer(model, phi3, ["Hi?", "Bye?"], {"len": lambda prompts, answers: [0.0] * len(answers)}, cfg)
+    assert trainer.stop_ids == (phi3.eos_token_id, end, 32001)
+
+    # a model that always says <|end|>: its answers are one token long, stopped, not 8 tokens cut off
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, len(phi3), bias=True)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    with torch.no_grad():
+        model.lm_head.bias.fill_(-10.0)[end] = 10.0
+    texts, outs = generate_answers(model, phi3, [[{"role": "user", "content": "Hello?"}]] * 2, SamplingParams(max_new_tokens=8), 0)
+    assert texts == ["", ""] and outs[0].answer_mask.sum(-1).tolist() == [1, 1]
+    assert outs[0].answer_ids[:, 0].tolist() == [end, end]

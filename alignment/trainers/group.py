@@ -26,7 +26,7 @@ from alignment.logprobs import answer_logprobs
 from alignment.lora import has_adapters, reference_mode
 from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
-from alignment.sampling import sample
+from alignment.sampling import sample, stop_token_ids
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
 from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
 
@@ -70,7 +70,7 @@ class GroupTrainer:
         self.checkpointer = Checkpointer.under(output_dir)
         self.ledger = Ledger.under(output_dir, self.opt.accelerator.is_main_process)
         self.iteration = 0
-        self.stop_ids = tuple(cfg.sampling.stop_token_ids) or (tokenizer.eos_token_id,)
+        self.stop_ids = stop_token_ids(cfg.sampling, tokenizer, model)  # EOS, the template's end of turn, ...
         self.batch_size = cfg.prompts_per_batch * cfg.group_size  # answers a rollout, over all processes
         self.minibatch_size = cfg.minibatch_size or self.batch_size
         # old log-probs differ from the current ones only after an update inside the same rollout batch

@@ -22,7 +22,7 @@ from alignment.logprobs import answer_logprobs
 from alignment.lora import has_adapters, reference_mode
 from alignment.losses import kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
-from alignment.sampling import sample
+from alignment.sampling import sample, stop_token_ids
 from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -56,7 +56,7 @@ class PPOTrainer:
         self.checkpointer = Checkpointer.under(output_dir)
         self.ledger = Ledger.under(output_dir, self.opt.accelerator.is_main_process)
         self.iteration = 0
-        self.stop_ids = tuple(cfg.sampling.stop_token_ids) or (tokenizer.eos_token_id,)
+        self.stop_ids = stop_token_ids(cfg.sampling, tokenizer, model.policy)  # EOS, the template's end of turn, ...
 
     @property
     def model(self) -> PolicyWithValueHead:
