@@ -69,22 +69,36 @@ def render_answer(tokenizer, prompt: Sequence[Message], message: Message) -> str
     return full[len(head):].rstrip() if full.startswith(head) else ""
 
 
+_SUFFIXES: dict[tuple[int, str], str] = {}
+
+
+def turn_suffix(tokenizer) -> str:
+    """What a chat template writes after an assistant message's text: ChatML's "<|im_end|>", Phi-3's
+    "<|end|>\n<|endoftext|>", Gemma's "<end_of_turn>" ("" without a template, or for one that cannot render a
+    plain exchange). A templated answer is learned with it, as TRL's conversational SFT and DPO learn it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return ""
+    key = (id(tokenizer), template)
+    if key not in _SUFFIXES:
+        marker = "Hi there."
+        try:
+            text = render_answer(tokenizer, [{"role": "user", "content": "Hello?"}], {"role": "assistant", "content": marker})
+        except Exception:  # noqa: BLE001 - a template that cannot render this probe says so where it is used
+            text = ""
+        _SUFFIXES[key] = text[text.index(marker) + len(marker):] if marker in text else ""
+    return _SUFFIXES[key]
+
+
 def turn_end_ids(tokenizer) -> tuple[int, ...]:
     """The special token a chat template writes right after an assistant message's text (Phi-3's <|end|>, ChatML's
     <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>): where a chat model's answer ends, before or instead of
     EOS. () without a template, or when the template ends a turn with no special token of the vocabulary."""
-    if not getattr(tokenizer, "chat_template", None):
-        return ()
-    marker = "Hi there."
-    try:
-        text = render_answer(tokenizer, [{"role": "user", "content": "Hello?"}], {"role": "assistant", "content": marker})
-    except Exception:  # noqa: BLE001 - a template that cannot render this probe: it says so where it is used
-        return ()
-    if marker not in text:
+    suffix = turn_suffix(tokenizer)
+    if not suffix:
         return ()
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    after = tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
-    return next(((i,) for i in after if i in special), ())
+    return next(((i,) for i in tokenizer(suffix, add_special_tokens=False)["input_ids"] if i in special), ())
 
 
 # Jinja put in front of a chat template that rejects the system role (Gemma, Mistral v0.1): the system
@@ -133,10 +147,18 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
-def encode_answer(tokenizer, answer: str) -> list[int]:
+def templated(tokenizer, prompt: Prompt) -> bool:
+    """Whether the prompt is a conversation the tokenizer's chat template renders (its answer ends a turn)."""
+    return not isinstance(prompt, str) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_answer(tokenizer, answer: str, chat: bool = False) -> list[int]:
     """Answer tokens followed by EOS once, so the model learns to stop (an answer that already ends in the
-    EOS token, as text rendered by a chat template may, gets no second one)."""
-    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    EOS token, as text rendered by a chat template may, gets no second one). chat: the answer to a templated
+    conversation ends its turn as the template writes it (turn_suffix: "<|im_end|>", "<|end|>\n<|endoftext|>"),
+    so a chat model keeps ending its answers as it was trained and is used to, before the EOS."""
+    suffix = turn_suffix(tokenizer) if chat else ""
+    ids = tokenizer(answer if answer.endswith(suffix) else answer + suffix, add_special_tokens=False)["input_ids"]
     return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
 
@@ -165,16 +187,17 @@ def tokenize_pairs(
     """Each distinct prompt and answer is tokenised once: pairs share them (a prompt with k answers makes
     up to k(k-1)/2 pairs), and the tokenizer's Python overhead, not its work, is what a call costs."""
     prompt_ids: dict = {}
-    answer_ids: dict[str, list[int]] = {}
+    answer_ids: dict[tuple[str, bool], list[int]] = {}
     out = []
     for p, c, r in zip(prompts, chosen, rejected, strict=True):
         key = _prompt_key(p)
         if key not in prompt_ids:
             prompt_ids[key] = encode_prompt(tokenizer, p)
+        chat = templated(tokenizer, p)
         for a in (c, r):
-            if a not in answer_ids:
-                answer_ids[a] = encode_answer(tokenizer, a)
-        fitted, (c_ids, r_ids) = fit_to_length(prompt_ids[key], [answer_ids[c], answer_ids[r]], max_length)
+            if (a, chat) not in answer_ids:
+                answer_ids[a, chat] = encode_answer(tokenizer, a, chat)
+        fitted, (c_ids, r_ids) = fit_to_length(prompt_ids[key], [answer_ids[c, chat], answer_ids[r, chat]], max_length)
         out.append(PairExample(list(fitted), c_ids, r_ids))
     return out
 
@@ -185,7 +208,8 @@ def tokenize_demonstrations(tokenizer, prompts: Sequence[Prompt], completions: S
     the completion (the assistant's answer) only."""
     out = []
     for p, c in zip(prompts, completions, strict=True):
-        prompt_ids, (answer_ids,) = fit_to_length(encode_prompt(tokenizer, p), [encode_answer(tokenizer, c)], max_length)
+        prompt_ids, (answer_ids,) = fit_to_length(encode_prompt(tokenizer, p), [encode_answer(tokenizer, c, templated(tokenizer, p))],
+                                                  max_length)
         out.append((prompt_ids, answer_ids))
     return out
 

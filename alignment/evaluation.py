@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from alignment.data import PairExample, Prompt, collate_answers, encode_answer, encode_prompt, fit_to_length, pad
+from alignment.data import PairExample, Prompt, collate_answers, encode_answer, encode_prompt, fit_to_length, pad, templated
 from alignment.logprobs import answer_logprobs
 from alignment.losses import kl_k1, kl_k3
 from alignment.models import position_ids_from_mask
@@ -41,7 +41,8 @@ def reward_scores(rm, tokenizer, max_length: int) -> ScoreFn:
     def fn(prompts, answers):
         rm.eval()
         device = next(rm.parameters()).device
-        enc = [fit_to_length(encode_prompt(tokenizer, p), [encode_answer(tokenizer, a)], max_length) for p, a in zip(prompts, answers)]
+        enc = [fit_to_length(encode_prompt(tokenizer, p), [encode_answer(tokenizer, a, templated(tokenizer, p))], max_length)
+               for p, a in zip(prompts, answers)]
         ids, mask, _ = collate_answers([e[0] for e in enc], [e[1][0] for e in enc], tokenizer.pad_token_id)
         return rm(ids.to(device), mask.to(device)).float().cpu()
 

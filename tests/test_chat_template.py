@@ -25,6 +25,31 @@ def test_chatml_prompt_and_answer(tmp_path):
     assert tok.decode(encode_prompt(tok, "plain text")) == "plain text"  # TRL's standard format: as it is
 
 
+def test_an_answer_to_a_conversation_ends_its_turn_as_the_template_writes_it():
+    """Phi-3's template ends an assistant turn with <|end|>, then the conversation with EOS (<|endoftext|>): the
+    answer to a conversation is learned with both, as TRL's conversational SFT and DPO learn it, so the trained model
+    keeps ending its answers with <|end|> (where sampling and chat servers stop). Gemma's <end_of_turn> (on a
+    vocabulary whose EOS is another token) gets the EOS after it; plain-text prompts keep answer + EOS."""
+    from realworld import real_tokenizer
+
+    from alignment.data import turn_suffix
+
+    phi3 = real_tokenizer("phi-3-mini")
+    assert turn_suffix(phi3) == "<|end|>\n<|endoftext|>"
+    answer = encode_answer(phi3, "Rinse the rice.", chat=True)
+    # <|end|> strips the whitespace after it (its rstrip), as the whole rendered conversation tokenizes
+    assert phi3.decode(answer).endswith("Rinse the rice.<|end|><|endoftext|>") and answer.count(phi3.eos_token_id) == 1
+    assert encode_answer(phi3, "Rinse the rice.<|end|>\n<|endoftext|>", chat=True) == answer  # rendered already: once
+    assert phi3.decode(encode_answer(phi3, "Rinse the rice.")).endswith("rice.<|endoftext|>")  # a plain-text prompt's
+    [pair] = tokenize_pairs(phi3, [USER], ["Rinse it."], ["Boil it."], 64)
+    assert phi3.decode(pair.chosen_ids).endswith("Rinse it.<|end|><|endoftext|>")
+    [(_, demo)] = tokenize_demonstrations(phi3, [USER], ["Rinse it."], 64)
+    assert demo == pair.chosen_ids
+    gemma = real_tokenizer("minimind", "gemma/tokenizer_config.json")
+    assert turn_suffix(gemma) == "<end_of_turn>"
+    assert gemma.decode(encode_answer(gemma, "Rinse.", chat=True)).endswith("Rinse.<end_of_turn>" + gemma.eos_token)
+
+
 def test_bos_once_when_the_template_writes_it(sandbox_tokenizer):
     """A Llama-style template writes BOS itself; the tokenizer must not add a second one."""
     tok = sandbox_tokenizer
