@@ -69,7 +69,7 @@ def render_answer(tokenizer, prompt: Sequence[Message], message: Message) -> str
     return full[len(head):].rstrip() if full.startswith(head) else ""
 
 
-_SUFFIXES: dict[tuple[int, str], str] = {}
+_SUFFIXES: dict[tuple, str] = {}  # (template, the special tokens it may write) -> turn_suffix
 
 
 def turn_suffix(tokenizer) -> str:
@@ -79,7 +79,7 @@ def turn_suffix(tokenizer) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return ""
-    key = (id(tokenizer), template)
+    key = (template, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
     if key not in _SUFFIXES:
         marker = "Hi there."
         try:
