@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from alignment.data import PairExample
-from alignment.logprobs import LOGITS_BUDGET, head_logps, plain_lm_head, selective_log_softmax, unwrapped
+from alignment.logprobs import LOGITS_BUDGET, answer_logprobs, head_logps, plain_lm_head, selective_log_softmax, unwrapped
 
 Tensor = torch.Tensor
 
@@ -251,3 +252,20 @@ def shared_prefix_logps(model, batch: SharedPrefixBatch) -> Tensor:
         flat = selective_log_softmax(logits.reshape(-1, logits.shape[-1])[source].unsqueeze(0), target.unsqueeze(0)).squeeze(0)
     token_logps = flat.new_zeros(B * K * A).masked_scatter(real, flat)  # 0 on the empty slots
     return token_logps.view(B, K, A).sum(-1)  # [B, K]
+
+
+class AnswerLogps(nn.Module):
+    """The trained module of SFT, GRPO and RLOO: a policy whose forward gives answer log-probs, so DDP/FSDP wrappers
+    see the call while the policy inside sends only answer positions through its LM head (alignment.logprobs: a
+    wrapped policy would form whole logits, the wrapper having no LM head to find). Takes a packed batch (returns
+    each example's summed log-prob [B, 1]) or the arguments of answer_logprobs after the model (input_ids,
+    attention_mask, answer_mask[, position_ids, temperature]: returns per-token log-probs [B, T])."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: SharedPrefixBatch | tuple) -> Tensor:
+        if isinstance(batch, SharedPrefixBatch):
+            return shared_prefix_logps(self.policy, batch)
+        return answer_logprobs(self.policy, *batch)

@@ -172,3 +172,61 @@ def test_ppo_policy_with_value_in_chunks_gives_the_full_logits_numbers(monkeypat
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
     for k in whole_weights:
         assert torch.allclose(parts_weights[k], whole_weights[k], atol=1e-4), k
+
+
+def test_under_ddp_grpo_and_sft_still_send_only_answer_positions_through_the_lm_head_in_chunks(monkeypatch, sandbox_tokenizer):
+    """DDP wraps the trained module, and a wrapper has no LM head to find: answer_logprobs on DDP(policy) forms
+    whole logits. The trained module of SFT, GRPO and RLOO is AnswerLogps(policy), whose forward runs inside the
+    wrapper, so at a real vocabulary the head still runs in chunks, with the same log-probs; GRPO's two iterations
+    with a tiny budget log the same metrics and leave the same weights as with whole logits."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import LlamaForCausalLM
+
+    from alignment import logprobs
+    from alignment.prefix import AnswerLogps
+    from alignment.trainers.group import GroupTrainer
+    from conftest import tiny_llama_config
+    from test_group_rl import setup, shorter_is_better
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    ids = torch.randint(3, 40, (2, 9))
+    attention, mask = torch.ones_like(ids), torch.zeros_like(ids)
+    mask[:, 4:] = 1
+    full = logprobs.answer_logprobs(model, ids, attention, mask).detach()
+    chunks = []
+    real = logprobs.head_logps
+    monkeypatch.setattr(logprobs, "head_logps", lambda *a, **k: chunks.append(1) or real(*a, **k))
+    monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 3 * 40)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        bare = DistributedDataParallel(model)
+        assert torch.allclose(logprobs.answer_logprobs(bare, ids, attention, mask), full, atol=1e-6) and chunks == []
+        wrapped = DistributedDataParallel(AnswerLogps(model))
+        assert torch.allclose(wrapped((ids, attention, mask)), full, atol=1e-6) and chunks == [1]
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.undo()
+
+    def train(budget):
+        if budget:
+            monkeypatch.setattr(logprobs, "LOGITS_BUDGET", budget)
+        policy, prompts, cfg = setup(sandbox_tokenizer, GRPOConfig, iterations=2)
+        trainer = GroupTrainer(policy, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg)
+        assert isinstance(trainer.opt.model, AnswerLogps) and trainer.model is policy
+        history = trainer.train()
+        monkeypatch.undo()
+        return history, copy.deepcopy(policy.state_dict())
+
+    from alignment.trainers.group import GRPOConfig
+
+    whole, whole_weights = train(None)
+    parts, parts_weights = train(len(sandbox_tokenizer) * 5)
+    for a, b in zip(parts, whole):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    for k in whole_weights:
+        assert torch.allclose(parts_weights[k], whole_weights[k], atol=1e-4), k

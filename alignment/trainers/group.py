@@ -26,6 +26,7 @@ from alignment.logprobs import answer_logprobs
 from alignment.lora import has_adapters, reference_mode
 from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
+from alignment.prefix import AnswerLogps
 from alignment.sampling import sample, stop_token_ids
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
 from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
@@ -62,7 +63,7 @@ class GroupTrainer:
         self.prompt_columns = list(prompt_columns) if prompt_columns is not None else [{} for _ in self.prompts]
         if cfg.beta and ref_model is None and not has_adapters(model):
             ref_model = frozen_copy(model)  # before the optimizer wraps the model
-        self.opt = Optimization(model, cfg.train_config())
+        self.opt = Optimization(AnswerLogps(model), cfg.train_config())  # under DDP too, the LM head in chunks
         # no KL term (beta 0): no reference is kept; with LoRA adapters it is the policy with them off (None)
         self.ref_model = ref_model.to(self.opt.device) if cfg.beta and ref_model is not None else None
         self.prompt_sampler = StepSampler(len(self.prompts), cfg.prompts_per_batch, cfg.seed)
@@ -78,7 +79,7 @@ class GroupTrainer:
 
     @property
     def model(self):
-        return self.opt.accelerator.unwrap_model(self.opt.model)
+        return self.opt.accelerator.unwrap_model(self.opt.model).policy
 
     # -- rollouts ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -166,7 +167,7 @@ class GroupTrainer:
         mb = minibatch(batch, indices)
         ids, am, mask = mb["sequences"], mb["attention_mask"], mb["mask"]
         # [b, T], at the sampling temperature; in chunks of the LM head at a real vocabulary
-        logps = answer_logprobs(self.opt.model, ids, am, mask, position_ids_from_mask(am), cfg.sampling.temperature)
+        logps = self.opt.model((ids, am, mask, position_ids_from_mask(am), cfg.sampling.temperature))
         old = mb["old_logps"] if self.needs_old_logps else logps.detach()
         ref = mb.get("ref_logps")
         loss, metrics = group_policy_loss(

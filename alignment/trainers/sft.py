@@ -5,35 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch import nn
-
 from alignment.config import SFTConfig  # noqa: F401 - re-exported
 from alignment.data import collate_answers
-from alignment.logprobs import answer_logprobs
-from alignment.prefix import SharedPrefixBatch, collate_answers_shared, shared_prefix_logps
+from alignment.prefix import AnswerLogps, collate_answers_shared
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
     Optimization,
     train_steps,
 )
-
-
-class AnswerLogps(nn.Module):
-    """The trained module: a policy whose forward gives answer log-probs, so DDP/FSDP wrappers see the call while
-    the policy inside sends only answer positions through its LM head (alignment.logprobs). Takes a packed batch
-    (returns each example's summed log-prob [B, 1]) or padded rows (input_ids, attention_mask, answer_mask:
-    returns per-token log-probs [B, T])."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, batch: SharedPrefixBatch | tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        if isinstance(batch, SharedPrefixBatch):
-            return shared_prefix_logps(self.policy, batch)
-        return answer_logprobs(self.policy, *batch)
 
 
 class SFTTrainer:
