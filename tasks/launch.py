@@ -140,11 +140,21 @@ NODE_ENGINES: dict[str, Callable] = {}
 why it failed). flows/nodes.py registers "prefect" (a flow run a node on a work pool's workers)."""
 
 
+def launcher_env(cmd: list[str]) -> dict[str, str]:
+    """The launcher's environment. With several processes a host, torchrun (and accelerate launch through it) gives
+    each one torch thread unless OMP_NUM_THREADS says otherwise, and prints a banner saying so into the stage's
+    output: the same default is set here, so the threads are the same and the banner is not printed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for flag in ("--nproc_per_node", "--num_processes"):
+        if flag in cmd and cmd[cmd.index(flag) + 1] != "1":
+            env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def start(cmd: list[str], log_file: Path, echo=None) -> tuple[subprocess.Popen, LauncherOutput, threading.Thread]:
     """Start a launcher command in a process group of its own that dies with this process, its output copied."""
-    proc = subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, *cmd], start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace")
+    proc = subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, *cmd], start_new_session=True, env=launcher_env(cmd),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     output = LauncherOutput(log_file, echo)
     reader = threading.Thread(target=output.copy, args=(proc.stdout,), daemon=True)
     reader.start()

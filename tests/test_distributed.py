@@ -166,3 +166,17 @@ def test_a_sharded_fsdp2_model_is_saved_once_from_the_gathered_state(tmp_path):
     full = LlamaForCausalLM.from_pretrained(tmp_path / "rank0" / "model")
     ids = torch.tensor([[1, 5, 6, 7, 8, 2]] * 2)
     assert torch.allclose(full(input_ids=ids).logits, torch.load(tmp_path / "logits.pt", weights_only=True), atol=1e-5)
+
+
+def test_the_launcher_gives_each_process_one_thread_as_torchrun_would_without_its_banner(monkeypatch):
+    """torchrun, with several processes a host and no OMP_NUM_THREADS, sets it to 1 for each and prints a banner
+    into the stage's output; the launcher sets the same default itself (a user's value stays), so nothing is printed."""
+    from tasks.launch import command, launcher_env
+    from tasks.stage import Resources
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    two = command(Resources(processes=2), Path("job.json"))
+    assert launcher_env(two)["OMP_NUM_THREADS"] == "1" and launcher_env(two)["PYTHONUNBUFFERED"] == "1"
+    assert "OMP_NUM_THREADS" not in launcher_env(command(Resources(processes=1), Path("job.json")))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert launcher_env(two)["OMP_NUM_THREADS"] == "4"
