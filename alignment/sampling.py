@@ -182,6 +182,53 @@ def sample(
     )
 
 
+def sample_within_memory(model, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, pad_token_id: int,
+                         seed: int, rows: tuple[int, int] | None = None, answers_per_prompt: int = 1) -> SampleOutput:
+    """sample() of the whole batch at once where the accelerator's memory holds it (the fastest: every row of a
+    rollout decodes together). Where it runs out, the prompts are split in halves, and halves of those, each part
+    sampled with a generator seeded `seed` and its rows' place in the batch: every row draws the uniforms it would
+    draw in the whole batch, so the answers are the same, from less memory at once. The number of prompts that fit
+    is remembered for the model's later batches."""
+    G, n = answers_per_prompt, input_ids.shape[0]
+    first, total = rows or (0, n * G)
+    device = input_ids.device
+
+    def run(lo: int, hi: int) -> list[SampleOutput]:
+        fits = model.__dict__.get("_alignflow_sample_prompts")
+        if fits is not None and hi - lo > fits:
+            mid = lo + fits
+            return run(lo, mid) + run(mid, hi)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        try:
+            return [sample(model, input_ids[lo:hi], attention_mask[lo:hi], params, pad_token_id, generator,
+                           rows=(first + lo * G, total), answers_per_prompt=G)]
+        except torch.OutOfMemoryError:
+            if hi - lo == 1:
+                raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model.__dict__["_alignflow_sample_prompts"] = (hi - lo) // 2
+        log.info("sampling %d prompts at once ran out of memory: %d at a time from now on", hi - lo, (hi - lo) // 2)
+        return run(lo, hi)
+
+    return joined(run(0, n), pad_token_id)
+
+
+def joined(parts: list[SampleOutput], pad_token_id: int) -> SampleOutput:
+    """Consecutive rows sampled in parts as one output: answers right-padded to the longest part's length."""
+    if len(parts) == 1:
+        return parts[0]
+    N, P = max(p.answer_ids.shape[1] for p in parts), parts[0].prompt_length
+    grow = lambda t, value: F.pad(t, (0, N - t.shape[1]), value=value)  # noqa: E731 - [b, n] -> [b, N]
+    answer_ids = torch.cat([grow(p.answer_ids, pad_token_id) for p in parts])
+    answer_mask = torch.cat([grow(p.answer_mask, 0) for p in parts])
+    prompts = torch.cat([p.sequences[:, :P] for p in parts])
+    prompt_mask = torch.cat([p.attention_mask[:, :P] for p in parts])
+    return SampleOutput(sequences=torch.cat([prompts, answer_ids], 1), attention_mask=torch.cat([prompt_mask, answer_mask], 1),
+                        answer_ids=answer_ids, answer_mask=answer_mask,
+                        answer_logps=torch.cat([grow(p.answer_logps, 0.0) for p in parts]), prompt_length=P)
+
+
 def _prompt_pass_once(model, input_ids: Tensor, attention_mask: Tensor, cache, cache_arg: str, G: int) -> Tensor:
     """The prompt pass over B0 distinct prompts [B0, P]; fills `cache` (dynamic or static, sized for B0 * G rows)
     with each prompt's keys and values repeated G times. Returns the last position's logits [B0 * G, V]."""

@@ -206,6 +206,38 @@ def test_a_static_cache_keeps_its_shape_across_prompt_widths_and_auto_means_comp
     tiny_lm.__dict__.pop("_alignflow_compiled", None)
 
 
+def test_a_batch_that_runs_out_of_memory_is_sampled_in_parts_with_the_same_answers(tiny_lm, monkeypatch):
+    """sample_within_memory: the whole rollout at once where it fits; past the accelerator's memory (here: a sampler
+    that raises torch.OutOfMemoryError above 2 prompts) the prompts go in halves, each part seeded alike and placed
+    by its rows, so the 5 prompts x 3 answers are what the whole batch samples, token for token (also as one process's
+    share of a larger batch); the size that fitted is kept for the next batch."""
+    from alignment import sampling
+
+    tiny_lm.eval()
+    prompts = torch.randint(3, 40, (5, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompts)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, stop_token_ids=(2, 3))
+    whole = sample(tiny_lm, prompts, mask, params, 0, torch.Generator().manual_seed(7), rows=(3, 21), answers_per_prompt=3)
+    real, calls = sampling.sample, []
+
+    def small_memory(model, ids, *args, **kwargs):
+        calls.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", small_memory)
+    parts = sampling.sample_within_memory(tiny_lm, prompts, mask, params, 0, seed=7, rows=(3, 21), answers_per_prompt=3)
+    assert calls == [5, 2, 2, 1] and tiny_lm.__dict__["_alignflow_sample_prompts"] == 2
+    assert torch.equal(parts.sequences, whole.sequences) and torch.equal(parts.answer_mask, whole.answer_mask)
+    assert torch.allclose(parts.answer_logps, whole.answer_logps, atol=1e-6) and parts.prompt_length == whole.prompt_length
+    assert whole.answer_mask.sum(-1).min() < whole.answer_mask.shape[1]  # some answers stopped early: parts padded
+    calls.clear()
+    sampling.sample_within_memory(tiny_lm, prompts, mask, params, 0, seed=7, rows=(3, 21), answers_per_prompt=3)
+    assert calls == [2, 2, 1]  # no second try at the size that did not fit
+    del tiny_lm.__dict__["_alignflow_sample_prompts"]
+
+
 def test_a_prompt_is_computed_once_for_its_answers_and_they_are_what_repeated_rows_sample(tiny_lm):
     """answers_per_prompt G: the prompt pass reads each distinct prompt once (B0 rows, not B0 * G) and its keys and
     values are repeated into the cache, dynamic or static. The G answers are what G repeated rows draw from the same

@@ -27,7 +27,7 @@ from alignment.lora import has_adapters, reference_mode
 from alignment.losses import group_policy_loss, kl_k1
 from alignment.models import frozen_copy, position_ids_from_mask
 from alignment.prefix import AnswerLogps
-from alignment.sampling import sample, stop_token_ids
+from alignment.sampling import sample_within_memory, stop_token_ids
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
 from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
 
@@ -112,9 +112,9 @@ class GroupTrainer:
         encoded = [encode_prompt(self.tokenizer, self.prompts[i]) for i in batch_prompts]
         prompt_ids, prompt_mask = pad(shard.mine(encoded), pad_id, side="left", width=max(map(len, encoded)))
         params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
-        out = sample(self.model, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator,
-                     rows=(shard.first_row, shard.total_rows), answers_per_prompt=cfg.group_size)  # a prompt computed once
+        out = sample_within_memory(self.model, prompt_ids.to(device), prompt_mask.to(device), params, pad_id,
+                                   cfg.seed * 1_000_003 + self.iteration, rows=(shard.first_row, shard.total_rows),
+                                   answers_per_prompt=cfg.group_size)  # a prompt computed once
         mask = torch.zeros_like(out.attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
         answers = self.tokenizer.batch_decode(

@@ -22,7 +22,7 @@ from alignment.logprobs import answer_logprobs
 from alignment.lora import has_adapters, reference_mode
 from alignment.losses import kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
-from alignment.sampling import sample, stop_token_ids
+from alignment.sampling import sample_within_memory, stop_token_ids
 from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -74,9 +74,8 @@ class PPOTrainer:
         encoded = [encode_prompt(self.tokenizer, p) for p in batch_prompts]  # padded as the whole batch would be
         prompt_ids, prompt_mask = pad(shard.mine(encoded), pad_id, side="left", width=max(map(len, encoded)))
         params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
-        out = sample(model.policy, prompt_ids.to(device), prompt_mask.to(device), params, pad_id, generator,
-                     rows=(shard.first_row, shard.total_rows))
+        out = sample_within_memory(model.policy, prompt_ids.to(device), prompt_mask.to(device), params, pad_id,
+                                   cfg.seed * 1_000_003 + self.iteration, rows=(shard.first_row, shard.total_rows))
         sequences, attention_mask = out.sequences, out.attention_mask  # [B, P + N]
         mask = torch.zeros_like(attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
