@@ -81,8 +81,11 @@ class PPOTrainer:
         mask[:, out.prompt_length :] = out.answer_mask
 
         tau = cfg.sampling.temperature  # ratios and KL in the distribution the answers were sampled from
-        logps, values, _ = model(sequences, attention_mask, mask, tau)  # [B, P + N] each
-        ref_logps = self.reference_logps(sequences, attention_mask, mask)
+        rows = cfg.minibatch_size  # scored a minibatch's rows at a time, as the update reads them: bounded activations
+        parts = [(sequences[i : i + rows], attention_mask[i : i + rows], mask[i : i + rows]) for i in range(0, len(sequences), rows)]
+        scored = [model(*part, tau)[:2] for part in parts]
+        logps, values = torch.cat([s[0] for s in scored]), torch.cat([s[1] for s in scored])  # [B, P + N] each
+        ref_logps = torch.cat([self.reference_logps(*part) for part in parts])
 
         answers = self.tokenizer.batch_decode(
             [ids[m.bool()].tolist() for ids, m in zip(out.answer_ids, out.answer_mask)], skip_special_tokens=True
