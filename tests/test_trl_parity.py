@@ -112,3 +112,56 @@ def test_the_kl_weighting_is_what_tells_the_two_apart(fixed):
     _, plain = ours(fixed, GRPOConfig, beta=0.2, unbiased_kl=False)
     _, trl_default = theirs(fixed, "grpo", beta=0.2)
     assert (plain - trl_default).norm() > 1e-3 * trl_default.norm()
+
+
+@pytest.mark.parametrize("kind", ["rloo", "grpo"])
+def test_four_optimizer_steps_on_one_rollout_leave_trls_weights(fixed, kind, monkeypatch):
+    """The loop around the loss: 4 optimizer steps of 2 answers each on the fixed rollout (lr 3e-4; gradient
+    norms of 5-20, so clipping to norm 1 acts at every step, as in compare-methods' RLOO), ours through
+    GroupTrainer.update, TRL's through RLOOTrainer / GRPOTrainer.train() with its generation replaced by the same
+    rollout and its shuffle by the identity. Weights agree to float rounding after every step while they move by
+    3e-4 a step: clipping, AdamW's state across steps and the constant schedule are TRL's."""
+    import transformers
+
+    f, steps = fixed, 4
+    folder = f["folder"]
+    cfg_type, trl_config, trl_trainer = ((RLOOConfig, trl.RLOOConfig, trl.RLOOTrainer) if kind == "rloo" else
+                                         (GRPOConfig, trl.GRPOConfig, trl.GRPOTrainer))
+    cfg = cfg_type(iterations=1, prompts_per_batch=B // 2, group_size=2, minibatch_size=B // steps, lr=3e-4, beta=0.0,
+                   lr_schedule="constant")
+    ours = GroupTrainer(LlamaForCausalLM.from_pretrained(folder), f["tok"], ["a"] * 4,
+                        {"r": lambda prompts, answers: [0.0] * len(answers)}, cfg)
+    old = torch.cat([torch.zeros(B, P), f["old"]], 1)
+    batch = {"sequences": f["sequences"], "attention_mask": f["attention"], "mask": f["mask"],
+             "advantages": f["advantages"] * 10, "old_logps": old}
+    ours.opt.model.train()
+    our_weights, norms = [], []
+    for s in range(steps):
+        norms.append(ours.update(batch, float(f["mask"].sum()), list(range(s * B // steps, (s + 1) * B // steps)))["grad_norm"])
+        our_weights.append({k: v.detach().clone() for k, v in ours.model.state_dict().items()})
+    assert min(norms) > 1.0, norms  # clipped at every step
+
+    rollout = {"prompt_ids": f["prompt_ids"], "prompt_mask": f["prompt_mask"], "completion_ids": f["answer_ids"],
+               "completion_mask": f["answer_mask"], "advantages": f["advantages"] * 10, "old_per_token_logps": f["old"],
+               "old_logps": (f["old"] * f["answer_mask"]).sum(1), "num_items_in_batch": f["answer_mask"].sum()}
+    monkeypatch.setattr(f"trl.trainer.{kind}_trainer.shuffle_sequence_dict", lambda d: d)
+    trl_weights = []
+
+    class Weights(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            trl_weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    args = trl_config(output_dir=str(folder / f"trl-{kind}-steps"), per_device_train_batch_size=B // steps, steps_per_generation=steps,
+                      num_generations=2, max_steps=steps, learning_rate=3e-4, lr_scheduler_type="constant", beta=0.0,
+                      use_cpu=True, bf16=False, report_to="none", save_strategy="no", max_completion_length=N,
+                      disable_tqdm=True, seed=0)
+    theirs = trl_trainer(model=LlamaForCausalLM.from_pretrained(folder), args=args, processing_class=f["tok"],
+                         reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)],
+                         train_dataset=datasets.Dataset.from_list([{"prompt": "a"}] * 4 * B), callbacks=[Weights()])
+    theirs._generate_and_score_completions = lambda inputs: {k: v.clone() for k, v in rollout.items()}
+    theirs.train()
+    start = LlamaForCausalLM.from_pretrained(folder).state_dict()
+    for s in range(steps):
+        moved = max((our_weights[s][k] - start[k]).abs().max().item() for k in start)
+        apart = max((our_weights[s][k] - trl_weights[s][k]).abs().max().item() for k in start)
+        assert moved > 2.9e-4 * (s + 1) and apart < 1e-5, (s, moved, apart)
