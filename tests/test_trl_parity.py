@@ -165,3 +165,63 @@ def test_four_optimizer_steps_on_one_rollout_leave_trls_weights(fixed, kind, mon
         moved = max((our_weights[s][k] - start[k]).abs().max().item() for k in start)
         apart = max((our_weights[s][k] - trl_weights[s][k]).abs().max().item() for k in start)
         assert moved > 2.9e-4 * (s + 1) and apart < 1e-5, (s, moved, apart)
+
+
+def test_one_generation_built_from_the_same_tokens_gives_trls_advantages_and_old_log_probs(fixed, monkeypatch):
+    """Around the update, the rollout's bookkeeping: 4 prompts x 2 answers, the same sampled tokens handed to both
+    (our sampler and TRL's generation replaced), a policy moved off the reference and beta 0.3: RLOO's
+    KL-penalised, leave-one-out advantages, the old log-probs and the answers' lengths (cut after EOS, a cut-off
+    answer kept whole) are TRL's."""
+    from alignment.data import pad
+    from alignment.sampling import SampleOutput
+
+    f = fixed
+    tok, folder = f["tok"], f["folder"]
+    prompts = ["user : how do i cook rice ? assistant :", "user : hi assistant :", "user : how can i sleep better ? assistant :",
+               "user : what is a good name for a dog ? assistant :"]
+    g = torch.Generator().manual_seed(3)
+    completions = []
+    for i in range(8):
+        n = int(torch.randint(1, N + 1, (1,), generator=g))
+        ids = torch.randint(5, len(tok), (n,), generator=g).tolist()
+        if n < N or i % 3 == 0:
+            ids[-1] = tok.eos_token_id
+        completions.append(ids)
+    reward = lambda answers: [len(a) / 10 for a in answers]  # noqa: E731
+
+    def policy():
+        model = LlamaForCausalLM.from_pretrained(folder)
+        noise = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=noise))
+        return model
+
+    def these_tokens(model, ids, mask, params, pad_id, seed, rows=None, answers_per_prompt=1):
+        answer_ids, answer_mask = pad(completions, pad_id)
+        ids, mask = ids.repeat_interleave(answers_per_prompt, 0), mask.repeat_interleave(answers_per_prompt, 0)
+        return SampleOutput(torch.cat([ids, answer_ids], 1), torch.cat([mask, answer_mask], 1), answer_ids, answer_mask,
+                            torch.zeros(answer_ids.shape), ids.shape[1])
+
+    monkeypatch.setattr("alignment.trainers.group.sample_within_memory", these_tokens)
+    cfg = RLOOConfig(iterations=1, prompts_per_batch=4, group_size=2, minibatch_size=4, beta=0.3)
+    ours = GroupTrainer(policy(), tok, prompts, {"r": lambda p, a: reward(a)}, cfg, ref_model=LlamaForCausalLM.from_pretrained(folder))
+    batch = ours.rollout([0, 1, 2, 3])
+
+    class Generating(trl.RLOOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+            return [list(c) for c in completions]
+
+    args = trl.RLOOConfig(output_dir=str(folder / "trl-rollout"), per_device_train_batch_size=4, steps_per_generation=2,
+                          num_generations=2, beta=0.3, use_cpu=True, bf16=False, report_to="none", max_completion_length=N)
+    theirs = Generating(model=policy(), args=args, processing_class=tok,  # its reference: the folder's weights, as ours
+                        reward_funcs=[lambda prompts, completions, **_: reward(completions)],
+                        train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]))
+    theirs.model.train()
+    out = theirs._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(2)])
+    assert batch["mask"].sum(-1).tolist() == out["completion_mask"].sum(-1).tolist() == [len(c) for c in completions]
+    assert torch.allclose((batch["old_logps"] * batch["mask"]).sum(-1), out["old_logps"], atol=1e-4)
+    assert torch.allclose(batch["advantages"], out["advantages"], atol=1e-4)
+    r = torch.tensor(reward(completions)).view(4, 2)
+    without_kl = (r - r.flip(-1)).view(-1)  # leave-one-out of 2 answers: r_k - r_other
+    assert (batch["advantages"] - without_kl).abs().max() > 0.1  # the KL penalty counts in them
