@@ -96,3 +96,10 @@ def sandbox_tokenizer():
     from alignment.sandbox.world import World
 
     return build_tokenizer(world_texts(World()))
+
+
+# A command run through this gets Ctrl-C as in a terminal: a shell starts a background job (`pytest ... &`, a CI
+# runner's) with SIGINT ignored, children inherit that, and Python then leaves it ignored, so a test that sends
+# SIGINT would wait for nothing. SIG_DFL survives the exec, and the command's Python installs its own handler.
+WITH_CTRL_C = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.argv[1], sys.argv[1:])"]

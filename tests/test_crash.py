@@ -40,6 +40,8 @@ CONFIG = {
         }
     },
 }
+from conftest import WITH_CTRL_C  # noqa: E402
+
 CLI = [str(Path(sys.executable).parent / "alignflow"), "run", "crash", "-c", "pipelines.yaml"]
 HOLD_AT = 6  # PPO checkpoints every 4 of its 20 iterations
 
@@ -144,7 +146,8 @@ def test_sigterm_and_ctrl_c_exit_130_and_mark_runs_killed(tmp_path, straight):
     procs = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         d = upstream_of(straight, setup_dir(tmp_path / sig.name))
-        procs[sig] = d, subprocess.Popen(CLI, cwd=d, env=held(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs[sig] = d, subprocess.Popen(WITH_CTRL_C + CLI, cwd=d, env=held(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
     for sig, (d, proc) in procs.items():  # each gets its signal while its PPO waits after a checkpoint
         wait_until_held(d, proc)
         proc.send_signal(sig)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from flows.config import ConfigError, load
+from conftest import WITH_CTRL_C
 from told import told
 
 pytestmark = pytest.mark.usefixtures("prefect_server")  # runs flows: the session's Prefect server (conftest.py)
@@ -798,7 +799,7 @@ def test_without_a_prefect_server_the_cli_starts_a_temporary_one_and_stops_it(tm
     long_sft = json.loads(json.dumps(stages))
     long_sft[1]["params"]["sft"]["train"]["max_steps"] = 100_000
     path = write_config(tmp_path, {"settings": dict(TINY["settings"]), "pipelines": {"tiny": {"stages": long_sft}}})
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(WITH_CTRL_C + command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines = []
     for line in proc.stdout:  # the sft stage is running once the world stage is done
