@@ -162,3 +162,32 @@ def test_a_given_divisor_replaces_the_batch_size_in_the_gradient_not_in_the_metr
         metrics = opt.update(lambda part: (3.0 * opt.model.weight.sum() + 1.0, {}), [0], size=lambda part: 6.0, total=given)
         assert metrics["grad_norm"] == pytest.approx(grad)
         assert metrics["loss"] == pytest.approx(3.0 * float(model.weight) + 1.0, abs=1e-6)
+
+
+def test_a_trainer_keeps_its_mixed_precision_when_a_concurrent_stage_sets_another():
+    """Stages in threads of one process (settings.concurrent_stages): a bf16 trainer, then one with "no" made in
+    another thread (accelerate resets its one shared state for it). The first still reports bf16 (what its fp16
+    gradient unscaling reads), its update still runs under bf16 autocast, and the second runs without."""
+    import threading
+
+    seen = {}
+
+    def loss_of(name, opt):
+        def micro(part):
+            seen[name] = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+            return ((opt.model(X[part]).squeeze(-1).float() - Y[part]) ** 2).mean(), {}
+        return micro
+
+    first = Optimization(linear_model(), TrainConfig(max_steps=2, batch_size=8, mixed_precision="bf16"))
+    made = {}
+    other = threading.Thread(target=lambda: made.update(
+        second=Optimization(linear_model(), TrainConfig(max_steps=2, batch_size=8, mixed_precision="no"))))
+    other.start()
+    other.join()
+    second = made["second"]
+    assert (first.accelerator.mixed_precision, second.accelerator.mixed_precision) == ("bf16", "no")
+    first.update(loss_of("first", first), list(range(8)))
+    second.update(loss_of("second", second), list(range(8)))
+    assert seen["first"] == (True, torch.bfloat16)
+    assert seen["second"][0] is False
+    assert first.accelerator.device == second.accelerator.device == torch.device("cpu")

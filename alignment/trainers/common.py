@@ -7,12 +7,14 @@ Trainers compose these pieces; none of them holds loss math.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -227,6 +229,9 @@ def compile_backbones(model: torch.nn.Module) -> None:
         backbone.compile(dynamic=True)
 
 
+_ACCELERATOR_LOCK = threading.Lock()  # one accelerator set up (state reset, model prepared) at a time
+
+
 def _allow_mixed_precision(mixed_precision: str) -> None:
     """accelerate keeps one mixed-precision setting a process and refuses another: stages of one pipeline run
     in one process, and each may set its own (SFT "no", DPO "bf16"). The accelerator state (not the
@@ -238,6 +243,30 @@ def _allow_mixed_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state()
 
 
+class StageAccelerator(Accelerator):
+    """An Accelerator that keeps the state it was made with. accelerate's share one state a process and read
+    it back at every step (device, mixed precision at each autocast and gradient unscale). When stages run in
+    threads of one process (settings.concurrent_stages) and a later one resets it for another setting (DPO
+    "bf16", then PPO "no"), the first would go on autocasting in CUDA's default fp16 without a scaler, or clip
+    fp16 gradients before unscaling them, or find the state empty while it is being rebuilt."""
+
+    def __init__(self, mixed_precision: str, **kwargs):
+        _allow_mixed_precision(mixed_precision)
+        super().__init__(mixed_precision=mixed_precision, **kwargs)
+        self.state = copy.copy(self.state)  # this accelerator's own: a later reset clears the shared one only
+
+    @contextlib.contextmanager
+    def autocast(self, autocast_handler=None):
+        """accelerate's autocast, at this accelerator's setting (accelerate's reads the shared state)."""
+        handler = autocast_handler or self.autocast_handler
+        if not self.native_amp:
+            yield
+            return
+        dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, **(handler.to_kwargs() if handler else {})):
+            yield
+
+
 class Optimization:
     """AdamW + LR schedule + accelerate (devices, DDP, mixed precision) + clipping + NaN/inf guard."""
 
@@ -245,20 +274,20 @@ class Optimization:
         self.cfg = cfg
         # several processes on a machine without CUDA (torchrun on CPU): DDP over gloo
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        _allow_mixed_precision(cfg.mixed_precision)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if cfg.compile:
             compile_backbones(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        # one fused kernel for the whole update on a GPU (what transformers' Trainer uses there: adamw_torch_fused)
-        fused = self.accelerator.device.type == "cuda"
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-        if cfg.batch_size < self.accelerator.num_processes:
-            raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.accelerator.num_processes} processes: "
-                             "every process needs at least one example a step")
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        with _ACCELERATOR_LOCK:  # until the model is prepared: its forward's autocast is read off the shared setting
+            self.accelerator = StageAccelerator(cfg.mixed_precision, cpu=cpu_ddp)
+            if cfg.batch_size < self.accelerator.num_processes:
+                raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.accelerator.num_processes} "
+                                 "processes: every process needs at least one example a step")
+            # one fused kernel for the whole update on a GPU (what transformers' Trainer uses there: adamw_torch_fused)
+            fused = self.accelerator.device.type == "cuda"
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # not prepared: accelerate would step a prepared scheduler once per process; registered, so that
         # save_state / load_state carry it
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
