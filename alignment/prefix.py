@@ -21,6 +21,7 @@ loaded with attn_implementation="flex_attention" reads the same rule as a FlexAt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -86,9 +87,10 @@ class SharedPrefixBatch:
     def to(self, device) -> "SharedPrefixBatch":
         return SharedPrefixBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
-    @property
+    @cached_property
     def attention_mask(self) -> Tensor:
-        """[R, 1, L, L] bool, True = may attend (see visible). Built on demand: the block-mask path never forms it."""
+        """[R, 1, L, L] bool, True = may attend (see visible). Built on demand, once a batch (DPO reads it for the
+        policy and again for the reference): the block-mask path never forms it."""
         L = self.group.shape[1]
         q = torch.arange(L, device=self.group.device)
         g, p = self.group, self.part

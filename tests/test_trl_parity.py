@@ -116,8 +116,8 @@ def test_the_kl_weighting_is_what_tells_the_two_apart(fixed):
 
 @pytest.mark.parametrize("kind", ["rloo", "grpo"])
 def test_four_optimizer_steps_on_one_rollout_leave_trls_weights(fixed, kind, monkeypatch):
-    """The loop around the loss: 4 optimizer steps of 2 answers each on the fixed rollout (lr 3e-4; gradient
-    norms of 5-20, so clipping to norm 1 acts at every step, as in compare-methods' RLOO), ours through
+    """The loop around the loss: 4 optimizer steps of 2 answers each on the fixed rollout (lr 3e-4; every
+    step's gradient norm is asserted above 1, so clipping to norm 1 acts at every step, as in compare-methods' RLOO), ours through
     GroupTrainer.update, TRL's through RLOOTrainer / GRPOTrainer.train() with its generation replaced by the same
     rollout and its shuffle by the identity. Weights agree to float rounding after every step while they move by
     3e-4 a step: clipping, AdamW's state across steps and the constant schedule are TRL's."""

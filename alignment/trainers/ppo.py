@@ -127,7 +127,9 @@ class PPOTrainer:
         pg_loss, metrics = ppo_policy_loss(logps, mb["logps"], mb["advantages"], mb["mask"], cfg.clip_eps)
         vf_loss = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip_eps)
         entropy = masked_mean(entropies, mb["mask"])  # of the distributions that predicted the answer tokens
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        if cfg.ent_coef:  # at 0 (the default) the entropy is only logged: no backward through its softmax
+            loss = loss - cfg.ent_coef * entropy
         return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(), **metrics}
 
     def micro_size(self, batch: dict[str, torch.Tensor], indices: list[int]) -> float:
