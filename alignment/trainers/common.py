@@ -244,8 +244,8 @@ def _allow_mixed_precision(mixed_precision: str) -> None:
 
 
 class StageAccelerator(Accelerator):
-    """An Accelerator that keeps the state it was made with. accelerate's share one state a process and read
-    it back at every step (device, mixed precision at each autocast and gradient unscale). When stages run in
+    """An Accelerator that keeps the state it was made with. accelerate's Accelerators share one state a process
+    and read it back at every step (device, mixed precision at each autocast and gradient unscale). When stages run in
     threads of one process (settings.concurrent_stages) and a later one resets it for another setting (DPO
     "bf16", then PPO "no"), the first would go on autocasting in CUDA's default fp16 without a scaler, or clip
     fp16 gradients before unscaling them, or find the state empty while it is being rebuilt."""
