@@ -34,6 +34,19 @@ def stop_token_ids(params: SamplingParams, tokenizer, model=None) -> tuple[int, 
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def declare_stop_tokens(model, tokenizer) -> None:
+    """Every token an answer ends with (stop_token_ids: EOS, the template's end of turn, the ids the config
+    already lists) as the eos_token_id of `model`'s generation_config, before it is saved: transformers'
+    generate, vLLM and TRL, loading the folder, then stop where our sampler stops. (A base model given a chat
+    template, as Phi-3's <|end|> or ChatML's <|im_end|> beside <|endoftext|>, would otherwise run on past the
+    end of its turn.) Models that do not generate (a reward model) are left as they are."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not model.can_generate():
+        return
+    ids = stop_token_ids(SamplingParams(), tokenizer, model)
+    config.eos_token_id = ids[0] if len(ids) == 1 else list(ids)
+
+
 def cache_mode(params: SamplingParams, device: torch.device) -> tuple[bool, bool]:
     """(static cache, compiled decoding step) for these params on this device. "auto": both on CUDA, where a
     compiled step with CUDA graphs decodes several times faster, and neither elsewhere (compiling costs more than

@@ -182,6 +182,8 @@ def save_model(model, tokenizer, out: Path) -> None:
     (a collective), and only rank 0 writes (the others, whose `out` is scratch, get an empty folder)."""
     import torch.distributed as dist
 
+    from alignment.sampling import declare_stop_tokens
+
     state = None
     if dist.is_available() and dist.is_initialized():
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):
@@ -191,6 +193,7 @@ def save_model(model, tokenizer, out: Path) -> None:
         if dist.get_rank() != 0:
             (out / "model").mkdir(parents=True, exist_ok=True)
             return
+    declare_stop_tokens(model, tokenizer)
     model.save_pretrained(out / "model", **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(out / "model")
 

@@ -137,6 +137,13 @@ def test_real_demonstration_and_prompt_files_train_sft_and_grpo_on_phi3(tmp_path
     assert m["one_object"]["demonstrations"] >= 1 and m["fastchat"]["demonstrations"] > 300  # one per assistant turn
     assert m["sample"]["samples"] == 4
     assert m["evaluate"]["eval/reward/has_reference"] == pytest.approx(39 / 80)  # 39 of MT-Bench's 80 have one
+    # the trained models declare Phi-3's end of turn (<|end|>, 32007) beside EOS (<|endoftext|>, 32000), which
+    # the starting folder does not: transformers' generate and vLLM stop the saved model where its turn ends
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(phi3).eos_token_id == 32000
+    for stage in ("v1", "grpo"):
+        assert GenerationConfig.from_pretrained(output_of(tmp_path, "demos", stage) / "model").eos_token_id == [32000, 32007]
 
 
 def test_real_chat_templates_render_or_fold_their_system_turn(tmp_path):

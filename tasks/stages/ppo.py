@@ -36,6 +36,7 @@ class Stage(StageSpec):
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from alignment.lora import add_lora, merged
     from alignment.models import PolicyWithValueHead, load_tokenizer
+    from alignment.sampling import declare_stop_tokens
     from alignment.trainers.common import set_seed
     from alignment.trainers.ppo import PPOTrainer
     from tasks.stages.train_reward_model import load_reward_fn
@@ -57,6 +58,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     trainer.train()
     rows = training_history(out)
     trainer.model.policy = merged(trainer.model.policy)
+    declare_stop_tokens(trainer.model.policy, tokenizer)
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     last = rows[-1]
