@@ -138,12 +138,14 @@ class AdaptiveKLController:
 # ---------------------------------------------------------------------------------------------
 
 
-def group_advantages(scores: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+def group_advantages(scores: Tensor, scale: bool = True, eps: float = 1e-4, std: Tensor | None = None) -> Tensor:
     """Group-relative advantages of GRPO: each answer against the other answers to its prompt.
 
     A_pg = (r_pg - mean_g r_pg) / (std_g r_pg + eps)   (scale=True: GRPO, Shao et al. 2024, Eq. 3)
+    A_pg = (r_pg - mean_g r_pg) / (std + eps)          (std given: one divisor for every group, such as the
+                                                       whole batch's std: TRL's scale_rewards="batch")
     A_pg =  r_pg - mean_g r_pg                        (scale=False: Dr. GRPO, Liu et al. 2025, Sec. 3.1)
-    std is the unbiased standard deviation over the group. A group whose scores are all equal gets
+    std_g is the unbiased standard deviation over the group. A group whose scores are all equal gets
     A = 0 for every answer (no signal, and no NaN: the eps keeps 0 / 0 away).
 
     scores r: [P, G] with G >= 2. Returns [P, G].
@@ -153,6 +155,8 @@ def group_advantages(scores: Tensor, scale: bool = True, eps: float = 1e-4) -> T
     # all equal: exactly 0 (the float mean of equal numbers can miss them by an ulp, which / eps would blow up)
     equal = (scores == scores[..., :1]).all(-1, keepdim=True)
     centred = torch.where(equal, torch.zeros_like(scores), scores - scores.mean(-1, keepdim=True))
+    if std is not None:
+        return centred / (std + eps)
     if not scale:
         return centred
     return centred / (scores.std(-1, keepdim=True) + eps)

@@ -176,7 +176,8 @@ class GRPOConfig:
     lr_schedule: str = "linear"  # "constant", "linear" or "cosine" decay to 0 over the run (as TRL)
     warmup_steps: int = 0  # linear warm-up of the learning rate, in optimizer steps
     max_grad_norm: float = 1.0  # gradient clipping by global norm
-    advantage: str = "grpo"  # "grpo": (r - mean) / std over the group; "dr_grpo": r - mean (no std scaling)
+    advantage: str = "grpo"  # "grpo": (r - mean) / std over the group; "batch_std": (r - group mean) / std over
+    # the rollout batch (TRL's scale_rewards="batch"); "dr_grpo": r - mean (no std scaling)
     loss_type: str = "dapo"  # "grpo": mean over answers of each answer's token mean; "dapo": mean over the rollout's
     # tokens; "sequence": one action an answer (its log-prob ratio summed over its tokens, clipped), mean over answers
     clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low

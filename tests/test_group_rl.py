@@ -22,6 +22,11 @@ def test_group_advantages_by_hand():
     assert torch.allclose(group_advantages(scores), expected, atol=1e-6)
     # Dr. GRPO: no division by the std
     assert torch.allclose(group_advantages(scores, scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]))
+    # one divisor for every group (the batch's std, TRL's scale_rewards="batch"): the std of the 8 scores
+    # [1, 0, 0, 1, 2, 2, 2, 2] (mean 1.25) is sqrt((2 * 0.0625 + 2 * 1.5625 + 4 * 0.5625) / 7) = sqrt(5.5 / 7)
+    # = 0.886405; A = +-0.5 / (0.886405 + 1e-4) = +-0.564012, and the all-equal group stays 0
+    batch = group_advantages(scores, std=scores.std())
+    assert torch.allclose(batch, torch.tensor([[0.564012, -0.564012, -0.564012, 0.564012], [0.0] * 4]), atol=1e-6)
     # a group whose scores are all equal: zero advantage, and no NaN
     assert group_advantages(torch.full((1, 8), 3.7)).abs().max() == 0.0
     with pytest.raises(ValueError, match="at least 2"):
@@ -158,7 +163,7 @@ def shorter_is_better(prompts, answers):
     return [-0.2 * len(a.split()) for a in answers]
 
 
-@pytest.mark.parametrize("cfg_type, kw", [(GRPOConfig, {}), (RLOOConfig, {"beta": 0.01})])
+@pytest.mark.parametrize("cfg_type, kw", [(GRPOConfig, {}), (GRPOConfig, {"advantage": "batch_std"}), (RLOOConfig, {"beta": 0.01})])
 def test_group_trainers_learn_to_raise_reward(sandbox_tokenizer, cfg_type, kw):
     model, prompts, cfg = setup(sandbox_tokenizer, cfg_type, **kw)
     history = GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg).train()

@@ -31,7 +31,7 @@ from alignment.sampling import sample_within_memory, stop_token_ids
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
 from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
 
-ADVANTAGES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
+ADVANTAGES = {"grpo": ("grpo", "batch_std", "dr_grpo"), "rloo": ("rloo",)}
 
 
 class GroupTrainer:
@@ -139,6 +139,8 @@ class GroupTrainer:
         grouped = shaped.view(shard.prompts, cfg.group_size)  # a group's answers are all on this process
         if cfg.advantage == "rloo":
             advantages = leave_one_out_advantages(grouped)
+        elif cfg.advantage == "batch_std":  # the std of every process's scores: what one process would divide by
+            advantages = group_advantages(grouped, std=shard.gather(shaped).std())
         else:
             advantages = group_advantages(grouped, scale=cfg.advantage == "grpo")
         batch["advantages"] = advantages.reshape(-1)
