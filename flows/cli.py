@@ -79,6 +79,38 @@ def unexpected(pipeline: str, err: BaseException) -> str:
     return f"pipeline {pipeline!r} failed{where}: {text.rstrip('.')} (unexpected: {help_})"
 
 
+def report(pipeline: str, err: BaseException) -> tuple[str, int]:
+    """(what a user reads, the exit code) for an error of a run: 2 for bad input, 1 otherwise."""
+    from alignment.rewards import RewardFunctionError
+    from tasks.data import DataError
+
+    if isinstance(err, DataError):
+        return f"bad input data: {err}", 2
+    if isinstance(err, RewardFunctionError):
+        return f"bad reward function{reward_function_named(err)}: {err}", 2
+    from alignment.trainers.common import NonFiniteLossError  # (torch: not imported for a pre-flight's report)
+    from tasks.launch import LaunchError
+
+    if isinstance(err, NonFiniteLossError):
+        return f"pipeline {pipeline!r} stopped{where_in(err)}: training diverged: {err}", 1
+    if isinstance(err, LaunchError):
+        return f"pipeline {pipeline!r} stopped{where_in(err)}: {err}", 1
+    return unexpected(pipeline, err), 1
+
+
+def fail_with(pipeline: str, err: BaseException) -> None:
+    """Exit with the report of `err`; for several errors (SeveralErrors), every one's report, one paragraph
+    each in pipeline order, led by the stage it happened in where a stage's note says so, and the first
+    one's exit code."""
+    errors = getattr(err, "errors", [err])
+    reports = [report(pipeline, e) for e in errors]
+    if len(errors) > 1:
+        typer.secho(f"pipeline {pipeline!r}: {len(errors)} problems", err=True, fg="red")
+        reports = [(f"{e.__notes__[0]}: {text}" if getattr(e, "__notes__", None) and where_in(e) not in text else text, code)
+                   for e, (text, code) in zip(errors, reports)]
+    fail("\n\n".join(text for text, _ in reports), reports[0][1])
+
+
 HEADLINE = ("eval/kl", "eval/gold_win_rate", "eval/rm_win_rate", "eval/implicit_accuracy", "eval/pref_accuracy",
             "eval/banned_word_rate", "eval/accuracy", "eval/gold_accuracy")
 """The evaluation metrics the run summary shows a stage by (all of them are in MLflow and metrics.json)."""
@@ -106,21 +138,17 @@ def run(
     if only and not from_run:
         fail("--only needs --from-run RUN_ID (see `alignflow runs list`)")
     from alignment.rewards import RewardFunctionError
-    from flows.config import preflight
+    from flows.config import SeveralErrors, preflight
     from tasks.data import DataError
 
     try:
         preflight(cfg.pipelines[pipeline], only, cfg.settings.workdir)  # bad data fails before Prefect, MLflow or any file
-    except DataError as err:
-        fail(f"bad input data: {err}", 2)
-    except RewardFunctionError as err:
-        fail(f"bad reward function{reward_function_named(err)}: {err}", 2)
+    except (DataError, RewardFunctionError, SeveralErrors) as err:
+        fail_with(pipeline, err)
     from flows import server
 
     temporary = server.start()  # boots on the other core while the libraries below import
-    from alignment.trainers.common import NonFiniteLossError
     from flows.pipeline import pipeline_flow, resolved_yaml
-    from tasks.launch import LaunchError
     import alignment.models  # noqa: F401 - transformers' model code (about 6 s on 2 cores): now, not in the first stage
     quiet_output()
     try:
@@ -134,16 +162,8 @@ def run(
         result = pipeline_flow(cfg, pipeline, resolved_yaml(raw), only=only, from_run=from_run, overrides=set_)
     except KeyboardInterrupt:
         fail("interrupted: the running stage was marked KILLED; run the same command again to resume", 130)
-    except DataError as err:
-        fail(f"bad input data: {err}", 2)
-    except RewardFunctionError as err:
-        fail(f"bad reward function{reward_function_named(err)}: {err}", 2)
-    except NonFiniteLossError as err:
-        fail(f"pipeline {pipeline!r} stopped{where_in(err)}: training diverged: {err}", 1)
-    except LaunchError as err:
-        fail(f"pipeline {pipeline!r} stopped{where_in(err)}: {err}", 1)
     except Exception as err:  # noqa: BLE001 - the message, not a traceback, is what a user needs
-        fail(unexpected(pipeline, err), 1)
+        fail_with(pipeline, err)
     typer.echo(f"pipeline run {result['parent_run_id']}")
     failed_gates = []
     for name, out in result["stages"].items():

@@ -25,6 +25,31 @@ class ConfigError(ValueError):
     """pipelines.yaml is invalid; the message names the key path and the reason."""
 
 
+class SeveralErrors(Exception):
+    """Independent problems of one run (of several stages, or several stages' files), in pipeline order:
+    reported together, so that one run shows everything to mend."""
+
+    def __init__(self, errors: list[BaseException]):
+        super().__init__(f"{len(errors)} problems")
+        self.errors = list(errors)
+
+
+def raise_together(errors: list[BaseException]) -> None:
+    """Nothing for no errors, the error itself for one, SeveralErrors for more (one file two stages read is
+    one problem, said once; the same problem in two stages, whose notes say where, is two)."""
+    seen, unique = set(), []
+    for e in errors:
+        said = (type(e), str(e), tuple(getattr(e, "__notes__", ())))
+        if said not in seen:
+            seen.add(said)
+            unique.append(e)
+    errors = unique
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise SeveralErrors(errors)
+
+
 class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     description: str = ""  # one line shown by `alignflow validate`
@@ -161,13 +186,13 @@ def check_inputs(pname: str, spec: PipelineSpec) -> list[str]:
 
 
 def preflight(spec, only: str | None, workdir: str | Path | None = None) -> None:
-    """Validate every data file the pipeline reads (all problems at once) and load its reward functions,
+    """Validate every data file the pipeline reads (all problems at once, of every stage) and load its reward functions,
     before any work. A local model folder's tokenizer is checked, and the conversations of the files that
     go straight to it (sft's data, the pairs of an import that a dpo or reward model stage trains it on)
     are rendered through its chat template. A file is read once in a run (the stage gets what this read:
     tasks.data.read_once), and an import already in the stage store of `workdir` is not read at all."""
     from tasks import rewards
-    from tasks.data import prompt_of, read_prompt_file
+    from tasks.data import DataError, prompt_of, read_prompt_file
     from tasks.stage import key_of, template_preflight
     from tasks.stages import MODULES
     from tasks.stages.import_preferences import import_preferences
@@ -175,30 +200,35 @@ def preflight(spec, only: str | None, workdir: str | Path | None = None) -> None
     from tasks.store import Store
 
     tokenizers, pairs = {}, {}  # model stage -> its tokenizer; import stage -> its pairs (what this run read)
+    errors = []
     quiet = lambda _: None  # noqa: E731 - warnings are the stage's to say, once
     for stage in spec.stages:
         if only is not None and only != stage.name:
             continue
-        if stage.type == "import_preferences":
-            stored = workdir is not None and Store(workdir).lookup(stage.type, key_of(stage, MODULES[stage.type], {}))
-            if not stored:
-                pairs[stage.name] = import_preferences(stage.params)[0]
-        elif stage.type == "model" and Path(stage.params.name_or_path).is_dir():
-            from tasks.stages.model import open_tokenizer
+        try:
+            if stage.type == "import_preferences":
+                stored = workdir is not None and Store(workdir).lookup(stage.type, key_of(stage, MODULES[stage.type], {}))
+                if not stored:
+                    pairs[stage.name] = import_preferences(stage.params)[0]
+            elif stage.type == "model" and Path(stage.params.name_or_path).is_dir():
+                from tasks.stages.model import open_tokenizer
 
-            tokenizers[stage.name] = open_tokenizer(stage.params, log=quiet)  # a local folder's tokenizer, before any work
-        elif stage.type == "sft" and stage.params.data:
-            demos, _ = import_demonstrations(stage.params)
-            if stage.inputs.get("policy") in tokenizers:
-                template_preflight(tokenizers[stage.inputs["policy"]], [prompt_of(r) for r in demos.to_dict("records")],
-                                   stage.params.data, quiet, stage.params.drop_invalid)
-        elif stage.type in ("dpo", "train_reward_model"):
-            model = stage.inputs.get("policy") or stage.inputs.get("base")
-            if model in tokenizers and stage.inputs.get("preferences") in pairs:
-                rows = pairs[stage.inputs["preferences"]].to_dict("records")
-                template_preflight(tokenizers[model], [prompt_of(r) for r in rows], f"{stage.inputs['preferences']} (its pairs)",
-                                   quiet, stage.params.drop_invalid)
-        if getattr(stage.params, "prompts_file", None):
-            read_prompt_file(stage.params.prompts_file, stage.params.columns)
-        for spec in getattr(stage.params, "reward_functions", []):
-            rewards.load(spec)
+                tokenizers[stage.name] = open_tokenizer(stage.params, log=quiet)  # a local folder's tokenizer, before any work
+            elif stage.type == "sft" and stage.params.data:
+                demos, _ = import_demonstrations(stage.params)
+                if stage.inputs.get("policy") in tokenizers:
+                    template_preflight(tokenizers[stage.inputs["policy"]], [prompt_of(r) for r in demos.to_dict("records")],
+                                       stage.params.data, quiet, stage.params.drop_invalid)
+            elif stage.type in ("dpo", "train_reward_model"):
+                model = stage.inputs.get("policy") or stage.inputs.get("base")
+                if model in tokenizers and stage.inputs.get("preferences") in pairs:
+                    rows = pairs[stage.inputs["preferences"]].to_dict("records")
+                    template_preflight(tokenizers[model], [prompt_of(r) for r in rows], f"{stage.inputs['preferences']} (its pairs)",
+                                       quiet, stage.params.drop_invalid)
+            if getattr(stage.params, "prompts_file", None):
+                read_prompt_file(stage.params.prompts_file, stage.params.columns)
+            for spec in getattr(stage.params, "reward_functions", []):
+                rewards.load(spec)
+        except (DataError, rewards.RewardFunctionError) as err:  # the other stages' files are still checked
+            errors.append(err)
+    raise_together(errors)

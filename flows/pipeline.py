@@ -18,7 +18,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import PipelinesFile, preflight
+from flows.config import PipelinesFile, SeveralErrors, preflight, raise_together
 from flows import nodes  # noqa: F401 - the work-pool engine of resources.nodes
 from tasks.stage import STOP, StageContext, execute
 from tasks.stages import MODULES
@@ -33,7 +33,8 @@ class _ExplainedErrors(logging.Filter):
     quotes them again, are held back. The flow run's state in Prefect and the MLflow run's alignflow.error
     tag keep the message."""
 
-    NAMES = ("DataError", "RewardFunctionError", "NonFiniteLossError", "LaunchError")
+    # (SeveralErrors: the flow's line quoting several stages' errors; each stage's own line is judged by itself)
+    NAMES = ("DataError", "RewardFunctionError", "NonFiniteLossError", "LaunchError", "SeveralErrors")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None and _explained(record.exc_info[1]):
@@ -48,6 +49,8 @@ def _explained(err: BaseException) -> bool:
     from tasks.data import DataError
     from tasks.launch import LaunchError
 
+    if isinstance(err, SeveralErrors):
+        return all(_explained(e) for e in err.errors)
     return isinstance(err, (DataError, RewardFunctionError, NonFiniteLossError, LaunchError))
 
 
@@ -205,7 +208,7 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
                 futures[stage.name] = STAGE_TASK.with_options(name=stage.name).submit(ctx, stage, inputs)
                 if not concurrent:
                     futures[stage.name].wait()
-            results = {name: f.result() for name, f in futures.items()}
+            results = stage_results(futures)
         tracker.set_tags(parent, {f"stage.{n}.run_id": o.run_id for n, o in results.items()})
         log_results(tracker, parent, pipeline, stages, results)
         status = "FINISHED"
@@ -226,6 +229,21 @@ def pipeline_flow(cfg: PipelinesFile, pipeline: str, resolved_yaml: str, only: s
         tracker.end_run(parent, status)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def stage_results(futures: dict) -> dict[str, StageOutput]:
+    """Every stage's output, once all have ended. Where stages failed, their errors are raised together in
+    pipeline order (one as itself, several as SeveralErrors); a stage that never ran because an input of it
+    failed adds nothing (its input's error says it)."""
+    for f in futures.values():
+        f.wait()
+    failed = [f.result(raise_on_failure=False) for f in futures.values() if f.state.is_failed() or f.state.is_crashed()]
+    failed = [e for e in failed if isinstance(e, BaseException)]
+    for e in failed:
+        if isinstance(e, KeyboardInterrupt):  # a stopped stage: the run was interrupted, whatever else failed
+            raise e
+    raise_together(failed)
+    return {name: f.result() for name, f in futures.items()}
 
 
 def _raise_interrupt(signum, frame):

@@ -2,7 +2,7 @@
 
 Each process samples its block of a rollout's prompts with the whole batch's random draws, so the two
 processes together sample what one process samples; statistics over the batch (PPO's advantage whitening
-and KL controller, GRPO's token count, the logged metrics) are the whole batch's. The 2-process stages,
+and KL controller, GRPO's token count and batch std, the logged metrics) are the whole batch's. The 2-process stages,
 each killed with kill -9 once (one rank, the other rank, the whole launch) and resumed, must follow the
 one-process run step by step and end at its weights, and their ledgers name the process of every prompt.
 """
@@ -45,6 +45,7 @@ def config(root: Path, processes: int, model: Path, prefs: Path, prompts: Path) 
         {"name": "grpo", "type": "grpo", "inputs": {"policy": "base", "reward_model": "reward_model"}, **two,
          "params": {**common, "grpo": {"iterations": ITERATIONS, "prompts_per_batch": 4, "group_size": 3,
                                        "minibatch_size": 4, "lr": 1e-3, "beta": 0.1, "checkpoint_every": 2,
+                                       "advantage": "batch_std",  # its std is the whole batch's, over processes
                                        "sampling": SAMPLING}}},
         {"name": "rloo", "type": "rloo", "inputs": {"policy": "base", "reward_model": "reward_model"}, **two,
          "params": {**common, "rloo": {"iterations": ITERATIONS, "prompts_per_batch": 4, "group_size": 2,

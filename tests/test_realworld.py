@@ -221,11 +221,15 @@ def test_real_files_that_cannot_train_exit_2_with_a_sentence(tmp_path):
                   ["columns: {answer_l: rejected, answer_w: chosen, context: prompt}"]),
         "gpt2_files": ([model("m", bare_gpt2_folder(tmp_path / "gpt2-bare"))], ["tokenizer cannot be loaded", "save_pretrained"]),
     }
+    # every case's stage in one pipeline: one run reports them all, in pipeline order
+    together = [dict(stage, name=f"{stage['name']}_{name}") for name, (stages, _) in cases.items() for stage in stages]
+    cases["together"] = (together, [w for _, words in cases.values() for w in words] + [f"{len(together)} problems"])
     for name, (stages, words) in cases.items():
         result, _ = run(tmp_path, name, stages)
-        refused(result, *words)
+        said = refused(result, *words)
         assert "temporary Prefect server" not in result.stdout + result.stderr  # found before anything started
         assert not list((tmp_path / f"runs-{name}").glob("stages/*/*")), name  # nothing written
+    assert said.index("HTML") < said.index("unpaired feedback") < said.index("answer_l") < said.index("tokenizer cannot")
 
 
 def test_a_template_error_before_or_inside_a_stage_is_the_same_sentence(tmp_path):
@@ -239,8 +243,12 @@ def test_a_template_error_before_or_inside_a_stage_is_the_same_sentence(tmp_path
     strict, _ = run(tmp_path, "strict", [model("m", gemma, system_turns="error"), sft("s", "m", "sft/toy_chat_fine_tuning.jsonl")])
     refused(strict, "the chat template says 'System role not supported'", "system_turns: merge", "rows [")
     assert not list((tmp_path / "runs-strict").glob("stages/*/*"))  # found before any stage ran
-    tools, _ = run(tmp_path, "tools", [model("m", phi3), sft("s", "m", "sft/stock_toolcall_validation.jsonl")])
-    refused(tools, "does not write the tool calls of 5 demonstration(s) (rows [1, 2, 4, 5, 9])", "use a template that does")
+    # two stages that fail inside: both are reported, each led by its stage, and neither leaves an output
+    tools, _ = run(tmp_path, "tools", [model("m", phi3), sft("s", "m", "sft/stock_toolcall_validation.jsonl"),
+                                       sft("s2", "m", "sft/stock_toolcall_validation.jsonl", max_length=160)])
+    said = refused(tools, "does not write the tool calls of 5 demonstration(s) (rows [1, 2, 4, 5, 9])", "use a template that does",
+                   "2 problems", "stage 's' (MLflow run ", "stage 's2' (MLflow run ")
+    assert said.count("does not write the tool calls") == 2
     assert list((tmp_path / "runs-tools").glob("stages/model/*/_SUCCESS.json"))  # (inside the sft stage)
     assert not list((tmp_path / "runs-tools").glob("stages/sft/*/_SUCCESS.json"))
     # with drop_invalid, SFT trains on the five rows without a call and lists the five it left out
