@@ -11,7 +11,8 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 from alignment.data import PairExample
 from alignment.models import PolicyWithValueHead, RewardModel
 from alignment.sampling import SamplingParams
-from alignment.trainers.common import NonFiniteLossError, TrainConfig, minibatch
+from alignment.trainers.common import NonFiniteLossError, TrainConfig
+from alignment.trainers.rows import minibatch
 from alignment.trainers.dpo import DPOConfig, DPOTrainer, pair_logps
 from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from alignment.trainers.reward import RewardConfig, RewardTrainer
@@ -186,7 +187,7 @@ def test_ppo_resume_gives_the_same_parameters(sandbox_tokenizer, tmp_path):
 
 
 def test_length_grouped_sampler_covers_each_example_once_with_little_padding():
-    from alignment.trainers.common import StepSampler
+    from alignment.trainers.rows import StepSampler
 
     lengths = torch.randint(5, 100, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     grouped = StepSampler(64, 8, seed=3, lengths=lengths)

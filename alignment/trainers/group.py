@@ -29,7 +29,8 @@ from alignment.models import frozen_copy, position_ids_from_mask
 from alignment.prefix import AnswerLogps
 from alignment.sampling import sample_within_memory, stop_token_ids
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
-from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
+from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization
+from alignment.trainers.rows import Ledger, RolloutShard, StepSampler, minibatch
 
 ADVANTAGES = {"grpo": ("grpo", "batch_std", "dr_grpo"), "rloo": ("rloo",)}
 

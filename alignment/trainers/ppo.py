@@ -23,7 +23,8 @@ from alignment.lora import has_adapters, reference_mode
 from alignment.losses import kl_penalty, masked_mean, ppo_policy_loss, value_loss
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
 from alignment.sampling import sample_within_memory, stop_token_ids
-from alignment.trainers.common import Checkpointer, Ledger, MetricsCallback, Optimization, RolloutShard, StepSampler, minibatch
+from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization
+from alignment.trainers.rows import Ledger, RolloutShard, StepSampler, minibatch
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """reward_fn(prompts, answers) -> scores [B]; text in, so the reward model may use its own tokenizer."""
