@@ -47,11 +47,23 @@ def needed(stages: list[dict], names: set[str]) -> list[dict]:
     return [s for s in stages if s["name"] in keep]
 
 
-def stage_metrics(cfg, pipeline: str) -> dict[str, dict]:
+def stage_runs(cfg, pipeline: str) -> tuple:
+    """(tracker, {stage name: its MLflow run}) of the latest run of `pipeline`."""
     tracker = make_tracker(cfg)
     [parent] = tracker.runs(f"tags.`alignflow.pipeline` = '{pipeline}'", max_results=1)
-    return {r.data.tags["alignflow.stage"]: r.data.metrics
-            for r in tracker.runs(f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)}
+    return tracker, {r.data.tags["alignflow.stage"]: r
+                     for r in tracker.runs(f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)}
+
+
+def stage_metrics(cfg, pipeline: str) -> dict[str, dict]:
+    return {name: r.data.metrics for name, r in stage_runs(cfg, pipeline)[1].items()}
+
+
+def answer_lengths(cfg, pipeline: str, stage: str) -> list[float]:
+    """A GRPO/RLOO stage's mean sampled answer length (tokens), generation by generation."""
+    tracker, runs = stage_runs(cfg, pipeline)
+    history = tracker.client.get_metric_history(runs[stage].info.run_id, "train/answer_len")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 def run_pipeline(raw: dict, name: str) -> tuple[PipelinesFile, dict]:
@@ -62,7 +74,7 @@ def run_pipeline(raw: dict, name: str) -> tuple[PipelinesFile, dict]:
 
 def evaluation(m: dict) -> dict:
     return {"win": m["eval/gold_win_rate"], "kl": m["eval/kl"], "banned": m["eval/banned_word_rate"],
-            "gold": m["eval/gold_reward_mean"]}
+            "gold": m["eval/gold_reward_mean"], "len": m["eval/answer_len_mean"]}
 
 
 def run_peer(raw: dict, method: str, outputs: dict, workdir: Path, seed: int) -> dict:
@@ -82,7 +94,9 @@ def run_peer(raw: dict, method: str, outputs: dict, workdir: Path, seed: int) ->
     upstream = needed(list(stages.values()), set(evaluate["inputs"].values()) - {model["name"]})
     peer = {**raw, "pipelines": {"trl-peer": {"description": f"TRL {method} evaluated", "stages": [*upstream, model, evaluate]}}}
     cfg, _ = run_pipeline(peer, "trl-peer")
-    return {**evaluation(stage_metrics(cfg, "trl-peer")[evaluate["name"]]), "train_s": train_s}
+    log = json.loads((workdir / f"trl-{method}" / "log_history.json").read_text())
+    return {**evaluation(stage_metrics(cfg, "trl-peer")[evaluate["name"]]), "train_s": train_s,
+            "train_len": [h["completions/mean_length"] for h in log if "completions/mean_length" in h]}
 
 
 def run_seed(seed: int, workdir: Path, methods: tuple[str, ...] = METHODS, peer: str | None = None,
@@ -104,6 +118,8 @@ def run_seed(seed: int, workdir: Path, methods: tuple[str, ...] = METHODS, peer:
            "durations": {s: m["duration_s"] for s, m in stages.items()}}
     for method in methods:
         row[method] = evaluation(stages[f"evaluate_{method}"])
+        if method in ("grpo", "rloo"):
+            row[method]["train_len"] = answer_lengths(cfg, "compare-methods", method)
         if peer == "trl" and method in ("grpo", "rloo"):
             row[f"trl_{method}"] = run_peer(raw, method, outputs, workdir, seed)
     return row
@@ -155,6 +171,10 @@ def main() -> None:
             print(f"{m} vs TRL: gold win {mean(lambda r: r[m]['win'] - r[f'trl_{m}']['win']):+.3f}, "
                   f"KL {mean(lambda r: r[m]['kl'] - r[f'trl_{m}']['kl']):+.2f}; training {ours_s:.0f} s vs {trl_s:.0f} s "
                   f"({trl_s / ours_s:.2f}x faster)")
+            for side in (m, f"trl_{m}"):  # answer length: the evaluated policy's, and the rollouts' first -> last
+                first, last = mean(lambda r: r[side]["train_len"][0]), mean(lambda r: r[side]["train_len"][-1])
+                print(f"  {side}: evaluated answers {mean(lambda r: r[side]['len']):.1f} tokens; "
+                      f"rollouts {first:.1f} -> {last:.1f} tokens")
 
 
 if __name__ == "__main__":
