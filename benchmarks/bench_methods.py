@@ -113,9 +113,10 @@ def run_seed(seed: int, workdir: Path, methods: tuple[str, ...] = METHODS, peer:
     stages = stage_metrics(cfg, "compare-methods")
     row = {"seed": seed, "wall_s": wall, "rm_gold_accuracy": stages["reward_model"]["eval/gold_accuracy"],
            "sft_banned": stages[f"evaluate_{methods[0]}"]["eval/ref_banned_word_rate"],
-           "quickstart_work_s": sum(stages[s]["duration_s"] for s in QUICKSTART if s in stages),
-           "extra_work_s": sum(m["duration_s"] for s, m in stages.items() if s not in QUICKSTART),
-           "durations": {s: m["duration_s"] for s, m in stages.items()}}
+           # a stage reused from the store (a --set trial on a kept workdir) did no work in this run
+           "quickstart_work_s": sum(stages[s].get("duration_s", 0.0) for s in QUICKSTART if s in stages),
+           "extra_work_s": sum(m.get("duration_s", 0.0) for s, m in stages.items() if s not in QUICKSTART),
+           "durations": {s: m.get("duration_s", 0.0) for s, m in stages.items()}}
     for method in methods:
         row[method] = evaluation(stages[f"evaluate_{method}"])
         if method in ("grpo", "rloo"):
