@@ -34,6 +34,7 @@ def run(workdir: Path, overrides: list[str], cli: bool = False) -> tuple[dict, f
     cfg, raw = load(ROOT / "pipelines.yaml", "quickstart", overrides)
     t = time.perf_counter()
     if cli:
+        workdir.mkdir(parents=True, exist_ok=True)  # the command runs in it
         sets = [a for o in overrides for a in ("--set", o)]
         subprocess.run([str(Path(sys.executable).parent / "alignflow"), "run", "quickstart", "-c", str(ROOT / "pipelines.yaml"), *sets],
                        cwd=workdir, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
