@@ -142,3 +142,27 @@ def test_drop_invalid_leaves_out_the_pairs_the_token_checks_reject(sandbox_token
     assert rejects == ["prefs: pair 2: chosen == rejected after truncation with max_length=14"]
     with pytest.raises(DataError, match="no pair is left to train on"):
         token_preflight(tok, pairs[1:], max_length=14, source="prefs", drop_invalid=True, log=lambda _: None)
+
+
+def test_a_saved_model_declares_the_templates_end_of_turn_and_a_reward_model_is_left_alone(tmp_path):
+    """declare_stop_tokens, which every stage's save runs (save_model, PPO's save): Gemma's template on minimind's
+    vocabulary ends a turn with <end_of_turn> (6401) where EOS is <|im_end|> (2); the causal LM's
+    generation_config then lists both, in that order, once each (called twice); a sequence classifier, which
+    generates nothing, gets no generation config."""
+    from realworld import real_tokenizer
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from alignment.sampling import declare_stop_tokens
+
+    gemma = real_tokenizer("minimind", "gemma/tokenizer_config.json")
+    config = LlamaConfig(vocab_size=len(gemma), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, eos_token_id=gemma.eos_token_id, pad_token_id=0, num_labels=1)
+    lm = LlamaForCausalLM(config)
+    assert lm.generation_config.eos_token_id == 2
+    declare_stop_tokens(lm, gemma)
+    declare_stop_tokens(lm, gemma)
+    lm.save_pretrained(tmp_path / "lm")
+    assert GenerationConfig.from_pretrained(tmp_path / "lm").eos_token_id == [2, 6401]
+    rm = LlamaForSequenceClassification(config)  # (transformers gives a classifier no generation_config)
+    declare_stop_tokens(rm, gemma)
+    assert getattr(rm, "generation_config", None) is None

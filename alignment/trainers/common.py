@@ -62,7 +62,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Turn on activation checkpointing in every transformers model inside `model` (policy, value model,
     reward backbone); use_reentrant=False so frozen embeddings (LoRA) still pass gradients on."""
