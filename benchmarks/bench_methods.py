@@ -173,9 +173,10 @@ def main() -> None:
                   f"KL {mean(lambda r: r[m]['kl'] - r[f'trl_{m}']['kl']):+.2f}; training {ours_s:.0f} s vs {trl_s:.0f} s "
                   f"({trl_s / ours_s:.2f}x faster)")
             for side in (m, f"trl_{m}"):  # answer length: the evaluated policy's, and the rollouts' first -> last
-                first, last = mean(lambda r: r[side]["train_len"][0]), mean(lambda r: r[side]["train_len"][-1])
-                print(f"  {side}: evaluated answers {mean(lambda r: r[side]['len']):.1f} tokens; "
-                      f"rollouts {first:.1f} -> {last:.1f} tokens")
+                traced = [r[side]["train_len"] for r in rows if r[side]["train_len"]]  # (none for a reused stage)
+                rollouts = (f"; rollouts {sum(t[0] for t in traced) / len(traced):.1f} -> "
+                            f"{sum(t[-1] for t in traced) / len(traced):.1f} tokens" if traced else "")
+                print(f"  {side}: evaluated answers {mean(lambda r: r[side]['len']):.1f} tokens{rollouts}")
 
 
 if __name__ == "__main__":
