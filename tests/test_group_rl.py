@@ -163,7 +163,10 @@ def shorter_is_better(prompts, answers):
     return [-0.2 * len(a.split()) for a in answers]
 
 
-@pytest.mark.parametrize("cfg_type, kw", [(GRPOConfig, {}), (GRPOConfig, {"advantage": "batch_std"}), (RLOOConfig, {"beta": 0.01})])
+# RLOO (one action an answer) learns more slowly: at 12 iterations its gain ranged 0.38-1.67 over seeds 0-5,
+# at 20 it is 2.3 on each
+@pytest.mark.parametrize("cfg_type, kw", [(GRPOConfig, {}), (GRPOConfig, {"advantage": "batch_std"}),
+                                          (RLOOConfig, {"beta": 0.01, "iterations": 20})])
 def test_group_trainers_learn_to_raise_reward(sandbox_tokenizer, cfg_type, kw):
     model, prompts, cfg = setup(sandbox_tokenizer, cfg_type, **kw)
     history = GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg).train()

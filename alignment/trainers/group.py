@@ -30,7 +30,7 @@ from alignment.prefix import AnswerLogps
 from alignment.sampling import sample_within_memory, stop_token_ids
 from alignment.rewards import RewardFn, RewardFunctionError, score  # noqa: F401 - re-exported
 from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization
-from alignment.trainers.rows import Ledger, RolloutShard, StepSampler, minibatch
+from alignment.trainers.rows import Ledger, RolloutShard, StepSampler, minibatch, stream_seed
 
 ADVANTAGES = {"grpo": ("grpo", "batch_std", "dr_grpo"), "rloo": ("rloo",)}
 
@@ -114,7 +114,7 @@ class GroupTrainer:
         prompt_ids, prompt_mask = pad(shard.mine(encoded), pad_id, side="left", width=max(map(len, encoded)))
         params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
         out = sample_within_memory(self.model, prompt_ids.to(device), prompt_mask.to(device), params, pad_id,
-                                   cfg.seed * 1_000_003 + self.iteration, rows=(shard.first_row, shard.total_rows),
+                                   stream_seed(cfg.seed, "rollout", self.iteration), rows=(shard.first_row, shard.total_rows),
                                    answers_per_prompt=cfg.group_size)  # a prompt computed once
         mask = torch.zeros_like(out.attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
@@ -218,7 +218,7 @@ class GroupTrainer:
             stats, tokens = batch.pop("stats"), batch.pop("tokens")
             self.opt.model.train()
             steps = []
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
+            g = torch.Generator().manual_seed(stream_seed(cfg.seed, "minibatches", self.iteration))
             for _epoch in range(cfg.epochs):
                 perm = torch.randperm(self.batch_size, generator=g).tolist()  # the rollout's global rows
                 for i in range(0, self.batch_size, self.minibatch_size):

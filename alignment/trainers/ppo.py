@@ -24,7 +24,7 @@ from alignment.losses import kl_penalty, masked_mean, ppo_policy_loss, value_los
 from alignment.models import PolicyWithValueHead, frozen_copy, position_ids_from_mask
 from alignment.sampling import sample_within_memory, stop_token_ids
 from alignment.trainers.common import Checkpointer, MetricsCallback, Optimization
-from alignment.trainers.rows import Ledger, RolloutShard, StepSampler, minibatch
+from alignment.trainers.rows import Ledger, RolloutShard, StepSampler, minibatch, stream_seed
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """reward_fn(prompts, answers) -> scores [B]; text in, so the reward model may use its own tokenizer."""
@@ -76,7 +76,7 @@ class PPOTrainer:
         prompt_ids, prompt_mask = pad(shard.mine(encoded), pad_id, side="left", width=max(map(len, encoded)))
         params = dataclasses.replace(cfg.sampling, stop_token_ids=self.stop_ids)
         out = sample_within_memory(model.policy, prompt_ids.to(device), prompt_mask.to(device), params, pad_id,
-                                   cfg.seed * 1_000_003 + self.iteration, rows=(shard.first_row, shard.total_rows))
+                                   stream_seed(cfg.seed, "rollout", self.iteration), rows=(shard.first_row, shard.total_rows))
         sequences, attention_mask = out.sequences, out.attention_mask  # [B, P + N]
         mask = torch.zeros_like(attention_mask)  # [B, P + N], 1 on answer tokens
         mask[:, out.prompt_length :] = out.answer_mask
@@ -163,7 +163,7 @@ class PPOTrainer:
             batch = self.rollout([self.prompts[i] for i in ids])
             self.opt.model.train()
             step_metrics = []
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
+            g = torch.Generator().manual_seed(stream_seed(cfg.seed, "minibatches", self.iteration))
             for _epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(shard.total_rows, generator=g).tolist()  # the rollout's global rows
                 for i in range(0, len(perm), cfg.minibatch_size):

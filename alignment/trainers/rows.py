@@ -4,6 +4,7 @@ minibatch cut of a rollout."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,17 @@ from pathlib import Path
 import torch
 
 Tensor = torch.Tensor
+
+
+def stream_seed(seed: int, stream: str, index: int = 0) -> int:
+    """The generator seed of one random stream of a run. `stream` names what it draws (an epoch's example
+    order, a rollout's tokens, a rollout's minibatch order, ...) and `index` which one (the epoch, the
+    iteration). Two streams never share a generator, as they do with arithmetic: seed * 7919 + i and
+    seed * 1000003 + i are both i at seed 0, which draws a rollout's first tokens and its minibatch order from
+    the same numbers. The same three give the same seed on every machine and process (a resumed run draws what
+    the uninterrupted one drew)."""
+    digest = hashlib.blake2b(f"{stream}/{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class StepSampler:
@@ -38,7 +50,7 @@ class StepSampler:
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(stream_seed(self.seed, "epoch", epoch))
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch]
 
@@ -52,7 +64,7 @@ class StepSampler:
         group = step // self.GROUP
         members = self._positions(group * self.GROUP * self.batch_size, self.GROUP * self.batch_size)
         members.sort(key=lambda i: self.lengths[i])
-        g = torch.Generator().manual_seed(self.seed * 7_919 + group)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "length_group", group))
         k = int(torch.randperm(self.GROUP, generator=g)[step % self.GROUP])
         return members[k * self.batch_size : (k + 1) * self.batch_size]
 
