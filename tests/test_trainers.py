@@ -209,19 +209,21 @@ def test_length_grouped_sampler_covers_each_example_once_with_little_padding():
 
 def test_a_runs_random_streams_never_share_a_generator():
     """At seed 0 the old arithmetic (seed * 1,000,003 + i for a rollout's tokens, seed * 7,919 + i for its
-    minibatch order, seed * 100,003 + e for the prompt order) seeded all three with i, so a rollout's first
-    uniforms and the permutation of its rows came from the same numbers. stream_seed hashes (stream, seed,
-    index): every stream, seed and index of a run gets its own generator, and the same on every machine."""
+    minibatch order, the prompt sampler's seed * 100,003 + e) seeded all three with i, so iteration 0's prompts,
+    first uniforms and minibatch order came from the same numbers. stream_seed hashes (stream, seed, index):
+    every stream, seed and iteration of a run gets its own generator, the same on every machine, and far from
+    the prompt sampler's small arithmetic seeds."""
     from alignment.trainers.rows import stream_seed
 
-    streams = ("rollout", "minibatches", "epoch", "length_group")
-    seeds = {(name, seed, i): stream_seed(seed, name, i) for name in streams for seed in (0, 1, 2) for i in range(50)}
+    streams = ("rollout", "minibatches")
+    seeds = {(name, seed, i): stream_seed(seed, name, i) for name in streams for seed in (0, 1, 2) for i in range(100)}
     assert len(set(seeds.values())) == len(seeds)  # no two share a seed
-    assert all(0 <= v < 2**63 for v in seeds.values())
+    assert all(2**32 <= v < 2**63 for v in seeds.values())  # none near the prompt sampler's seed * 100,003 + e
     # blake2b of "rollout/0/0", 8 bytes little-endian, top bit cleared: pinned, so a figure of a seed stays reproducible
     assert stream_seed(0, "rollout", 0) == 2065677411933855061
+    prompt_order = torch.rand(4, generator=torch.Generator().manual_seed(0 * 100_003 + 0))
     first = [torch.rand(4, generator=torch.Generator().manual_seed(stream_seed(0, name, 0))) for name in streams]
-    assert all(not torch.equal(a, b) for k, a in enumerate(first) for b in first[k + 1:])
+    assert not torch.equal(first[0], first[1]) and all(not torch.equal(f, prompt_order) for f in first)
 
 
 def test_ppo_reward_model_with_its_own_tokenizer(sandbox_tokenizer):

@@ -15,12 +15,13 @@ Tensor = torch.Tensor
 
 
 def stream_seed(seed: int, stream: str, index: int = 0) -> int:
-    """The generator seed of one random stream of a run. `stream` names what it draws (an epoch's example
-    order, a rollout's tokens, a rollout's minibatch order, ...) and `index` which one (the epoch, the
-    iteration). Two streams never share a generator, as they do with arithmetic: seed * 7919 + i and
-    seed * 1000003 + i are both i at seed 0, which draws a rollout's first tokens and its minibatch order from
-    the same numbers. The same three give the same seed on every machine and process (a resumed run draws what
-    the uninterrupted one drew)."""
+    """The generator seed of one random stream of an online-RL run: `stream` names what it draws (a rollout's
+    tokens, its minibatch order) and `index` which one (the iteration). Two streams never share a generator,
+    as they did with arithmetic: seed * 1000003 + i (tokens), seed * 7919 + i (minibatch order) and the prompt
+    sampler's seed * 100003 + e were all i at seed 0, so iteration 0 drew its prompts, its answers' first tokens
+    and its minibatch order from the same numbers. The same three give the same seed on every machine and
+    process (a resumed run draws what the uninterrupted one drew). (StepSampler keeps its arithmetic seeds: the
+    offline trainers' example order; they are small integers, which no hash here comes near.)"""
     digest = hashlib.blake2b(f"{stream}/{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -50,7 +51,7 @@ class StepSampler:
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(stream_seed(self.seed, "epoch", epoch))
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch]
 
@@ -64,7 +65,7 @@ class StepSampler:
         group = step // self.GROUP
         members = self._positions(group * self.GROUP * self.batch_size, self.GROUP * self.batch_size)
         members.sort(key=lambda i: self.lengths[i])
-        g = torch.Generator().manual_seed(stream_seed(self.seed, "length_group", group))
+        g = torch.Generator().manual_seed(self.seed * 7_919 + group)
         k = int(torch.randperm(self.GROUP, generator=g)[step % self.GROUP])
         return members[k * self.batch_size : (k + 1) * self.batch_size]
 
