@@ -102,7 +102,9 @@ def fail_with(pipeline: str, err: BaseException) -> None:
     """Exit with the report of `err`; for several errors (SeveralErrors), every one's report, one paragraph
     each in pipeline order, led by the stage it happened in where a stage's note says so, and the first
     one's exit code."""
-    errors = getattr(err, "errors", [err])
+    from flows.config import SeveralErrors
+
+    errors = err.errors if isinstance(err, SeveralErrors) else [err]  # (not any .errors: pydantic's is a method)
     reports = [report(pipeline, e) for e in errors]
     if len(errors) > 1:
         typer.secho(f"pipeline {pipeline!r}: {len(errors)} problems", err=True, fg="red")

@@ -333,6 +333,32 @@ def test_an_error_no_handler_knows_is_one_sentence_with_where_and_what_next():
     assert "ran out of memory" in unexpected("tiny", MemoryError())
 
 
+def test_several_errors_are_each_reported_and_an_error_with_an_errors_method_is_one(capsys):
+    """fail_with: SeveralErrors prints every error's sentence (a stage's led by the stage) with the first one's
+    exit code; any other error is one report, even one whose .errors is a method (pydantic's ValidationError),
+    which reading every `.errors` attribute as a list crashed on."""
+    import pydantic
+    import typer
+
+    from flows.cli import fail_with
+    from flows.config import SeveralErrors
+    from tasks.data import DataError
+
+    bad, broken = DataError("prefs.jsonl:line 3: no 'chosen' column"), RuntimeError("the head is missing")
+    broken.add_note("stage 'ppo' (MLflow run 0123)")
+    with pytest.raises(typer.Exit) as exit_:
+        fail_with("tiny", SeveralErrors([bad, broken]))
+    said = capsys.readouterr().err
+    assert exit_.value.exit_code == 2 and said.startswith("pipeline 'tiny': 2 problems\n")
+    assert "bad input data: prefs.jsonl:line 3: no 'chosen' column\n\npipeline 'tiny' failed in stage 'ppo'" in said
+    try:
+        pydantic.TypeAdapter(int).validate_python("x")
+    except pydantic.ValidationError as err:
+        with pytest.raises(typer.Exit) as exit_:
+            fail_with("tiny", err)
+    assert exit_.value.exit_code == 1 and "pipeline 'tiny' failed: 1 validation error" in capsys.readouterr().err
+
+
 def test_unchanged_rerun_recomputes_nothing(env):
     second = env["run"]()
     assert all(s["cached"] for s in second["stages"].values())
