@@ -67,6 +67,12 @@ class SFTConfig:
     max_length: int = 1024  # prompt + answer tokens per example (longer ones are truncated)
     packing: bool = False  # a micro-batch's rows hold several examples, each seeing only itself, up to its longest
     # one's length: the same loss with less padding (alignment.prefix.pack_rows)
+    micro_batch_tokens: int = 0  # a token budget (needs packing): each step's examples are packed into micro-batches
+    # of one row of exactly this many tokens (in place of grad_accum_steps): memory bounded by the budget, not by
+    # batch_size x the longest example, and every micro-batch the same shape (what train.compile wants). 0 = off
+
+    def __post_init__(self):
+        _check_packing(self)
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,12 @@ class RewardConfig:
     # every labeled pair among them (InstructGPT's K-way batches); train.batch_size then counts prompts
     packing: bool = False  # a micro-batch's rows hold several pairs (or prompt groups), each seeing only itself,
     # up to its longest one's length: the same losses with less padding (alignment.prefix.pack_rows; shared_prefix)
+    micro_batch_tokens: int = 0  # a token budget (needs packing): each step's pairs (prompt groups) are packed into
+    # micro-batches of one row of exactly this many tokens (in place of grad_accum_steps): memory bounded by the
+    # budget, every micro-batch the same shape (what train.compile wants). 0 = off
 
     def __post_init__(self):
-        _packing_needs_shared_prefix(self)
+        _check_packing(self)
 
 
 @dataclass(frozen=True)
@@ -102,14 +111,28 @@ class DPOConfig:
     # every labeled pair among them; train.batch_size then counts prompts (alignment.prefix.group_by_prompt)
     packing: bool = False  # a micro-batch's rows hold several pairs (or prompt groups), each seeing only itself,
     # up to its longest one's length: the same losses with less padding (alignment.prefix.pack_rows; shared_prefix)
+    micro_batch_tokens: int = 0  # a token budget (needs packing): each step's pairs (prompt groups) are packed into
+    # micro-batches of one row of exactly this many tokens (in place of grad_accum_steps): memory bounded by the
+    # budget, every micro-batch the same shape (what train.compile wants). 0 = off
 
     def __post_init__(self):
-        _packing_needs_shared_prefix(self)
+        _check_packing(self)
 
 
-def _packing_needs_shared_prefix(cfg) -> None:
-    if cfg.packing and not (cfg.shared_prefix or cfg.group_by_prompt):
+def _check_packing(cfg) -> None:
+    if cfg.packing and not (getattr(cfg, "shared_prefix", True) or cfg.group_by_prompt):
         raise ValueError("packing puts several shared-prefix rows into one: it needs shared_prefix: true (or group_by_prompt)")
+    if cfg.micro_batch_tokens < 0:
+        raise ValueError(f"micro_batch_tokens must be 0 (off) or a number of tokens, not {cfg.micro_batch_tokens}")
+    if cfg.micro_batch_tokens and not cfg.packing:
+        raise ValueError("micro_batch_tokens packs each step's examples into rows of that many tokens: it needs packing: true")
+    longest = cfg.max_length * (1 if isinstance(cfg, SFTConfig) else 2)  # a pair's row: prompt ++ chosen ++ rejected
+    if cfg.micro_batch_tokens and cfg.micro_batch_tokens < longest:
+        raise ValueError(f"micro_batch_tokens {cfg.micro_batch_tokens} is less than {'max_length' if longest == cfg.max_length else '2 x max_length'} "
+                         f"({longest}), so a long example would fit no micro-batch: raise it to at least {longest}")
+    if cfg.micro_batch_tokens and cfg.train.grad_accum_steps > 1:
+        raise ValueError("micro_batch_tokens splits each step into micro-batches by tokens, grad_accum_steps by count: "
+                         "set one of them (leave grad_accum_steps at 1)")
 
 
 VALUE_MODELS = ("reward_model", "policy", "shared")

@@ -47,12 +47,13 @@ class PromptGroup:
         return len(self.prompt_ids) + sum(len(a) for a in self.answers)
 
 
-def group_by_prompt(examples: Sequence[PairExample], max_answers: int = 16) -> list[PromptGroup]:
+def group_by_prompt(examples: Sequence[PairExample], max_answers: int = 16, max_tokens: int | None = None) -> list[PromptGroup]:
     """The pairs gathered per prompt; identical answers are scored once.
 
-    A prompt whose pairs name more than `max_answers` distinct answers is split into several groups, so
-    no row grows beyond max_answers answers. Every pair lands in exactly one group. Order: groups closed
-    by that cap first, then the others in the order their prompts first appear.
+    A prompt whose pairs name more than `max_answers` distinct answers (or, with max_tokens, whose row
+    prompt ++ answers would grow past max_tokens) is split into several groups, so no row grows beyond
+    that: a group is never longer than its longest pair, or max_tokens. Every pair lands in exactly one group.
+    Order: groups closed by a cap first, then the others in the order their prompts first appear.
     """
     if max_answers < 2:
         raise ValueError("max_answers must be at least 2")
@@ -62,7 +63,8 @@ def group_by_prompt(examples: Sequence[PairExample], max_answers: int = 16) -> l
         prompt = tuple(e.prompt_ids)
         answers, pairs = open_groups.get(prompt, ({}, []))
         new = {tuple(e.chosen_ids), tuple(e.rejected_ids)} - answers.keys()
-        if len(answers) + len(new) > max_answers:
+        tokens = len(prompt) + sum(len(a) for a in (*answers, *new))
+        if answers and (len(answers) + len(new) > max_answers or (max_tokens is not None and tokens > max_tokens)):
             closed.append((prompt, answers, pairs))
             answers, pairs = {}, []
         for a in (tuple(e.chosen_ids), tuple(e.rejected_ids)):
@@ -137,16 +139,22 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
-                           pack: bool = False) -> SharedPrefixBatch:
+                           pack: bool | int = False) -> SharedPrefixBatch:
     """Build the shared-prefix batch of groups (prompt_ids, [answer_ids, ...]) (see the module docstring).
 
     pack: several groups share a row, up to the longest group's length (pack_rows), so the batch holds far less
     padding when lengths differ; the mask keeps each group to itself and positions restart at 0 for each, so
-    every answer's logits and hidden states are those of the unpacked batch (padding-free batches).
+    every answer's logits and hidden states are those of the unpacked batch (padding-free batches). A number
+    of tokens instead of True: rows of exactly that width (a token budget: every batch the same shape; a group
+    longer than it is refused).
     """
     B = len(rows)
     lengths = [len(p) + sum(len(a) for a in answers) for p, answers in rows]
     L = max(lengths)
+    if pack is not True and pack:  # a width, not a flag (True == 1 in Python: test for it first)
+        if L > pack:
+            raise ValueError(f"a row of {L} tokens does not fit a packed width of {pack} tokens")
+        L = int(pack)
     K = max(len(answers) for _, answers in rows)
     A = max(len(a) for _, answers in rows for a in answers)
     bins = pack_rows(lengths, L) if pack else [[i] for i in range(B)]
@@ -186,12 +194,12 @@ def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence
     return SharedPrefixBatch(ids, pos, group, part, answer_last, source, target, target_mask)
 
 
-def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int, pack: bool = False) -> SharedPrefixBatch:
+def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int, pack: bool | int = False) -> SharedPrefixBatch:
     """prompt ++ chosen ++ rejected per pair: answer 0 is the chosen one, answer 1 the rejected."""
     return collate_answers_shared([(e.prompt_ids, (e.chosen_ids, e.rejected_ids)) for e in examples], pad_id, pack)
 
 
-def collate_groups(groups: Sequence[PromptGroup], pad_id: int, pack: bool = False) -> SharedPrefixBatch:
+def collate_groups(groups: Sequence[PromptGroup], pad_id: int, pack: bool | int = False) -> SharedPrefixBatch:
     """prompt ++ all answers per group."""
     return collate_answers_shared([(g.prompt_ids, g.answers) for g in groups], pad_id, pack)
 

@@ -205,6 +205,19 @@ def test_packed_rows_give_every_answer_what_it_gets_unpacked(family):
             assert torch.allclose(a, b, atol=1e-5)
 
 
+def trained(make, inputs: list | None = None, **kw):
+    """(the losses, the final weights flattened) of a trainer make(**kw) after train(); `inputs` collects the
+    shape of every input_ids its backbone reads."""
+    torch.manual_seed(0)
+    trainer = make(**kw)
+    if inputs is not None:
+        backbone = getattr(trainer.model, "model", trainer.model).base_model  # a RewardModel's classifier, or the LM
+        backbone.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    losses = [h["loss"] for h in trainer.train()]
+    return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
 def test_sft_dpo_and_reward_training_with_packing_take_the_steps_they_take_without():
     """packing: true is a layout, not a change of the objective: 3 steps of DPO (pairs, and prompt groups), of the
     reward model and of SFT give the losses and the weights they give unpacked, to float tolerance. And it refuses a layout it
@@ -218,13 +231,6 @@ def test_sft_dpo_and_reward_training_with_packing_take_the_steps_they_take_witho
 
     pairs = PAIRS + GROUPED  # prompts of 2 to 6 tokens, answers of 2 to 5
     train = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, group_by_length=False)
-
-    def trained(make, **kw):
-        torch.manual_seed(0)
-        trainer = make(**kw)
-        losses = [h["loss"] for h in trainer.train()]
-        return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-
     for grouped in (False, True):
         dpo = lambda packing: DPOTrainer(LlamaForCausalLM(tiny_llama_config()), pairs, 0, DPOConfig(
             train, beta=0.5, group_by_prompt=grouped, packing=packing))
@@ -243,6 +249,75 @@ def test_sft_dpo_and_reward_training_with_packing_take_the_steps_they_take_witho
     assert torch.allclose(plain_weights, packed_weights, atol=1e-5)
     with pytest.raises(ValueError, match="packing .* needs shared_prefix"):
         DPOConfig(shared_prefix=False, packing=True)
+
+
+def test_group_by_prompt_under_a_token_budget_splits_a_prompt_before_its_row_grows_past_it():
+    """Worked by hand on GROUPED with max_tokens 12: prompt (1, 5, 6) takes answers 7 8 2, 9 2 (8 tokens), then
+    14 15 16 2 (12); the 4th pair's new answer 17 2 would make 14, so that group closes and a new one starts (17 2,
+    7 8 2: 8; then 14 15 16 2: 12); the last pair's 9 2 would make 14 again: a third group. (1, 10) stays whole."""
+    groups = group_by_prompt(GROUPED, max_tokens=12)
+    assert [g.prompt_ids for g in groups] == [(1, 5, 6), (1, 5, 6), (1, 5, 6), (1, 10)]
+    assert [g.tokens for g in groups] == [12, 12, 7, 7]
+    assert [g.answers for g in groups[:3]] == [((7, 8, 2), (9, 2), (14, 15, 16, 2)), ((17, 2), (7, 8, 2), (14, 15, 16, 2)),
+                                              ((17, 2), (9, 2))]
+    assert [g.pairs for g in groups] == [((0, 1), (1, 2)), ((0, 1), (1, 2)), ((0, 1),), ((0, 1),)]
+    labeled = sorted((g.prompt_ids, g.answers[w], g.answers[l]) for g in groups for w, l in g.pairs)
+    assert labeled == sorted((tuple(e.prompt_ids), tuple(e.chosen_ids), tuple(e.rejected_ids)) for e in GROUPED)
+
+
+def test_token_budget_split_by_hand():
+    """A step's rows into micro-batches of at most the budget (first fit, longest first), named by row index;
+    a row over the budget is refused with what to do."""
+    from alignment.trainers.rows import token_budget_split
+
+    split = token_budget_split([7, 3, 4, 2, 7, 1], 7)
+    assert split([0, 1, 2, 3, 4, 5]) == [[0], [1, 2], [3, 5], [4]]
+    assert split([5, 2, 3]) == [[5, 2, 3]]  # 1 + 4 + 2 = 7: one micro-batch
+    assert split([4, 2, 3, 0]) == [[4], [2, 3], [0]]  # 7 | 4 + 2 | 7: bins in the order of their first row in the step
+    with pytest.raises(ValueError, match=r"1 pair\(s\) are longer than micro_batch_tokens=6 .* pair 1, is 9 tokens.*at least 9"):
+        token_budget_split([5, 9, 2], 6, "pair")
+
+
+def test_a_token_budget_packs_each_step_into_rows_of_its_width_and_takes_the_same_steps():
+    """micro_batch_tokens: every micro-batch the backbone reads is ONE row of exactly the budget (16 tokens), a
+    step's 4 examples spread over as many such rows as they need (accumulated, weighed by pairs or tokens), and
+    3 steps of DPO (pairs, prompt groups), the reward model and SFT give the losses and weights of unpacked
+    training. A budget under what max_length allows, or beside grad_accum_steps, is refused at configuration."""
+    from transformers import LlamaForSequenceClassification
+
+    from alignment.config import DPOConfig, RewardConfig, SFTConfig, TrainConfig
+    from alignment.trainers.dpo import DPOTrainer
+    from alignment.trainers.reward import RewardTrainer
+    from alignment.trainers.sft import SFTTrainer
+
+    pairs = PAIRS + GROUPED  # rows of 7 to 11 tokens; prompt groups of 11 to 16
+    train = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, group_by_length=False)
+    demos = [(e.prompt_ids, e.chosen_ids) for e in pairs] + [(e.prompt_ids, e.rejected_ids) for e in pairs]
+    makers = {
+        "dpo": lambda budget: DPOTrainer(LlamaForCausalLM(tiny_llama_config()), pairs, 0, DPOConfig(
+            train, beta=0.5, max_length=8, packing=budget > 0, micro_batch_tokens=budget)),
+        "dpo groups": lambda budget: DPOTrainer(LlamaForCausalLM(tiny_llama_config()), pairs, 0, DPOConfig(
+            train, beta=0.5, max_length=8, group_by_prompt=True, packing=budget > 0, micro_batch_tokens=budget)),
+        "reward model": lambda budget: RewardTrainer(RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1))),
+                                                     pairs, 0, RewardConfig(train, max_length=8, packing=budget > 0, micro_batch_tokens=budget)),
+        "sft": lambda budget: SFTTrainer(LlamaForCausalLM(tiny_llama_config()), demos, 0, SFTConfig(
+            train, max_length=16, packing=budget > 0, micro_batch_tokens=budget)),
+    }
+    for name, make in makers.items():
+        inputs = []
+        (plain_losses, plain_weights), (budget_losses, budget_weights) = trained(make, budget=0), trained(make, inputs, budget=16)
+        assert set(inputs) == {(1, 16)}, name
+        assert len(inputs) > 3, name  # more than one micro-batch a step: the accumulation is exercised
+        assert plain_losses == pytest.approx(budget_losses, abs=1e-5) and plain_losses[0] != pytest.approx(plain_losses[-1]), name
+        assert torch.allclose(plain_weights, budget_weights, atol=1e-5), name
+    with pytest.raises(ValueError, match=r"micro_batch_tokens 100 is less than 2 x max_length \(128\)"):
+        DPOConfig(max_length=64, packing=True, micro_batch_tokens=100)
+    with pytest.raises(ValueError, match="micro_batch_tokens 100 is less than max_length"):
+        SFTConfig(packing=True, micro_batch_tokens=100)
+    with pytest.raises(ValueError, match="needs packing: true"):
+        RewardConfig(max_length=64, micro_batch_tokens=128)
+    with pytest.raises(ValueError, match="set one of them"):
+        RewardConfig(TrainConfig(max_steps=1, grad_accum_steps=2), max_length=64, packing=True, micro_batch_tokens=128)
 
 
 def test_a_flex_attention_model_reads_shared_prefix_and_packed_rows_through_a_block_mask():

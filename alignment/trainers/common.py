@@ -74,30 +74,32 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} holds no transformers model that supports gradient checkpointing")
 
 
-def compile_backbones(model: torch.nn.Module) -> None:
-    """torch.compile (dynamic shapes) every transformers backbone inside `model`, in place, so state_dict
-    keys and saving are unchanged and every caller of the backbone (policy, reward head, shared-prefix
-    batches) runs the compiled graph."""
+def compile_backbones(model: torch.nn.Module, dynamic: bool = True) -> None:
+    """torch.compile every transformers backbone inside `model`, in place, so state_dict keys and saving are
+    unchanged and every caller of the backbone (policy, reward head, shared-prefix batches) runs the compiled
+    graph. dynamic: shapes vary from batch to batch; False where every micro-batch has the same shape (a token
+    budget), so the graph is specialised to it."""
     from transformers import PreTrainedModel
 
     backbones = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.base_model is m]
     if not backbones:
         raise ValueError(f"{type(model).__name__} holds no transformers backbone to compile")
     for backbone in backbones:
-        backbone.compile(dynamic=True)
+        backbone.compile(dynamic=dynamic)
 
 
 class Optimization:
     """AdamW + LR schedule + accelerate (devices, DDP, mixed precision) + clipping + NaN/inf guard."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, static_shapes: bool = False):
+        """static_shapes: every micro-batch has the same shape (micro_batch_tokens), so cfg.compile specialises to it."""
         self.cfg = cfg
         # several processes on a machine without CUDA (torchrun on CPU): DDP over gloo
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if cfg.compile:
-            compile_backbones(model)
+            compile_backbones(model, dynamic=not static_shapes)
         params = [p for p in model.parameters() if p.requires_grad]
         with ACCELERATOR_LOCK:  # until the model is prepared: its forward's autocast is read off the shared setting
             self.accelerator = StageAccelerator(cfg.mixed_precision, cpu=cpu_ddp)
@@ -131,15 +133,17 @@ class Optimization:
         return [indices[i : i + size] for i in range(0, len(indices), size)]
 
     def update(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int],
-               size: Callable[[list[int]], float] = len, total: float | None = None) -> dict[str, float]:
+               size: Callable[[list[int]], float] = len, total: float | None = None,
+               split: Callable[[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
         """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics.
 
         `size(part)` is what a micro-batch's loss is a mean over: its examples by default, its answer
         tokens for a per-token loss, its pairs for prompt groups. Each micro-batch's loss is weighted by
         its share of the batch's size, so accumulation gives the gradient of the whole batch's mean.
         `total` replaces the batch's own size as the divisor, over all processes (GRPO's token mean over a
-        rollout batch of which this step is one minibatch: its answer tokens / its minibatches)."""
-        micro = self.split(indices)
+        rollout batch of which this step is one minibatch: its answer tokens / its minibatches).
+        `split` cuts the batch into micro-batches in place of grad_accum_steps (a token budget: token_budget_split)."""
+        micro = (split or self.split)(indices)
         sizes = [float(size(part)) for part in micro]
         given, total, scale = total, sum(sizes), 1.0
         if self.accelerator.num_processes > 1:
@@ -269,12 +273,13 @@ def train_steps(
     stop_at: int | None = None,
     desc: str = "train",
     size: Callable[[list[int]], float] = len,
+    split: Callable[[list[int]], list[list[int]]] | None = None,
 ) -> list[dict[str, float]]:
     """The supervised loop of SFT, reward-model and DPO training, resumable from the latest checkpoint.
 
     Runs optimizer steps opt.step .. cfg.max_steps - 1 (or until stop_at), calling callback(step, metrics)
-    after each and saving a checkpoint every cfg.checkpoint_every steps and at the end.
-    Returns the metrics of the steps run in this call.
+    after each and saving a checkpoint every cfg.checkpoint_every steps and at the end. `split`: how a step's
+    rows become micro-batches (Optimization.update). Returns the metrics of the steps run in this call.
     """
     cfg = opt.cfg
     latest = checkpointer.latest()
@@ -286,7 +291,7 @@ def train_steps(
     history = []
     for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False, disable=None):
         ledger.record(opt.step + 1, sampler.global_batch(opt.step))
-        metrics = opt.update(micro_losses, sampler.batch(opt.step), size)
+        metrics = opt.update(micro_losses, sampler.batch(opt.step), size, split=split)
         history.append(metrics)
         if callback is not None:
             callback(opt.step, metrics)

@@ -21,10 +21,11 @@ from alignment.trainers.common import (
     Optimization,
     train_steps,
 )
+from alignment.trainers.rows import token_budget_split
 
 
 def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device, shared_prefix: bool = True,
-               pack: bool = False):
+               pack: bool | int = False):
     """(chosen_logps [B], rejected_logps [B]) of the answers in one forward pass.
 
     shared_prefix: B rows prompt ++ chosen ++ rejected (alignment.prefix; pack: several pairs a row); otherwise
@@ -37,7 +38,7 @@ def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device
     return seq_logps.chunk(2)
 
 
-def group_logps(model, groups: Sequence[PromptGroup], pad_token_id: int, device, pack: bool = False) -> torch.Tensor:
+def group_logps(model, groups: Sequence[PromptGroup], pad_token_id: int, device, pack: bool | int = False) -> torch.Tensor:
     """log pi(answer | prompt) of every answer of every group: [B, K] (one row per group, or several a row: pack)."""
     return shared_prefix_logps(model, collate_groups(groups, pad_token_id, pack).to(device))
 
@@ -46,7 +47,7 @@ class PairLogps(nn.Module):
     """The trained module: a policy whose forward gives the log-probs of pairs (a tuple chosen, rejected)
     or of prompt groups ([B, K]), so DDP/FSDP wrappers see the call."""
 
-    def __init__(self, policy, pad_token_id: int, shared_prefix: bool, pack: bool = False):
+    def __init__(self, policy, pad_token_id: int, shared_prefix: bool, pack: bool | int = False):
         super().__init__()
         self.policy, self.pad_token_id, self.shared_prefix, self.pack = policy, pad_token_id, shared_prefix, pack
 
@@ -76,12 +77,16 @@ class DPOTrainer:
         if ref_model is None and reference_logps is None and not has_adapters(model):
             ref_model = frozen_copy(model)
         self.ref_model = ref_model
-        self.opt = Optimization(PairLogps(model, pad_token_id, cfg.shared_prefix, cfg.packing), cfg.train)
+        self.layout = cfg.micro_batch_tokens or cfg.packing  # collate_answers_shared's pack: a row width, or a flag
+        self.opt = Optimization(PairLogps(model, pad_token_id, cfg.shared_prefix, self.layout), cfg.train,
+                                static_shapes=bool(cfg.micro_batch_tokens))
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
-        self.groups = group_by_prompt(self.examples) if cfg.group_by_prompt else None
+        self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
         self.sampler = self.opt.sampler(len(units), [u.tokens for u in units])
+        self.split = token_budget_split([u.tokens for u in units], cfg.micro_batch_tokens, "pair" if self.groups is None
+                                        else "prompt group") if cfg.micro_batch_tokens else None
         self.checkpointer = Checkpointer.under(output_dir)
         # [N, 2]: (chosen, rejected) per example; grouped: [G, K_max] per group answer, 0 where absent
         self.reference_logps = reference_logps
@@ -97,17 +102,17 @@ class DPOTrainer:
     def ref_pair_logps(self, examples: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_ref of chosen and rejected answers: the reference model, or the policy with adapters off."""
         if self.ref_model is not None:
-            return pair_logps(self.ref_model, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix, self.cfg.packing)
+            return pair_logps(self.ref_model, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix, self.layout)
         with reference_mode(self.model) as policy:
-            return pair_logps(policy, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix, self.cfg.packing)
+            return pair_logps(policy, examples, self.pad_token_id, self.opt.device, self.cfg.shared_prefix, self.layout)
 
     @torch.no_grad()
     def ref_group_logps(self, groups: Sequence[PromptGroup]) -> torch.Tensor:
         """log pi_ref of every answer of each group: [B, K]."""
         if self.ref_model is not None:
-            return group_logps(self.ref_model, groups, self.pad_token_id, self.opt.device, self.cfg.packing)
+            return group_logps(self.ref_model, groups, self.pad_token_id, self.opt.device, self.layout)
         with reference_mode(self.model) as policy:
-            return group_logps(policy, groups, self.pad_token_id, self.opt.device, self.cfg.packing)
+            return group_logps(policy, groups, self.pad_token_id, self.opt.device, self.layout)
 
     @torch.no_grad()
     def compute_reference_logps(self, batch_size: int = 32) -> torch.Tensor:
@@ -170,7 +175,7 @@ class DPOTrainer:
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
         return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "dpo",
-                           self.micro_size)
+                           self.micro_size, self.split)
 
     @property
     def model(self):

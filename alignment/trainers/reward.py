@@ -18,6 +18,7 @@ from alignment.trainers.common import (
     Optimization,
     train_steps,
 )
+from alignment.trainers.rows import token_budget_split
 
 
 class RewardTrainer:
@@ -35,17 +36,20 @@ class RewardTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
-        self.opt = Optimization(model, cfg.train)
-        self.groups = group_by_prompt(self.examples) if cfg.group_by_prompt else None
+        self.opt = Optimization(model, cfg.train, static_shapes=bool(cfg.micro_batch_tokens))
+        self.layout = cfg.micro_batch_tokens or cfg.packing  # collate_answers_shared's pack: a row width, or a flag
+        self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
         self.sampler = self.opt.sampler(len(units), [u.tokens for u in units])
+        self.split = token_budget_split([u.tokens for u in units], cfg.micro_batch_tokens, "pair" if self.groups is None
+                                        else "prompt group") if cfg.micro_batch_tokens else None
         self.checkpointer = Checkpointer.under(output_dir)
 
     def rewards(self, examples: Sequence[PairExample], model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen_rewards [B], rejected_rewards [B]) from one forward pass."""
         model = model or self.opt.model
         if self.cfg.shared_prefix:
-            batch = collate_shared_prefix(examples, self.pad_token_id, self.cfg.packing).to(self.opt.device)
+            batch = collate_shared_prefix(examples, self.pad_token_id, self.layout).to(self.opt.device)
             return model(shared=batch).unbind(-1)
         input_ids, attention_mask, _ = (t.to(self.opt.device) for t in collate_pairs(examples, self.pad_token_id))
         rewards = model(input_ids, attention_mask)  # [2B]
@@ -55,7 +59,7 @@ class RewardTrainer:
         """(preferred [N], other [N]) over all N pairs of the prompt groups, each answer scored once, one
         forward pass (a row per group)."""
         model = model or self.opt.model
-        return pair_values(model(shared=collate_groups(groups, self.pad_token_id, self.cfg.packing).to(self.opt.device)), groups)
+        return pair_values(model(shared=collate_groups(groups, self.pad_token_id, self.layout).to(self.opt.device)), groups)
 
     def micro_size(self, indices: list[int]) -> int:
         """What micro_loss is a mean over: pairs (a prompt group holds several)."""
@@ -71,7 +75,7 @@ class RewardTrainer:
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
         return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "reward model",
-                           self.micro_size)
+                           self.micro_size, self.split)
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[PairExample], batch_size: int = 64) -> dict[str, float]:
@@ -83,7 +87,7 @@ class RewardTrainer:
         model = self.model.eval()
         diffs = []
         if self.groups is not None:
-            groups = group_by_prompt(examples)
+            groups = group_by_prompt(examples, max_tokens=self.cfg.micro_batch_tokens or None)
             step = max(1, batch_size // 8)  # a group holds up to 16 answers
             for i in range(0, len(groups), step):
                 chosen, rejected = self.group_rewards(groups[i : i + step], model)

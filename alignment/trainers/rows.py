@@ -9,7 +9,11 @@ import json
 import os
 from pathlib import Path
 
+from typing import Callable, Sequence
+
 import torch
+
+from alignment.prefix import pack_rows
 
 Tensor = torch.Tensor
 
@@ -24,6 +28,22 @@ def stream_seed(seed: int, stream: str, index: int = 0) -> int:
     offline trainers' example order; they are small integers, which no hash here comes near.)"""
     digest = hashlib.blake2b(f"{stream}/{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def token_budget_split(lengths: Sequence[int], budget: int, what: str = "example") -> Callable[[list[int]], list[list[int]]]:
+    """How a step's rows become micro-batches under a token budget (micro_batch_tokens): bins of at most `budget`
+    tokens (lengths[i] is row i's), first fit, longest first (alignment.prefix.pack_rows), each bin one micro-batch
+    that packs into one row of exactly `budget` tokens. Refuses a row longer than the budget, which no bin holds."""
+    too_long = [i for i, n in enumerate(lengths) if n > budget]
+    if too_long:
+        i = max(too_long, key=lambda i: lengths[i])
+        raise ValueError(f"{len(too_long)} {what}(s) are longer than micro_batch_tokens={budget} (the longest, {what} {i}, "
+                         f"is {lengths[i]} tokens): raise micro_batch_tokens to at least {lengths[i]}, or lower max_length")
+
+    def split(indices: list[int]) -> list[list[int]]:
+        return [[indices[j] for j in members] for members in pack_rows([lengths[i] for i in indices], budget)]
+
+    return split
 
 
 class StepSampler:

@@ -14,6 +14,7 @@ from alignment.trainers.common import (
     Optimization,
     train_steps,
 )
+from alignment.trainers.rows import token_budget_split
 
 
 class SFTTrainer:
@@ -29,15 +30,18 @@ class SFTTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
-        self.opt = Optimization(AnswerLogps(model), cfg.train)
-        self.sampler = self.opt.sampler(len(self.examples), [len(p) + len(a) for p, a in self.examples])
+        self.opt = Optimization(AnswerLogps(model), cfg.train, static_shapes=bool(cfg.micro_batch_tokens))
+        lengths = [len(p) + len(a) for p, a in self.examples]
+        self.sampler = self.opt.sampler(len(self.examples), lengths)
+        self.split = token_budget_split(lengths, cfg.micro_batch_tokens) if cfg.micro_batch_tokens else None
         self.checkpointer = Checkpointer.under(output_dir)
 
     def micro_loss(self, indices: list[int]):
         prompts = [self.examples[i][0] for i in indices]
         answers = [self.examples[i][1] for i in indices]
         if self.cfg.packing:
-            batch = collate_answers_shared([(p, [a]) for p, a in zip(prompts, answers)], self.pad_token_id, pack=True)
+            batch = collate_answers_shared([(p, [a]) for p, a in zip(prompts, answers)], self.pad_token_id,
+                                           pack=self.cfg.micro_batch_tokens or True)
             n_tokens = batch.target_mask.sum().to(self.opt.device)
             return -self.opt.model(batch.to(self.opt.device)).sum() / n_tokens, {"tokens": n_tokens.float()}
         input_ids, attention_mask, answer_mask = (
@@ -55,7 +59,7 @@ class SFTTrainer:
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
         return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "sft",
-                           self.micro_size)
+                           self.micro_size, self.split)
 
     @property
     def model(self):
