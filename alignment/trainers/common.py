@@ -106,8 +106,9 @@ class Optimization:
             if cfg.batch_size < self.accelerator.num_processes:
                 raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.accelerator.num_processes} "
                                  "processes: every process needs at least one example a step")
-            # one fused kernel for the whole update on a GPU (what transformers' Trainer uses there: adamw_torch_fused)
-            fused = self.accelerator.device.type == "cuda"
+            # one fused kernel for the whole update (transformers' Trainer's default, adamw_torch_fused, on a GPU and a
+            # CPU alike); the for-loop where torch has no fused kernel for the device
+            fused = self.accelerator.device.type in ("cuda", "cpu")
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # not prepared: accelerate would step a prepared scheduler once per process; registered, so that
