@@ -4,8 +4,9 @@
 
 1. Packing (`packing: true`): SFT and DPO steps on the token lengths of real files (alpaca_en_demo.json and the
    ShareGPT pairs of dpo_zh_demo.json in ../shared/realworld, tokenized with Phi-3-mini's tokenizer, cut at 512),
-   a tiny Llama at Phi-3's vocabulary (32,064), 16 examples a step, unpacked and then packed from the same seed.
-   Prints real (non-pad) tokens/s, rows and the padding share of the batch; the losses of both runs must agree.
+   a tiny Llama at Phi-3's vocabulary (32,064), 16 examples a step, unpacked, packed, and under a token budget
+   (`micro_batch_tokens`: max_length for SFT, 2 x max_length for DPO, or --budget), each from the same seed.
+   Prints real (non-pad) tokens/s, rows a step and the padding share; the losses of the runs must agree.
 2. Prefill once (GRPO/RLOO rollouts): 16 prompts x 8 answers, 32 new tokens, prompts of the alpaca prompts'
    lengths, the prompt pass over 128 repeated rows against 16 distinct prompts whose cache is repeated. Both draw
    the same answers from the same seed; prints completions/s.
@@ -61,7 +62,7 @@ def timed_training(make, steps: int):
     return sum(times[1:]) / max(1, len(times) - 1), losses, trainer  # the first step warms up
 
 
-def layout(rows, pack: bool) -> tuple[int, int, int]:
+def layout(rows, pack: bool | int) -> tuple[int, int, int]:
     """(rows, real tokens, padded slots) of one batch of (prompt, [answers]) groups."""
     from alignment.prefix import collate_answers_shared
 
@@ -70,7 +71,7 @@ def layout(rows, pack: bool) -> tuple[int, int, int]:
     return batch.input_ids.shape[0], real, batch.input_ids.numel() - real
 
 
-def packing(device: str, steps: int, vocab: int, demos, pairs) -> list[dict]:
+def packing(device: str, steps: int, vocab: int, demos, pairs, budget: int = 0) -> list[dict]:
     from alignment.config import DPOConfig, SFTConfig, TrainConfig
     from alignment.data import PairExample
     from alignment.trainers.dpo import DPOTrainer
@@ -80,26 +81,31 @@ def packing(device: str, steps: int, vocab: int, demos, pairs) -> list[dict]:
     train = TrainConfig(max_steps=steps + 1, batch_size=16, lr=1e-4, lr_schedule="constant", group_by_length=False)
     examples = [PairExample(list(p), list(c), list(r)) for p, c, r in pairs]
     out = []
+    # a token budget: SFT's examples are at most MAX_LENGTH tokens, a pair's row at most 2 x MAX_LENGTH
+    budgets = {"sft": budget or MAX_LENGTH, "dpo": budget or 2 * MAX_LENGTH}
     for name, make, rows_of in (
-        ("sft", lambda pack: SFTTrainer(causal_lm(w, device), demos, 0, SFTConfig(train, max_length=MAX_LENGTH, packing=pack)),
+        ("sft", lambda pack, tokens: SFTTrainer(causal_lm(w, device), demos, 0, SFTConfig(
+            train, max_length=MAX_LENGTH, packing=pack, micro_batch_tokens=tokens)),
          lambda idx: [(demos[i][0], [demos[i][1]]) for i in idx]),
-        ("dpo", lambda pack: DPOTrainer(causal_lm(w, device), examples, 0, DPOConfig(train, max_length=MAX_LENGTH, packing=pack)),
+        ("dpo", lambda pack, tokens: DPOTrainer(causal_lm(w, device), examples, 0, DPOConfig(
+            train, max_length=MAX_LENGTH, packing=pack, micro_batch_tokens=tokens)),
          lambda idx: [(examples[i].prompt_ids, [examples[i].chosen_ids, examples[i].rejected_ids]) for i in idx])):
         runs = {}
-        for pack in (False, True):
+        for kind, pack, tokens in (("unpacked", False, 0), ("packed", True, 0), (f"budget {budgets[name]}", True, budgets[name])):
             torch.manual_seed(0)
-            step_s, losses, trainer = timed_training(lambda: make(pack), steps)
-            shapes = [layout(rows_of(trainer.sampler.batch(s)), pack) for s in range(steps + 1)]  # the batches it trained on
-            rows, real, padded = (sum(x[i] for x in shapes) / len(shapes) for i in range(3))
-            runs[pack] = dict(step_s=step_s, losses=losses, rows=rows, real=real, pad_share=padded / (real + padded))
-        gap = max(abs(a - b) for a, b in zip(runs[False]["losses"], runs[True]["losses"]))
-        for pack, r in runs.items():
+            step_s, losses, trainer = timed_training(lambda: make(pack, tokens), steps)
+            batches = [trainer.sampler.batch(s) for s in range(steps + 1)]  # the batches it trained on
+            shapes = [layout(rows_of(m), tokens or pack) for b in batches for m in (trainer.split(b) if tokens else [b])]
+            rows, real, padded = (sum(x[i] for x in shapes) / len(batches) for i in range(3))
+            runs[kind] = dict(step_s=step_s, losses=losses, rows=rows, real=real, pad_share=padded / (real + padded))
+        for kind, r in runs.items():
             tps = r["real"] / r["step_s"]
-            print(f"{name} {'packed' if pack else 'unpacked':9s} {tps:9.0f} real tok/s {1000 * r['step_s']:8.1f} ms/step  "
-                  f"rows {r['rows']:5.1f}  padding {100 * r['pad_share']:5.1f}%")
-            out.append({"stage": name, "packed": pack, "real_tokens_per_s": tps, "step_ms": 1000 * r["step_s"],
+            gap = max(abs(a - b) for a, b in zip(runs["unpacked"]["losses"], r["losses"]))
+            print(f"{name} {kind:12s} {tps:9.0f} real tok/s {1000 * r['step_s']:8.1f} ms/step  rows {r['rows']:5.1f}  "
+                  f"padding {100 * r['pad_share']:5.1f}%  {runs['unpacked']['step_s'] / r['step_s']:.2f}x unpacked  "
+                  f"loss gap {gap:.1e}")
+            out.append({"stage": name, "layout": kind, "real_tokens_per_s": tps, "step_ms": 1000 * r["step_s"],
                         "rows": r["rows"], "padding_share": r["pad_share"]})
-        print(f"{name} packed / unpacked: {runs[False]['step_s'] / runs[True]['step_s']:.2f}x; largest loss gap {gap:.1e}")
     return out
 
 
@@ -141,10 +147,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each run (after one warm-up step)")
+    parser.add_argument("--budget", type=int, default=0, help="micro_batch_tokens of the budget rows (default: the "
+                        "least each stage allows: max_length for SFT, 2 x max_length for DPO)")
     args = parser.parse_args()
     vocab, demos, pairs = real_lengths()
     print(f"{len(demos)} demonstrations, {len(pairs)} pairs; vocabulary {vocab}; device {args.device}")
-    packing(args.device, args.steps, vocab, demos, pairs)
+    packing(args.device, args.steps, vocab, demos, pairs, args.budget)
     prefill(args.device, vocab, demos)
 
 

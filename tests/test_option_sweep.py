@@ -35,7 +35,8 @@ GROUP = {**ONLINE, "prompts_per_batch": 2, "group_size": 3, "minibatch_size": 3,
 
 # Options a tiny pipeline on 2 CPU cores cannot run, and where they are run instead.
 NOT_SWEPT = {
-    "TrainConfig.compile": "torch.compile of the trained model: minutes of compilation on a CPU (the GPU check runs it)",
+    "TrainConfig.compile": "torch.compile of a pipeline's models: minutes of compilation on a CPU (tests/test_prefix.py "
+                           "compiles a tiny model's SFT under a token budget)",
     "SamplingParams.compile": "a compiled decode step: minutes of compilation on a CPU (the GPU check runs it)",
     "RLOOConfig.advantage": "the leave-one-out baseline is RLOO's only advantage",
     "RLOOConfig.unbiased_kl": "RLOO's KL is in the reward, so its loss has no KL term to weight: refused (test_trainers; GRPO's is swept)",
