@@ -20,10 +20,11 @@ from common import StepTimer, trl_timing_callback, Workload, causal_lm, checkpoi
 
 
 def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True, attention: str | None = None,
-         lora: bool = False) -> dict:
+         lora: bool = False, budget: int = 0) -> dict:
     """alignflow's DPOTrainer. attention: the model's attn_implementation ("flex_attention": shared-prefix rows
     through a block mask instead of a dense one); lora: LoRA adapters (r 16 on every linear layer, the reference
-    is the base model)."""
+    is the base model); budget: micro_batch_tokens (packing under a token budget, one row of that many tokens a
+    micro-batch)."""
     from alignment.config import LoRAConfig
     from alignment.data import tokenize_pairs
     from alignment.lora import add_lora
@@ -43,7 +44,7 @@ def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True,
     cfg = DPOConfig(TrainConfig(max_steps=w.steps + w.warmup, batch_size=w.pairs, lr=1e-5, lr_schedule="constant",
                                 mixed_precision="no"),
                     beta=0.1, max_length=w.prompt_tokens + w.answer_tokens, precompute_ref_logps=precompute,
-                    shared_prefix=shared_prefix)
+                    shared_prefix=shared_prefix, packing=budget > 0, micro_batch_tokens=budget)
     t = time.perf_counter()
     trainer = DPOTrainer(model, examples, tok.pad_token_id, cfg)
     setup_s = time.perf_counter() - t
@@ -59,7 +60,7 @@ def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True,
     tokens = 2 * w.pairs * (w.prompt_tokens + w.answer_tokens)
     extra = f"(reference pass once: {setup_s:.1f} s for {len(examples)} pairs)" if precompute else ""
     name = (f"alignflow DPO ({'ref precomputed' if precompute else 'ref every step'}{'' if shared_prefix else ', no prefix sharing'}"
-            f"{f', {attention}' if attention else ''}{', LoRA' if lora else ''})")
+            f"{f', {attention}' if attention else ''}{', LoRA' if lora else ''}{f', micro_batch_tokens {budget}' if budget else ''})")
     return report(name, tokens, timer.step_s, device, sum(p.numel() for p in model.parameters()), extra)
 
 

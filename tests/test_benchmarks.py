@@ -24,6 +24,7 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     dpo = result["dpo"]
     assert dpo["trl_precomputed"]["tokens_per_s"] > 0 and dpo["ratio_ref_every_step"] > 0
     assert dpo["ours_flex"] == {"error": "GPU only: torch has no FlexAttention backward on a CPU"}
+    assert dpo["ours_budget"]["tokens_per_s"] > 0 and "micro_batch_tokens 64" in dpo["ours_budget"]["name"]
     assert result["dpo_1_5b"]["workload"]["kv_heads"] == 2 and result["lora_7b"]["ours"]["peak_mb"] > 0
     assert "LoRA" in result["lora_7b"]["ours"]["name"]
     rollout = result["rollout"]
@@ -40,6 +41,7 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     assert "| TRL (defaults) |" in section and "| TRL GRPOTrainer |" in section and "dry run" in section
     assert "| TRL (precompute_ref_log_probs) |" in section and "**DPO with LoRA at the Qwen2-7B shape** (memory):" in section
     assert "| alignflow (reference precomputed, FlexAttention block mask) | not run: GPU only" in section
+    assert "| alignflow (reference precomputed, micro_batch_tokens 64: a pair a row) | " in section
     # --into puts the section into a RESULTS.md once, and replaces it on the next report
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nearlier text\n")
