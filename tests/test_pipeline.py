@@ -359,6 +359,21 @@ def test_several_errors_are_each_reported_and_an_error_with_an_errors_method_is_
     assert exit_.value.exit_code == 1 and "pipeline 'tiny' failed: 1 validation error" in capsys.readouterr().err
 
 
+def test_dpo_reference_logps_are_keyed_by_what_lays_out_their_table():
+    """A token budget splits prompt groups, so grouped DPO under one reads another reference table: its own key.
+    For pairs, or with no budget, the key is the one it always was (tables computed before stay in use)."""
+    from types import SimpleNamespace
+
+    from tasks.stages.dpo import Params, reference_key
+
+    inputs = {"policy": SimpleNamespace(content_hash="p"), "preferences": SimpleNamespace(content_hash="d")}
+    key = lambda **dpo: reference_key(Params.model_validate({"dpo": {"max_length": 64, **dpo}}), inputs)  # noqa: E731
+    assert key(group_by_prompt=True, packing=True, micro_batch_tokens=128) != key(group_by_prompt=True, packing=True)
+    assert key(group_by_prompt=True, packing=True) == key(group_by_prompt=True) != key()
+    assert key(packing=True, micro_batch_tokens=128) == key() == key(beta=0.3)
+    assert key(max_length=32) != key()
+
+
 def test_unchanged_rerun_recomputes_nothing(env):
     second = env["run"]()
     assert all(s["cached"] for s in second["stages"].values())

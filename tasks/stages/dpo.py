@@ -28,6 +28,18 @@ class Stage(StageSpec):
     params: Params = Params()
 
 
+def reference_key(p: Params, inputs) -> str:
+    """The key of the reference log-probs, an artifact of their own: the policy's and the data's content, and what
+    lays out their table (max_length, group_by_prompt, drop_invalid, and for prompt groups the token budget, which
+    splits a prompt's group before its row passes it: another table). (A param only when set: keys made before it
+    existed stay valid.)"""
+    layout = {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt,
+              **({"drop_invalid": True} if p.drop_invalid else {}),
+              **({"group_tokens": p.dpo.micro_batch_tokens} if p.dpo.group_by_prompt and p.dpo.micro_batch_tokens else {})}
+    return stage_key("reference_logps", layout,
+                     {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
+
+
 def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
     from safetensors.torch import load_file, save_file
 
@@ -41,10 +53,7 @@ def run(ctx, p: Params, inputs, out: Path, run_id: str) -> dict[str, float]:
                                         p.drop_invalid, ctx.log)
     write_rejects(out, rejects)
     write_first_sequence(out, tokenizer, examples[0].prompt_ids, examples[0].chosen_ids)
-    # Reference log-probs are an artifact of their own, keyed by the policy's and the data's content.
-    ref_key = stage_key("reference_logps", {"max_length": p.dpo.max_length, "group_by_prompt": p.dpo.group_by_prompt,
-                                            **({"drop_invalid": True} if p.drop_invalid else {})},
-                        {"policy": inputs["policy"].content_hash, "preferences": inputs["preferences"].content_hash})
+    ref_key = reference_key(p, inputs)
     ref_file = ctx.store.final("reference_logps", ref_key) / "logps.safetensors"
     set_seed(p.dpo.train.seed)
     if p.lora is not None:
