@@ -5,6 +5,8 @@ batch, and a 2-process stage killed with kill -9 resumes from its last checkpoin
 Batches hold whole prompts (`group_by_prompt`) with 1 to 3 labeled pairs each, so the two processes of a
 step hold different numbers of pairs: DDP's plain average of the per-process means would give another
 gradient than one process's mean over all pairs (alignment/trainers/common.py weighs by the global count).
+The reward model trains under a token budget (micro_batch_tokens), whose micro-batches each process cuts
+from its own share of a step.
 """
 
 import json
@@ -35,7 +37,11 @@ def config(root: Path, processes: int, model: Path, prefs: Path) -> Path:
         {"name": "prefs", "type": "import_preferences", "params": {"path": str(prefs), "held_out": 0.0}},
         {"name": "reward_model", "type": "train_reward_model", "inputs": {"preferences": "prefs", "base": "base"},
          "resources": {"processes": processes},
-         "params": {"reward": {**group, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0}}}},
+         "params": {"reward": {**group, "max_length": 48, "packing": True, "micro_batch_tokens": 96,  # micro-batches
+                               # by tokens, as many as each process's share of a step needs: at steps 1 and 3 one
+                               # process runs 2 and the other 1 (groups of 24-75 tokens, in the sampler's order)
+                               "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
+                                         "group_by_length": False}}}},
         {"name": "dpo", "type": "dpo", "inputs": {"preferences": "prefs", "policy": "base"},
          "resources": {"processes": processes},
          "params": {"dpo": {**group, "beta": 0.5,
