@@ -320,7 +320,7 @@ def test_a_token_budget_packs_each_step_into_rows_of_its_width_and_takes_the_sam
         RewardConfig(TrainConfig(max_steps=1, grad_accum_steps=2), max_length=64, packing=True, micro_batch_tokens=128)
 
 
-def test_under_a_token_budget_a_compiled_backbone_is_compiled_once_for_every_step(monkeypatch):
+def test_under_a_token_budget_a_compiled_backbone_is_compiled_once_for_every_step():
     """train.compile with micro_batch_tokens: every micro-batch is one row of the budget, so the backbone is compiled
     for that one shape (dynamic=False) and no later step recompiles (dynamo raises if one does: it did when packed
     rows of varying width were compiled statically); the losses are eager's."""
@@ -332,8 +332,6 @@ def test_under_a_token_budget_a_compiled_backbone_is_compiled_once_for_every_ste
     rng = random.Random(0)
     demos = [([1] + [rng.randrange(3, 40) for _ in range(rng.randrange(2, 12))],
               [rng.randrange(3, 40) for _ in range(rng.randrange(2, 12))] + [2]) for _ in range(32)]
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)  # restored after the test
-
     def losses(compile: bool) -> list[float]:
         torch.manual_seed(0)
         trainer = SFTTrainer(LlamaForCausalLM(tiny_llama_config()), demos, 0, SFTConfig(
@@ -342,8 +340,9 @@ def test_under_a_token_budget_a_compiled_backbone_is_compiled_once_for_every_ste
         trainer.callback = lambda step, metrics: setattr(torch._dynamo.config, "error_on_recompile", compile)
         return [h["loss"] for h in trainer.train()]
 
-    eager = losses(False)
-    assert losses(True) == pytest.approx(eager, abs=1e-5) and eager[0] != pytest.approx(eager[-1])
+    with torch._dynamo.config.patch(error_on_recompile=False):  # what the callback sets is undone after the test
+        eager, compiled = losses(False), losses(True)
+    assert compiled == pytest.approx(eager, abs=1e-5) and eager[0] != pytest.approx(eager[-1])
 
 
 def test_a_flex_attention_model_reads_shared_prefix_and_packed_rows_through_a_block_mask():
