@@ -240,3 +240,26 @@ def test_dapo_steps_divide_by_the_rollouts_tokens_in_their_share(sandbox_tokeniz
     assert trainer.step_divisor(50.0, 8) == 25.0
     trainer.cfg = GRPOConfig(**{**cfg.__dict__, "loss_type": "grpo"})
     assert trainer.step_divisor(50.0, 8) is None  # a mean over the step's answers
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_a_grpo_minibatch_cut_in_micro_batches_gives_the_whole_minibatchs_gradient(sandbox_tokenizer, loss_type):
+    """Where a minibatch runs out of memory its step goes in smaller micro-batches (Optimization.micro_cap): one
+    answer at a time applies the gradient of the whole minibatch, for dapo's token mean over the rollout (each
+    micro-batch weighs as its tokens against the rollout's divisor) and grpo's mean over answers."""
+    model, prompts, cfg = setup(sandbox_tokenizer, GRPOConfig, iterations=1, beta=0.1, loss_type=loss_type)
+    trainer = GroupTrainer(model, sandbox_tokenizer, prompts, {"short": shorter_is_better}, cfg)
+    batch = trainer.rollout(trainer.prompt_sampler.global_batch(0))
+    tokens, rows = batch.pop("tokens"), [0, 3, 5, 6, 9]
+    batch.pop("stats")
+    for row, cut in ((3, 5), (5, 9)):  # shorter answers there (an untrained policy writes all 12 tokens)
+        batch["mask"][row, batch["mask"][row].nonzero().flatten()[-cut:]] = 0
+    start = {k: v.clone() for k, v in trainer.opt.model.state_dict().items()}
+    applied = []
+    trainer.opt.optimizer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: applied.append(
+        torch.cat([p.grad.flatten().clone() for p in trainer.opt.model.parameters() if p.grad is not None])))
+    for cap in (None, 2):
+        trainer.opt.model.load_state_dict(start)
+        trainer.opt.micro_cap = cap
+        trainer.update(batch, tokens, rows)
+    assert torch.allclose(applied[0], applied[1], atol=1e-6) and applied[0].abs().max() > 0

@@ -82,6 +82,33 @@ def test_accumulating_four_micro_batches_of_two_is_one_batch_of_eight():
         assert torch.allclose(p, q, atol=1e-6)
 
 
+def test_a_micro_batch_out_of_memory_restarts_its_step_in_halves_with_the_same_gradient():
+    """A micro-batch of more than 2 examples "runs out of memory" once the step's first micro-batch has added its
+    gradient (the second of [0-3], [4-7]): the step starts again from zero gradients in micro-batches of 2, and so
+    do the steps after it; every applied gradient is the whole batch's (were the first micro-batch's gradient
+    kept, the first step's would count [0-3] twice). Several processes, or a token budget's split, re-raise."""
+    def mse(opt, calls):
+        def loss(part):
+            calls.append(list(part))
+            if len(part) > 2 and 4 in part:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return ((opt.model(X[part]).squeeze(-1) - Y[part]) ** 2).mean(), {}
+        return loss
+
+    cfg = TrainConfig(max_steps=3, batch_size=8, grad_accum_steps=2, lr=1e-2, warmup_steps=0, max_grad_norm=0)
+    whole = Optimization(linear_model(), cfg)
+    short, calls = Optimization(linear_model(), cfg), []
+    g_whole = gradients_at_each_step(whole, lambda part: (((whole.model(X[part]).squeeze(-1) - Y[part]) ** 2).mean(), {}),
+                                     3, list(range(8)))
+    g_short = gradients_at_each_step(short, mse(short, calls), 3, list(range(8)))
+    assert calls[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1]] and short.micro_cap == 2
+    assert max(len(c) for c in calls[2:]) == 2 and len(calls) == 2 + 3 * 4
+    for a, b in zip(g_whole, g_short):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(torch.OutOfMemoryError):  # the token budget's micro-batches are its own: lower it
+        Optimization(linear_model(), cfg).update(mse(short, []), list(range(8)), split=lambda idx: [idx[:4], idx[4:]])
+
+
 def test_accumulation_weighs_per_token_losses_by_tokens():
     """SFT's loss is the mean over answer tokens. Micro-batches whose answers differ in length must be
     weighted by their tokens, not by their examples, or accumulation changes the update (the bug that

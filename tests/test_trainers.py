@@ -341,6 +341,27 @@ def test_ppo_loss_of_a_cut_minibatch_equals_the_full_width_one(sandbox_tokenizer
         assert float(cut_metrics[key]) == pytest.approx(float(full_metrics[key]), abs=1e-5), key
 
 
+def test_a_ppo_minibatch_cut_in_micro_batches_gives_the_whole_minibatchs_gradient(sandbox_tokenizer):
+    """Where a minibatch runs out of memory its step goes in smaller micro-batches (Optimization.micro_cap): PPO's
+    losses are token means, so each micro-batch weighs as its answer tokens, and one row at a time applies the
+    gradient of the whole minibatch (weighed by rows, it did not: the answers differ in length)."""
+    model, prompts, reward_fn, cfg = ppo_setup(sandbox_tokenizer, iterations=1)
+    trainer = PPOTrainer(model, sandbox_tokenizer, prompts, reward_fn, cfg)
+    batch, rows = trainer.rollout(prompts), [0, 3, 5, 6]
+    for row, cut in ((3, 5), (5, 9)):  # shorter answers there (an untrained policy writes all 12 tokens)
+        batch["mask"][row, batch["mask"][row].nonzero().flatten()[-cut:]] = 0
+    assert len({int(batch["mask"][i].sum()) for i in rows}) == 3
+    start = {k: v.clone() for k, v in trainer.opt.model.state_dict().items()}
+    applied = []
+    trainer.opt.optimizer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: applied.append(
+        torch.cat([p.grad.flatten().clone() for p in trainer.opt.model.parameters() if p.grad is not None])))
+    for cap in (None, 1):
+        trainer.opt.model.load_state_dict(start)
+        trainer.opt.micro_cap = cap
+        trainer.update(batch, rows)
+    assert torch.allclose(applied[0], applied[1], atol=1e-6) and applied[0].abs().max() > 0
+
+
 def test_rloo_refuses_unbiased_kl_false_which_it_could_not_apply():
     """RLOO's KL is a penalty in the reward, so there is no KL term in its loss for unbiased_kl to weight: setting
     it is refused, not silently ignored. GRPO takes it."""

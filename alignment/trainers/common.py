@@ -26,6 +26,7 @@ from alignment.trainers.accelerator import ACCELERATOR_LOCK, StageAccelerator
 from alignment.trainers.rows import Ledger, StepSampler
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
 """Called as callback(step, metrics) after every optimizer step; the library itself logs nowhere."""
 
@@ -116,6 +117,7 @@ class Optimization:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
+        self.micro_cap: int | None = None  # examples a micro-batch at most, once one ran out of accelerator memory
 
     @property
     def device(self) -> torch.device:
@@ -128,14 +130,39 @@ class Optimization:
                            self.accelerator.num_processes, lengths if self.cfg.group_by_length else None)
 
     def split(self, indices: list[int]) -> list[list[int]]:
-        """Split a batch into grad_accum_steps micro-batches."""
+        """Split a batch into grad_accum_steps micro-batches (more, of at most micro_cap examples, once a micro-batch
+        ran out of accelerator memory)."""
         k = self.cfg.grad_accum_steps
         size = math.ceil(len(indices) / k)
+        size = min(size, self.micro_cap or size)
         return [indices[i : i + size] for i in range(0, len(indices), size)]
 
     def update(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int],
                size: Callable[[list[int]], float] = len, total: float | None = None,
                split: Callable[[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
+        """One optimizer step over `indices` (see accumulate). Where a micro-batch runs out of accelerator memory
+        (one process, micro-batches cut by count), the step starts again from zero gradients with micro-batches
+        of half the size, and later steps keep that size: the same gradient (micro-batches are weighed by what
+        their losses average), from less memory at once. Under several processes an out-of-memory error stops
+        the stage (the others would wait for it in the gradient's all-reduce), as it does under a token budget
+        (lower micro_batch_tokens)."""
+        while True:
+            try:
+                return self.accumulate(micro_losses, indices, size, total, split)
+            except torch.OutOfMemoryError:
+                largest = max(len(part) for part in (split or self.split)(indices))
+                if split is not None or self.accelerator.num_processes > 1 or largest == 1:
+                    raise
+            self.optimizer.zero_grad(set_to_none=True)  # what the micro-batches before it added
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.micro_cap = largest // 2
+            log.warning("a micro-batch of %d examples ran out of memory at step %d: %d at a time from now on, "
+                        "the same gradient", largest, self.step, self.micro_cap)
+
+    def accumulate(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int],
+                   size: Callable[[list[int]], float] = len, total: float | None = None,
+                   split: Callable[[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
         """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics.
 
         `size(part)` is what a micro-batch's loss is a mean over: its examples by default, its answer

@@ -134,10 +134,10 @@ class PPOTrainer:
         return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(), **metrics}
 
     def micro_size(self, batch: dict[str, torch.Tensor], indices: list[int]) -> float:
-        """The loss is a token mean over a minibatch. Under several processes each holds part of the minibatch,
-        and its token mean weighs as its share of the tokens; in one process a step is one micro-batch (PPO
-        accumulates nothing), so the weight is 1 whatever is counted."""
-        return float(batch["mask"][indices].sum()) if self.shard.world > 1 else float(len(indices))
+        """The loss is a token mean over a micro-batch, which weighs as its share of the minibatch's answer tokens:
+        a process's part of the minibatch under several processes, a part of it where the minibatch ran out of
+        memory and goes in smaller micro-batches (Optimization.update)."""
+        return float(batch["mask"][indices].sum())
 
     def update(self, batch: dict[str, torch.Tensor], part: list[int]) -> dict[str, float]:
         """One optimizer step on the rollout's rows `part` (global rows; each process trains on those it holds,
