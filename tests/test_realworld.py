@@ -70,7 +70,8 @@ def test_real_preference_files_train_dpo_on_real_tokenizers(tmp_path):
     """Anthropic HH (re-split, one pair with chosen == rejected, dropped), LLaMA-Factory's ShareGPT DPO in
     Chinese (system turns, a duplicate), its v1 layout (content as parts) and turbo-alignment's pairs (role
     'bot', other column names) go to DPO on minimind's and GPT-2's real tokenizers; GPT-2's has no chat
-    template and no pad token. One DPO computes its reference on the fly (precompute_ref_logps: false). OpenAI
+    template and no pad token. One DPO computes its reference on the fly (precompute_ref_logps: false), one packs
+    its pairs under a token budget (micro_batch_tokens). OpenAI
     tool-calling conversations (tool_calls without content, a tools list) train SFT through minimind's template,
     which renders tools= and the calls: the loss covers the call as the template writes it."""
     minimind = tiny_llama(tmp_path / "minimind", real_tokenizer("minimind"))
@@ -83,7 +84,8 @@ def test_real_preference_files_train_dpo_on_real_tokenizers(tmp_path):
         prefs("turbo", "preferences/turbo-alignment-fixtures/train_preferences.jsonl", held_out=0.0,
               columns={"context": "prompt", "answer_w": "chosen", "answer_l": "rejected"}),
         dpo("dpo_hh", "gpt2", "hh", precompute_ref_logps=False),
-        dpo("dpo_zh", "minimind", "zh"), dpo("dpo_v1", "minimind", "v1"), dpo("dpo_turbo", "minimind", "turbo"),
+        dpo("dpo_zh", "minimind", "zh"), dpo("dpo_turbo", "minimind", "turbo"),
+        dpo("dpo_v1", "minimind", "v1", packing=True, micro_batch_tokens=384),  # a token budget: 2 x max_length
         sft("tools", "minimind", "sft/stock_toolcall_validation.jsonl", max_length=1024),
         {"name": "evaluate", "type": "evaluate", "inputs": {"policy": "dpo_zh", "reference": "minimind", "preferences": "zh"},
          "params": {"prompts": 4, "max_length": 192, "sampling": {"max_new_tokens": 8}}},
