@@ -36,4 +36,5 @@ save_model(model, tokenizer, out / f"rank{dist.get_rank()}")
 logits = model(input_ids=ids).logits.detach()
 if dist.get_rank() == 0:
     torch.save(logits, out / "logits.pt")
+dist.barrier()  # both ranks done before either tears its connections down
 dist.destroy_process_group()

@@ -11,6 +11,7 @@ from its own share of a step.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,10 +161,21 @@ def test_two_process_stages_match_one_process_and_resume_after_kill_9(tmp_path):
 def test_a_sharded_fsdp2_model_is_saved_once_from_the_gathered_state(tmp_path):
     """Accelerate runs FSDP only on GPUs (on CPU it falls back to DDP), but torch's FSDP2 runs on gloo:
     a model sharded over 2 CPU processes is saved by rank 0 alone as a plain Hugging Face folder that
-    computes what the sharded model computes."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
-                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    computes what the sharded model computes.
+
+    Run again once where a rank aborts inside torch's C++ before the model is saved ("terminate called without an
+    active exception", SIGABRT): seen once in a fresh-clone suite on 2026-12-06, at this test's start while the other
+    worker was busy, and in none of 6 runs alone or 9 run three at a time; a crash of torch's gloo, not of save_model,
+    which the second run checks in full."""
+    for attempt in range(2):
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        tmp_path.mkdir(parents=True)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
+                              cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+        aborted = "terminate called without an active exception" in proc.stderr and not (tmp_path / "rank0").exists()
+        if proc.returncode == 0 or not aborted:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "rank0" / "model" / "model.safetensors").is_file()
     assert list((tmp_path / "rank1" / "model").iterdir()) == []  # written once
