@@ -103,3 +103,17 @@ def sandbox_tokenizer():
 # SIGINT would wait for nothing. SIG_DFL survives the exec, and the command's Python installs its own handler.
 WITH_CTRL_C = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
                "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def gradients_by_micro_cap(opt, step, caps) -> list[torch.Tensor]:
+    """The gradient an Optimization's optimizer applies in step(), once for each micro_cap in caps (None: the
+    micro-batches as configured), each from the same starting weights."""
+    start = {k: v.clone() for k, v in opt.model.state_dict().items()}
+    applied = []
+    opt.optimizer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: applied.append(  # inside accelerate's
+        torch.cat([p.grad.flatten().clone() for p in opt.model.parameters() if p.grad is not None])))  # wrapper
+    for cap in caps:
+        opt.model.load_state_dict(start)
+        opt.micro_cap = cap
+        step()
+    return applied

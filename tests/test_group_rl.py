@@ -12,7 +12,7 @@ from alignment.losses import group_policy_loss
 from alignment.sampling import SamplingParams
 from alignment.rewards import RewardFunctionError, score
 from alignment.trainers.group import GRPOConfig, GroupTrainer, RLOOConfig
-from conftest import tiny_llama_config
+from conftest import gradients_by_micro_cap, tiny_llama_config
 
 
 def test_group_advantages_by_hand():
@@ -254,12 +254,5 @@ def test_a_grpo_minibatch_cut_in_micro_batches_gives_the_whole_minibatchs_gradie
     batch.pop("stats")
     for row, cut in ((3, 5), (5, 9)):  # shorter answers there (an untrained policy writes all 12 tokens)
         batch["mask"][row, batch["mask"][row].nonzero().flatten()[-cut:]] = 0
-    start = {k: v.clone() for k, v in trainer.opt.model.state_dict().items()}
-    applied = []
-    trainer.opt.optimizer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: applied.append(
-        torch.cat([p.grad.flatten().clone() for p in trainer.opt.model.parameters() if p.grad is not None])))
-    for cap in (None, 2):
-        trainer.opt.model.load_state_dict(start)
-        trainer.opt.micro_cap = cap
-        trainer.update(batch, tokens, rows)
-    assert torch.allclose(applied[0], applied[1], atol=1e-6) and applied[0].abs().max() > 0
+    whole, in_twos = gradients_by_micro_cap(trainer.opt, lambda: trainer.update(batch, tokens, rows), (None, 2))
+    assert torch.allclose(whole, in_twos, atol=1e-6) and whole.abs().max() > 0

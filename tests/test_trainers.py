@@ -17,7 +17,7 @@ from alignment.trainers.dpo import DPOConfig, DPOTrainer, pair_logps
 from alignment.trainers.ppo import PPOConfig, PPOTrainer
 from alignment.trainers.reward import RewardConfig, RewardTrainer
 from alignment.trainers.sft import SFTConfig, SFTTrainer
-from conftest import tiny_llama_config
+from conftest import gradients_by_micro_cap, tiny_llama_config
 
 PAIRS = [PairExample([1, 5 + i % 3], [10, 12, 2], [11, 12, 2]) for i in range(12)]
 
@@ -351,15 +351,8 @@ def test_a_ppo_minibatch_cut_in_micro_batches_gives_the_whole_minibatchs_gradien
     for row, cut in ((3, 5), (5, 9)):  # shorter answers there (an untrained policy writes all 12 tokens)
         batch["mask"][row, batch["mask"][row].nonzero().flatten()[-cut:]] = 0
     assert len({int(batch["mask"][i].sum()) for i in rows}) == 3
-    start = {k: v.clone() for k, v in trainer.opt.model.state_dict().items()}
-    applied = []
-    trainer.opt.optimizer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: applied.append(
-        torch.cat([p.grad.flatten().clone() for p in trainer.opt.model.parameters() if p.grad is not None])))
-    for cap in (None, 1):
-        trainer.opt.model.load_state_dict(start)
-        trainer.opt.micro_cap = cap
-        trainer.update(batch, rows)
-    assert torch.allclose(applied[0], applied[1], atol=1e-6) and applied[0].abs().max() > 0
+    whole, one_by_one = gradients_by_micro_cap(trainer.opt, lambda: trainer.update(batch, rows), (None, 1))
+    assert torch.allclose(whole, one_by_one, atol=1e-6) and whole.abs().max() > 0
 
 
 def test_rloo_refuses_unbiased_kl_false_which_it_could_not_apply():
