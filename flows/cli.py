@@ -70,8 +70,9 @@ def unexpected(pipeline: str, err: BaseException) -> str:
     where = where_in(err)
     # torch.OutOfMemoryError on a GPU; a RuntimeError from torch's CPU allocator
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err):
-        return (f"pipeline {pipeline!r} stopped{where}: it ran out of memory. Lower the stage's batch_size or "
-                "max_length, or turn on gradient_checkpointing in its train params (or train LoRA adapters)")
+        return (f"pipeline {pipeline!r} stopped{where}: it ran out of memory. Lower the stage's batch_size, "
+                "micro_batch_tokens or max_length, or turn on gradient_checkpointing in its train params (or train "
+                "LoRA adapters)")
     keyed = isinstance(err, KeyError) and err.args and isinstance(err.args[0], str)  # a KeyError's str is a repr
     said = err.args[0] if keyed else str(err)
     text = next((line.strip() for line in said.splitlines() if line.strip()), "an error without a message")

@@ -328,8 +328,8 @@ def test_an_error_no_handler_knows_is_one_sentence_with_where_and_what_next():
     oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried ...")
     oom.add_note("stage 'dpo' (MLflow run 0123)")
     assert unexpected("tiny", oom) == ("pipeline 'tiny' stopped in stage 'dpo' (MLflow run 0123): it ran out of memory. "
-                                       "Lower the stage's batch_size or max_length, or turn on gradient_checkpointing in "
-                                       "its train params (or train LoRA adapters)")
+                                       "Lower the stage's batch_size, micro_batch_tokens or max_length, or turn on "
+                                       "gradient_checkpointing in its train params (or train LoRA adapters)")
     assert "ran out of memory" in unexpected("tiny", MemoryError())
 
 
