@@ -63,8 +63,8 @@ def group_by_prompt(examples: Sequence[PairExample], max_answers: int = 16, max_
         prompt = tuple(e.prompt_ids)
         answers, pairs = open_groups.get(prompt, ({}, []))
         new = {tuple(e.chosen_ids), tuple(e.rejected_ids)} - answers.keys()
-        tokens = len(prompt) + sum(len(a) for a in (*answers, *new))
-        if answers and (len(answers) + len(new) > max_answers or (max_tokens is not None and tokens > max_tokens)):
+        too_long = max_tokens is not None and len(prompt) + sum(len(a) for a in (*answers, *new)) > max_tokens
+        if answers and (len(answers) + len(new) > max_answers or too_long):
             closed.append((prompt, answers, pairs))
             answers, pairs = {}, []
         for a in (tuple(e.chosen_ids), tuple(e.rejected_ids)):

@@ -95,7 +95,7 @@ def packing(device: str, steps: int, vocab: int, demos, pairs, budget: int = 0) 
             torch.manual_seed(0)
             step_s, losses, trainer = timed_training(lambda: make(pack, tokens), steps)
             batches = [trainer.sampler.batch(s) for s in range(steps + 1)]  # the batches it trained on
-            shapes = [layout(rows_of(m), tokens or pack) for b in batches for m in (trainer.split(b) if tokens else [b])]
+            shapes = [layout(rows_of(m), tokens or pack) for b in batches for m in (trainer.opt.split(b) if tokens else [b])]
             rows, real, padded = (sum(x[i] for x in shapes) / len(batches) for i in range(3))
             runs[kind] = dict(step_s=step_s, losses=losses, rows=rows, real=real, pad_share=padded / (real + padded))
         for kind, r in runs.items():

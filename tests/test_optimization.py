@@ -2,6 +2,7 @@
 multipliers of the learning rate, gradient accumulation (the same update as the whole batch at once,
 per-token losses included) and gradient clipping."""
 
+import dataclasses
 import math
 
 import pytest
@@ -105,8 +106,11 @@ def test_a_micro_batch_out_of_memory_restarts_its_step_in_halves_with_the_same_g
     assert max(len(c) for c in calls[2:]) == 2 and len(calls) == 2 + 3 * 4
     for a, b in zip(g_whole, g_short):
         assert torch.allclose(a, b, atol=1e-6)
+    budgeted = Optimization(linear_model(), dataclasses.replace(cfg, grad_accum_steps=1), micro_batch_tokens=4)
+    budgeted.sampler(8, [1] * 8)  # 8 one-token rows: micro-batches [0-3], [4-7]
+    assert budgeted.split(list(range(8))) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(torch.OutOfMemoryError):  # the token budget's micro-batches are its own: lower it
-        Optimization(linear_model(), cfg).update(mse(short, []), list(range(8)), split=lambda idx: [idx[:4], idx[4:]])
+        budgeted.update(mse(budgeted, []), list(range(8)))
 
 
 def test_accumulation_weighs_per_token_losses_by_tokens():

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from alignment.config import TrainConfig  # noqa: F401 - re-exported
 from alignment.trainers.accelerator import ACCELERATOR_LOCK, StageAccelerator
-from alignment.trainers.rows import Ledger, StepSampler
+from alignment.trainers.rows import Ledger, StepSampler, token_budget_split
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -92,15 +92,16 @@ def compile_backbones(model: torch.nn.Module, dynamic: bool = True) -> None:
 class Optimization:
     """AdamW + LR schedule + accelerate (devices, DDP, mixed precision) + clipping + NaN/inf guard."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, static_shapes: bool = False):
-        """static_shapes: every micro-batch has the same shape (micro_batch_tokens), so cfg.compile specialises to it."""
-        self.cfg = cfg
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, micro_batch_tokens: int = 0):
+        """micro_batch_tokens: a token budget (see split); every micro-batch then has the same shape, so cfg.compile
+        specialises to it."""
+        self.cfg, self.micro_batch_tokens = cfg, micro_batch_tokens
         # several processes on a machine without CUDA (torchrun on CPU): DDP over gloo
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if cfg.compile:
-            compile_backbones(model, dynamic=not static_shapes)
+            compile_backbones(model, dynamic=not micro_batch_tokens)
         params = [p for p in model.parameters() if p.requires_grad]
         with ACCELERATOR_LOCK:  # until the model is prepared: its forward's autocast is read off the shared setting
             self.accelerator = StageAccelerator(cfg.mixed_precision, cpu=cpu_ddp)
@@ -118,28 +119,33 @@ class Optimization:
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
         self.micro_cap: int | None = None  # examples a micro-batch at most, once one ran out of accelerator memory
+        self.token_split: Callable[[list[int]], list[list[int]]] | None = None  # under a token budget (sampler)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def sampler(self, n_examples: int, lengths: list[int] | None = None) -> StepSampler:
+    def sampler(self, n_examples: int, lengths: list[int] | None = None, what: str = "example") -> StepSampler:
         """The data order of this run: cfg.batch_size examples a step, this process's share of them;
-        grouped by `lengths` (tokens per example) when cfg.group_by_length."""
+        grouped by `lengths` (tokens per example) when cfg.group_by_length. Under a token budget the lengths also
+        cut each step into micro-batches (token_budget_split, which refuses a `what` longer than the budget)."""
+        if self.micro_batch_tokens:
+            self.token_split = token_budget_split(lengths, self.micro_batch_tokens, what)
         return StepSampler(n_examples, self.cfg.batch_size, self.cfg.seed, self.accelerator.process_index,
                            self.accelerator.num_processes, lengths if self.cfg.group_by_length else None)
 
     def split(self, indices: list[int]) -> list[list[int]]:
-        """Split a batch into grad_accum_steps micro-batches (more, of at most micro_cap examples, once a micro-batch
-        ran out of accelerator memory)."""
+        """Split a batch into micro-batches: bins of at most micro_batch_tokens tokens under a token budget, else
+        grad_accum_steps of them (more, of at most micro_cap examples, once one ran out of accelerator memory)."""
+        if self.token_split is not None:
+            return self.token_split(indices)
         k = self.cfg.grad_accum_steps
         size = math.ceil(len(indices) / k)
         size = min(size, self.micro_cap or size)
         return [indices[i : i + size] for i in range(0, len(indices), size)]
 
     def update(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int],
-               size: Callable[[list[int]], float] = len, total: float | None = None,
-               split: Callable[[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
+               size: Callable[[list[int]], float] = len, total: float | None = None) -> dict[str, float]:
         """One optimizer step over `indices` (see accumulate). Where a micro-batch runs out of accelerator memory
         (one process, micro-batches cut by count), the step starts again from zero gradients with micro-batches
         of half the size, and later steps keep that size: the same gradient (micro-batches are weighed by what
@@ -148,10 +154,10 @@ class Optimization:
         (lower micro_batch_tokens)."""
         while True:
             try:
-                return self.accumulate(micro_losses, indices, size, total, split)
+                return self.accumulate(micro_losses, indices, size, total)
             except torch.OutOfMemoryError:
-                largest = max(len(part) for part in (split or self.split)(indices))
-                if split is not None or self.accelerator.num_processes > 1 or largest == 1:
+                largest = max(len(part) for part in self.split(indices))
+                if self.token_split is not None or self.accelerator.num_processes > 1 or largest == 1:
                     raise
             self.optimizer.zero_grad(set_to_none=True)  # what the micro-batches before it added
             if self.device.type == "cuda":
@@ -161,17 +167,15 @@ class Optimization:
                         "the same gradient", largest, self.step, self.micro_cap)
 
     def accumulate(self, micro_losses: Callable[[list[int]], tuple[Tensor, dict]], indices: list[int],
-                   size: Callable[[list[int]], float] = len, total: float | None = None,
-                   split: Callable[[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
+                   size: Callable[[list[int]], float] = len, total: float | None = None) -> dict[str, float]:
         """One optimizer step over `indices`: accumulate, clip, step, schedule. Returns mean metrics.
 
         `size(part)` is what a micro-batch's loss is a mean over: its examples by default, its answer
         tokens for a per-token loss, its pairs for prompt groups. Each micro-batch's loss is weighted by
         its share of the batch's size, so accumulation gives the gradient of the whole batch's mean.
         `total` replaces the batch's own size as the divisor, over all processes (GRPO's token mean over a
-        rollout batch of which this step is one minibatch: its answer tokens / its minibatches).
-        `split` cuts the batch into micro-batches in place of grad_accum_steps (a token budget: token_budget_split)."""
-        micro = (split or self.split)(indices)
+        rollout batch of which this step is one minibatch: its answer tokens / its minibatches)."""
+        micro = self.split(indices)
         sizes = [float(size(part)) for part in micro]
         given, total, scale = total, sum(sizes), 1.0
         if self.accelerator.num_processes > 1:
@@ -301,13 +305,12 @@ def train_steps(
     stop_at: int | None = None,
     desc: str = "train",
     size: Callable[[list[int]], float] = len,
-    split: Callable[[list[int]], list[list[int]]] | None = None,
 ) -> list[dict[str, float]]:
     """The supervised loop of SFT, reward-model and DPO training, resumable from the latest checkpoint.
 
     Runs optimizer steps opt.step .. cfg.max_steps - 1 (or until stop_at), calling callback(step, metrics)
-    after each and saving a checkpoint every cfg.checkpoint_every steps and at the end. `split`: how a step's
-    rows become micro-batches (Optimization.update). Returns the metrics of the steps run in this call.
+    after each and saving a checkpoint every cfg.checkpoint_every steps and at the end.
+    Returns the metrics of the steps run in this call.
     """
     cfg = opt.cfg
     latest = checkpointer.latest()
@@ -319,7 +322,7 @@ def train_steps(
     history = []
     for _ in tqdm(range(opt.step, end), desc=desc, initial=opt.step, total=cfg.max_steps, leave=False, disable=None):
         ledger.record(opt.step + 1, sampler.global_batch(opt.step))
-        metrics = opt.update(micro_losses, sampler.batch(opt.step), size, split=split)
+        metrics = opt.update(micro_losses, sampler.batch(opt.step), size)
         history.append(metrics)
         if callback is not None:
             callback(opt.step, metrics)

@@ -21,7 +21,6 @@ from alignment.trainers.common import (
     Optimization,
     train_steps,
 )
-from alignment.trainers.rows import token_budget_split
 
 
 def pair_logps(model, examples: Sequence[PairExample], pad_token_id: int, device, shared_prefix: bool = True,
@@ -79,14 +78,12 @@ class DPOTrainer:
         self.ref_model = ref_model
         self.layout = cfg.micro_batch_tokens or cfg.packing  # collate_answers_shared's pack: a row width, or a flag
         self.opt = Optimization(PairLogps(model, pad_token_id, cfg.shared_prefix, self.layout), cfg.train,
-                                static_shapes=bool(cfg.micro_batch_tokens))
+                                cfg.micro_batch_tokens)
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
         self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
-        self.sampler = self.opt.sampler(len(units), [u.tokens for u in units])
-        self.split = token_budget_split([u.tokens for u in units], cfg.micro_batch_tokens, "pair" if self.groups is None
-                                        else "prompt group") if cfg.micro_batch_tokens else None
+        self.sampler = self.opt.sampler(len(units), [u.tokens for u in units], "pair" if self.groups is None else "prompt group")
         self.checkpointer = Checkpointer.under(output_dir)
         # [N, 2]: (chosen, rejected) per example; grouped: [G, K_max] per group answer, 0 where absent
         self.reference_logps = reference_logps
@@ -175,7 +172,7 @@ class DPOTrainer:
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
         return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "dpo",
-                           self.micro_size, self.split)
+                           self.micro_size)
 
     @property
     def model(self):

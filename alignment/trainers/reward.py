@@ -18,7 +18,6 @@ from alignment.trainers.common import (
     Optimization,
     train_steps,
 )
-from alignment.trainers.rows import token_budget_split
 
 
 class RewardTrainer:
@@ -36,13 +35,11 @@ class RewardTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
-        self.opt = Optimization(model, cfg.train, static_shapes=bool(cfg.micro_batch_tokens))
+        self.opt = Optimization(model, cfg.train, cfg.micro_batch_tokens)
         self.layout = cfg.micro_batch_tokens or cfg.packing  # collate_answers_shared's pack: a row width, or a flag
         self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
-        self.sampler = self.opt.sampler(len(units), [u.tokens for u in units])
-        self.split = token_budget_split([u.tokens for u in units], cfg.micro_batch_tokens, "pair" if self.groups is None
-                                        else "prompt group") if cfg.micro_batch_tokens else None
+        self.sampler = self.opt.sampler(len(units), [u.tokens for u in units], "pair" if self.groups is None else "prompt group")
         self.checkpointer = Checkpointer.under(output_dir)
 
     def rewards(self, examples: Sequence[PairExample], model=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +72,7 @@ class RewardTrainer:
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
         return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "reward model",
-                           self.micro_size, self.split)
+                           self.micro_size)
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[PairExample], batch_size: int = 64) -> dict[str, float]:

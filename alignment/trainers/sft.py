@@ -14,7 +14,6 @@ from alignment.trainers.common import (
     Optimization,
     train_steps,
 )
-from alignment.trainers.rows import token_budget_split
 
 
 class SFTTrainer:
@@ -30,10 +29,8 @@ class SFTTrainer:
         callback: MetricsCallback | None = None,
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
-        self.opt = Optimization(AnswerLogps(model), cfg.train, static_shapes=bool(cfg.micro_batch_tokens))
-        lengths = [len(p) + len(a) for p, a in self.examples]
-        self.sampler = self.opt.sampler(len(self.examples), lengths)
-        self.split = token_budget_split(lengths, cfg.micro_batch_tokens) if cfg.micro_batch_tokens else None
+        self.opt = Optimization(AnswerLogps(model), cfg.train, cfg.micro_batch_tokens)
+        self.sampler = self.opt.sampler(len(self.examples), [len(p) + len(a) for p, a in self.examples])
         self.checkpointer = Checkpointer.under(output_dir)
 
     def micro_loss(self, indices: list[int]):
@@ -59,7 +56,7 @@ class SFTTrainer:
     def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
         self.opt.model.train()
         return train_steps(self.opt, self.sampler, self.micro_loss, self.checkpointer, self.callback, stop_at, "sft",
-                           self.micro_size, self.split)
+                           self.micro_size)
 
     @property
     def model(self):
