@@ -1,11 +1,13 @@
 """DPO training throughput: alignflow's DPOTrainer against TRL's DPOTrainer on the same model, data
 and batch, in one invocation.
 
-    .venv/bin/python benchmarks/bench_dpo.py [--peer trl] [--device cuda] [--gpu-shape]
+    .venv/bin/python benchmarks/bench_dpo.py [--peer trl] [--device cuda] [--gpu-shape] [--rounds 3]
 
 Prints policy tokens/s (chosen + rejected, prompt included), step time, peak memory and, on GPU, MFU.
 alignflow runs twice: with reference log-probs precomputed once (its default; the one-off pass is
-timed separately) and with the reference forward in every step, as TRL does by default.
+timed separately) and with the reference forward in every step, as TRL does by default. Each trainer runs
+--rounds times, the trainers taking turns, and the ratio is of their median rounds (a step's time is the median
+of its run's steps): on a shared machine a neighbour's load then falls on both sides alike.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, causal_lm, checkpoint_dtype, report, reset_peak, texts, tokenizer
+from common import StepTimer, alternating, trl_timing_callback, Workload, causal_lm, checkpoint_dtype, report, reset_peak, texts, tokenizer
 
 
 def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True, attention: str | None = None,
@@ -93,19 +95,21 @@ def main() -> None:
     parser.add_argument("--peer", choices=["trl"], help="also run the peer on the same work and print the ratio")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpu-shape", action="store_true", help="the Qwen2-0.5B-shaped workload of the GPU target")
+    parser.add_argument("--rounds", type=int, default=3, help="each trainer this many times, taking turns; its median round counts")
     args = parser.parse_args()
     w = Workload.gpu() if args.gpu_shape else Workload()
     torch.set_num_threads(torch.get_num_threads())
     print(f"DPO: {w.pairs} pairs x ({w.prompt_tokens} + {w.answer_tokens}) tokens, vocab {w.vocab}, hidden {w.hidden}, "
           f"{w.layers} layers; device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     ours(w, args.device, precompute=True, shared_prefix=False)
-    pre = ours(w, args.device, precompute=True)
-    fly = ours(w, args.device, precompute=False)
+    runs = {"pre": lambda: ours(w, args.device, precompute=True), "fly": lambda: ours(w, args.device, precompute=False)}
     if args.peer == "trl":
-        peer = trl(w, args.device)
-        print(f"ratio alignflow / TRL tokens/s: {pre['tokens_per_s'] / peer['tokens_per_s']:.2f}x (ref precomputed), "
-              f"{fly['tokens_per_s'] / peer['tokens_per_s']:.2f}x (ref every step)")
-
+        runs["trl"] = lambda: trl(w, args.device)
+    med = alternating(runs, args.rounds)
+    if args.peer == "trl":
+        print(f"ratio alignflow / TRL tokens/s ({'median of ' + str(args.rounds) + ' alternating rounds' if args.rounds > 1 else 'one round'}): "
+              f"{med['pre']['tokens_per_s'] / med['trl']['tokens_per_s']:.2f}x (ref precomputed), "
+              f"{med['fly']['tokens_per_s'] / med['trl']['tokens_per_s']:.2f}x (ref every step)")
 
 if __name__ == "__main__":
     main()

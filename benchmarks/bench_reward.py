@@ -1,10 +1,11 @@
 """Reward-model training throughput: alignflow's RewardTrainer against TRL's RewardTrainer on the same
 model, data and batch, in one invocation.
 
-    .venv/bin/python benchmarks/bench_reward.py [--peer trl] [--device cuda] [--gpu-shape]
+    .venv/bin/python benchmarks/bench_reward.py [--peer trl] [--device cuda] [--gpu-shape] [--rounds 3]
 
 Tokens/s counts chosen + rejected tokens (prompt included) per step: the same work for both, however
-each trainer lays it out (alignflow reads the shared prompt once, see alignment/prefix.py).
+each trainer lays it out (alignflow reads the shared prompt once, see alignment/prefix.py). Each trainer runs
+--rounds times, the two taking turns, and the ratio is of their median rounds (as in bench_dpo.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 
 import torch
 
-from common import StepTimer, trl_timing_callback, Workload, checkpoint_dtype, report, reset_peak, seq_classifier, texts, tokenizer
+from common import StepTimer, alternating, trl_timing_callback, Workload, checkpoint_dtype, report, reset_peak, seq_classifier, texts, tokenizer
 
 
 def ours(w: Workload, device: str, shared_prefix: bool = True) -> dict:
@@ -71,15 +72,19 @@ def main() -> None:
     parser.add_argument("--peer", choices=["trl"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpu-shape", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="each trainer this many times, taking turns; its median round counts")
     args = parser.parse_args()
     w = Workload.gpu() if args.gpu_shape else Workload()
     print(f"reward model: {w.pairs} pairs x ({w.prompt_tokens} + {w.answer_tokens}) tokens, vocab {w.vocab}, hidden {w.hidden}, "
           f"{w.layers} layers; device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     ours(w, args.device, shared_prefix=False)
-    mine = ours(w, args.device)
+    runs = {"ours": lambda: ours(w, args.device)}
     if args.peer == "trl":
-        print(f"ratio alignflow / TRL tokens/s: {mine['tokens_per_s'] / trl(w, args.device)['tokens_per_s']:.2f}x")
-
+        runs["trl"] = lambda: trl(w, args.device)
+    med = alternating(runs, args.rounds)
+    if args.peer == "trl":
+        print(f"ratio alignflow / TRL tokens/s ({'median of ' + str(args.rounds) + ' alternating rounds' if args.rounds > 1 else 'one round'}): "
+              f"{med['ours']['tokens_per_s'] / med['trl']['tokens_per_s']:.2f}x")
 
 if __name__ == "__main__":
     main()

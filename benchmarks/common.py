@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 import resource
+import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -116,7 +118,8 @@ def sync(device: str) -> None:
 
 
 class StepTimer:
-    """Wall time per step, excluding the first `warmup` steps."""
+    """Wall time per step, excluding the first `warmup` steps: the median step, so that one step slowed by a
+    neighbour on a shared machine does not move the figure."""
 
     def __init__(self, warmup: int, device: str):
         self.warmup, self.device, self.times, self._t = warmup, device, [], None
@@ -131,8 +134,7 @@ class StepTimer:
 
     @property
     def step_s(self) -> float:
-        timed = self.times[self.warmup:] or self.times
-        return sum(timed) / len(timed)
+        return statistics.median(self.times[self.warmup:] or self.times)
 
 
 def mfu(params: int, tokens_per_s: float, device: str, passes: float = 3.0) -> float | None:
@@ -151,6 +153,19 @@ def report(name: str, tokens_per_step: int, step_s: float, device: str, params: 
     shown = "n/a (CPU)" if util is None else f"{util:.1f}%"
     print(f"{name:34s} {tps:12.0f} tok/s {1000 * step_s:9.1f} ms/step  peak {mem:8.0f} MB  MFU {shown}  {extra}")
     return {"name": name, "tokens_per_s": tps, "step_ms": 1000 * step_s, "peak_mb": mem, "mfu_pct": util, "note": extra}
+
+
+def alternating(runs: dict[str, Callable[[], dict]], rounds: int) -> dict[str, dict]:
+    """Each run `rounds` times, taking turns (a, b, a, b, ...), each time a fresh trainer: load from the machine's
+    other users, which comes and goes over minutes, then falls on every run alike instead of on whichever ran
+    during it. Each run's record is that of its median round (by tokens/s)."""
+    records: dict[str, list[dict]] = {name: [] for name in runs}
+    for r in range(rounds):
+        if rounds > 1:
+            print(f"round {r + 1} of {rounds}")
+        for name, run in runs.items():
+            records[name].append(run())
+    return {name: sorted(recs, key=lambda rec: rec["tokens_per_s"])[(len(recs) - 1) // 2] for name, recs in records.items()}
 
 
 def trl_timing_callback(timer: StepTimer):
