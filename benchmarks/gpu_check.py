@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -89,20 +90,30 @@ def on_gpu_only(fn, *args) -> dict:
 
 
 def part_dpo(dry: bool) -> dict:
+    """The rows most wanted first (ours and TRL's in both reference modes), the token budget and FlexAttention (which
+    compiles) last; each row is kept as it is measured, so a part stopped by its time limit keeps the rows before."""
     import bench_dpo
 
     w = workload(dry)
-    ours = bench_dpo.ours(w, device(), precompute=True)
-    every_step = bench_dpo.ours(w, device(), precompute=False)
-    flex = on_gpu_only(bench_dpo.ours, w, device(), True, True, "flex_attention")
-    budget = peer(bench_dpo.ours, w, device(), True, True, None, False, 2 * (w.prompt_tokens + w.answer_tokens))
-    theirs = peer(bench_dpo.trl, w, device())
-    theirs_pre = peer(bench_dpo.trl, w, device(), True)
-    r_pre, r_every = ratio(ours, theirs_pre), ratio(every_step, theirs)
-    return {"workload": vars(w), "ours": ours, "ours_ref_every_step": every_step, "ours_flex": flex, "ours_budget": budget,
-            "trl": theirs,
-            "trl_precomputed": theirs_pre, "ratio": r_pre, "ratio_ref_every_step": r_every,
-            "target_met": min(ours["tokens_per_s"], every_step["tokens_per_s"]) >= 110_000 and min(r_pre or 0, r_every or 0) >= 1.5}
+    budget = 2 * (w.prompt_tokens + w.answer_tokens)
+    return rows_kept({"workload": vars(w)}, [
+        ("ours", lambda: bench_dpo.ours(w, device(), precompute=True)),
+        ("ours_ref_every_step", lambda: bench_dpo.ours(w, device(), precompute=False)),
+        ("trl", lambda: peer(bench_dpo.trl, w, device())),
+        ("trl_precomputed", lambda: peer(bench_dpo.trl, w, device(), True)),
+        ("ours_budget", lambda: peer(bench_dpo.ours, w, device(), True, True, None, False, budget)),
+        ("ours_flex", lambda: on_gpu_only(bench_dpo.ours, w, device(), True, True, "flex_attention")),
+    ], dpo_ratios)
+
+
+def dpo_ratios(r: dict) -> dict:
+    """Ratios and the target from the rows measured so far."""
+    r_pre, r_every = ratio(r["ours"], r.get("trl_precomputed", {})), ratio(r.get("ours_ref_every_step", {}), r.get("trl", {}))
+    out = {"ratio": r_pre, "ratio_ref_every_step": r_every}
+    if "ours_ref_every_step" in r:
+        out["target_met"] = (min(r["ours"]["tokens_per_s"], r["ours_ref_every_step"]["tokens_per_s"]) >= 110_000
+                             and min(r_pre or 0, r_every or 0) >= 1.5)
+    return out
 
 
 def part_dpo_1_5b(dry: bool) -> dict:
@@ -113,11 +124,11 @@ def part_dpo_1_5b(dry: bool) -> dict:
     from common import Workload
 
     w = dataclasses.replace(workload(dry), kv_heads=2) if dry else Workload.gpu_1_5b()
-    ours = bench_dpo.ours(w, device(), precompute=True)
-    every_step = bench_dpo.ours(w, device(), precompute=False)
-    theirs = peer(bench_dpo.trl, w, device())
-    return {"workload": vars(w), "ours": ours, "ours_ref_every_step": every_step, "trl": theirs,
-            "ratio": ratio(every_step, theirs)}
+    return rows_kept({"workload": vars(w)}, [
+        ("ours", lambda: bench_dpo.ours(w, device(), precompute=True)),
+        ("ours_ref_every_step", lambda: bench_dpo.ours(w, device(), precompute=False)),
+        ("trl", lambda: peer(bench_dpo.trl, w, device())),
+    ], lambda r: {"ratio": ratio(r.get("ours_ref_every_step", {}), r.get("trl", {}))})
 
 
 def part_lora_7b(dry: bool) -> dict:
@@ -135,10 +146,9 @@ def part_reward(dry: bool) -> dict:
     import bench_reward
 
     w = workload(dry)
-    ours = bench_reward.ours(w, device())
-    theirs = peer(bench_reward.trl, w, device())
-    return {"workload": vars(w), "ours": ours, "trl": theirs, "ratio": ratio(ours, theirs),
-            "target_met": ours["tokens_per_s"] >= 100_000}
+    return rows_kept({"workload": vars(w)}, [("ours", lambda: bench_reward.ours(w, device())),
+                                             ("trl", lambda: peer(bench_reward.trl, w, device()))],
+                     lambda r: {"ratio": ratio(r["ours"], r.get("trl", {})), "target_met": r["ours"]["tokens_per_s"] >= 130_000})
 
 
 def part_rollout(dry: bool) -> dict:
@@ -172,16 +182,40 @@ def part_sandbox(dry: bool) -> dict:
     return sandbox_chain.run(tiny=dry)
 
 
-def run_part(name: str, out: Path, dry: bool) -> None:
-    t = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f".{name}.started").touch()  # a part that started and left no result crashed or ran out of time
-    result = globals()[f"part_{name}"](dry)
-    result["part_s"] = round(time.perf_counter() - t, 1)
+UNFINISHED = "not measured: the part stopped before this row (its time limit, or a crash: see gpu_check.log)"
+_writing: tuple[Path, str] | None = None  # (folder, part) of the part running now: where rows_kept writes
+
+
+def rows_kept(result: dict, rows: list[tuple[str, Callable[[], dict]]], summary: Callable[[dict], dict]) -> dict:
+    """Measure the rows in order; after each, the part's result so far (summary(result) added) is written as the
+    part's JSON, marked unfinished, so that a part killed at its time limit still reports the rows it measured."""
+    for key, measure in rows:
+        result[key] = measure()
+        result.update(summary(result))
+        if _writing is not None:
+            write_result(*_writing, {**result, "unfinished": [k for k, _ in rows if k not in result]})
+    return result
+
+
+def write_result(out: Path, name: str, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / f"{name}.json")
+
+
+def run_part(name: str, out: Path, dry: bool) -> None:
+    global _writing
+    t = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f".{name}.started").touch()  # a part that started and left no result crashed or ran out of time
+    _writing = (out, name)
+    try:
+        result = globals()[f"part_{name}"](dry)
+    finally:
+        _writing = None
+    result["part_s"] = round(time.perf_counter() - t, 1)
+    write_result(out, name, result)
 
 
 # -- the report ---------------------------------------------------------------------------------------
@@ -206,7 +240,9 @@ def _n(x, digits: int = 0) -> str:
 def _trainer_rows(rows: list[tuple[str, dict]]) -> list[str]:
     out = ["| trainer | tokens/s | ms/step | peak MB | MFU |", "| --- | ---: | ---: | ---: | ---: |"]
     for label, r in rows:
-        if "error" in r:
+        if r is None:
+            out.append(f"| {label} | {UNFINISHED} | | | |")
+        elif "error" in r:
             out.append(f"| {label} | not run: {r['error'][:120]} | | | |")
         else:
             util = "-" if r["mfu_pct"] is None else f"{r['mfu_pct']:.1f}%"
@@ -245,24 +281,25 @@ def _trainer_lines(name: str, p: dict) -> list[str]:
              "for both (as a user's bf16 checkpoint loads: TRL and alignflow's dtype auto)."), ""]
     if name == "lora_7b":
         return lines + _trainer_rows([("alignflow (LoRA r 16, reference precomputed)", p["ours"])]) + [""]
-    rows = [("alignflow (reference precomputed)" if name != "reward" else "alignflow", p["ours"])]
+    labels = [("ours", "alignflow (reference precomputed)" if name != "reward" else "alignflow")]
     if name != "reward":
-        rows.append(("alignflow (reference every step)", p["ours_ref_every_step"]))
+        labels.append(("ours_ref_every_step", "alignflow (reference every step)"))
     if name == "dpo":
-        rows.append(("alignflow (reference precomputed, FlexAttention block mask)", p["ours_flex"]))
-        if "ours_budget" in p:  # (records from before the token budget have no such row)
-            rows.append((f"alignflow (reference precomputed, micro_batch_tokens {2 * (w['prompt_tokens'] + w['answer_tokens'])}: "
-                         "a pair a row)", p["ours_budget"]))
-    rows.append(("TRL (defaults)", p["trl"]))
+        labels += [("ours_flex", "alignflow (reference precomputed, FlexAttention block mask)"),
+                   ("ours_budget", f"alignflow (reference precomputed, micro_batch_tokens "
+                                   f"{2 * (w['prompt_tokens'] + w['answer_tokens'])}: a pair a row)")]
+    labels.append(("trl", "TRL (defaults)"))
     if name == "dpo":
-        rows.append(("TRL (precompute_ref_log_probs)", p["trl_precomputed"]))
+        labels.append(("trl_precomputed", "TRL (precompute_ref_log_probs)"))
+    # a row the part did not reach says so; one that an older record has no key for is left out
+    rows = [(label, p.get(key)) for key, label in labels if key in p or key in p.get("unfinished", ())]
     if name == "dpo":
-        summary = (f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x with the reference precomputed (both), "
-                   f"{_n(p['ratio_ref_every_step'], 2)}x with it every step (both).")
+        summary = (f"Ratio alignflow / TRL: {_n(p.get('ratio'), 2)}x with the reference precomputed (both), "
+                   f"{_n(p.get('ratio_ref_every_step'), 2)}x with it every step (both).")
     elif name == "dpo_1_5b":
-        summary = f"Ratio alignflow / TRL, the reference every step (both): {_n(p['ratio'], 2)}x."
+        summary = f"Ratio alignflow / TRL, the reference every step (both): {_n(p.get('ratio'), 2)}x."
     else:
-        summary = f"Ratio alignflow / TRL: {_n(p['ratio'], 2)}x."
+        summary = f"Ratio alignflow / TRL: {_n(p.get('ratio'), 2)}x."
     target = "" if "target_met" not in p else f" Target {'met' if p['target_met'] else 'NOT met'}."
     return lines + _trainer_rows(rows) + ["", summary + target, ""]
 

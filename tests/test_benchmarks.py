@@ -83,3 +83,40 @@ def test_the_trl_peer_reward_function_scores_our_prompt_of_each_answer_as_trl_ca
     scores = fn(prompts=["batch 0", "batch 1"], completions=["ab", [{"role": "assistant", "content": "c"}]],
                 completion_ids=[[7, 8, 2], [9]], prompt_index=[5, 2], trainer_state=None)
     assert scores == [7.0, 2.5]
+
+
+def test_a_gpu_check_part_stopped_at_its_time_limit_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """The device's minutes are few: a part killed by its time limit must not take the rows it already measured
+    with it. The DPO part writes its result after every row; here the third row (TRL's) stops the process as
+    `timeout` would, and the report shows the two rows measured, the others as not reached, and no ratio."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_dpo
+    import gpu_check
+
+    def ours(w, device, precompute, *args):
+        return {"name": "alignflow", "tokens_per_s": 2000.0 if precompute else 1000.0, "step_ms": 5.0, "peak_mb": 10.0,
+                "mfu_pct": None, "note": ""}
+
+    def stopped(*args):
+        raise SystemExit("killed at the part's time limit")  # not an Exception: peer() does not catch it
+
+    monkeypatch.setattr(bench_dpo, "ours", ours)
+    monkeypatch.setattr(bench_dpo, "trl", stopped)
+    parts = tmp_path / "parts"
+    try:
+        gpu_check.run_part("dpo", parts, dry=True)
+        raise AssertionError("the stop did not propagate")
+    except SystemExit:
+        pass
+    kept = json.loads((parts / "dpo.json").read_text())
+    assert kept["ours"]["tokens_per_s"] == 2000.0 and kept["ours_ref_every_step"]["tokens_per_s"] == 1000.0
+    assert kept["unfinished"] == ["trl", "trl_precomputed", "ours_budget", "ours_flex"]
+    assert kept["ratio"] is None and kept["target_met"] is False and "part_s" not in kept
+    (parts / "env.json").write_text(json.dumps({"dry_run": True}))
+    gpu_check.report(parts, tmp_path, None)
+    section = (tmp_path / "gpu_check.md").read_text()
+    assert "| alignflow (reference precomputed) | 2,000 | 5.0 | 10 | - |" in section
+    assert "| alignflow (reference every step) | 1,000 | 5.0 | 10 | - |" in section
+    for row in ("TRL (defaults)", "TRL (precompute_ref_log_probs)", "alignflow (reference precomputed, FlexAttention block mask)"):
+        assert f"| {row} | {gpu_check.UNFINISHED} |" in section
+    assert "Ratio alignflow / TRL: -x with the reference precomputed (both), -x with it every step (both). Target NOT met." in section
