@@ -13,9 +13,19 @@ comparisons of a prompt as one batch element). A prompt with 8 answers and 28 la
 row of 8 answers instead of 28 rows of 2.
 
 Rows are right-padded; a pad token attends only to itself (so no attention row is empty).
-Needs a model whose attention accepts a custom 4D mask (transformers' Llama, Qwen2, Mistral, GPT-2, ...). A model
-loaded with attn_implementation="flex_attention" reads the same rule as a FlexAttention BlockMask instead
-(`block_mask`): no dense [R, L, L] mask, and blocks nobody sees are skipped.
+How a model reads that rule (prefix_forward):
+- By default (SDPA, eager) as the dense [R, 1, L, L] mask: it needs a model whose attention accepts a custom 4D
+  mask (transformers' Llama, Qwen2, Mistral, GPT-2, ...).
+- A model loaded with attn_implementation="flex_attention" reads it as a FlexAttention BlockMask (`block_mask`):
+  blocks nobody sees are skipped.
+- A model set to attn_implementation="alignflow_sdpa" (SEGMENTS; `model.set_attn_implementation(SEGMENTS)`) reads
+  it as segments, with no mask: each prompt ++ answer_k is gathered into a sequence of its own and attended
+  causally (`is_causal`: SDPA may skip the scores above the diagonal and take its flash kernels on a GPU), then
+  every position takes its own answer's output (a prompt's from its first answer). The linear layers still read
+  each prompt once; only the attention reads it once per answer. Any call without segments is plain SDPA. Exact
+  (tests/test_prefix.py); on a CPU 4% slower than the mask at the benchmark's pairs (the CPU's flash kernel skips
+  little above the diagonal at these lengths), so not the default; benchmarks/gpu_check.py measures it on a GPU.
+  A batch of a fixed width (a token budget, for compiled static shapes) has no segments and reads the mask.
 """
 
 from __future__ import annotations
@@ -85,9 +95,11 @@ class SharedPrefixBatch:
     source: Tensor  # [B, K, A] flattened position whose logits predict answer token a (0 where padded)
     target: Tensor  # [B, K, A] answer token ids
     target_mask: Tensor  # [B, K, A] 1 on real answer tokens
+    segments: Tensor | None = None  # [N, S] per answer of the batch, the flattened positions of prompt ++ answer (0 after)
+    owner: Tensor | None = None  # [R * L] the flattened [N, S] slot whose attention output a position takes
 
     def to(self, device) -> "SharedPrefixBatch":
-        return SharedPrefixBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return SharedPrefixBatch(*(None if (t := getattr(self, f)) is None else t.to(device) for f in self.__dataclass_fields__))
 
     @cached_property
     def attention_mask(self) -> Tensor:
@@ -115,11 +127,6 @@ def block_mask(batch: SharedPrefixBatch):
     R, L = g.shape
     return create_block_mask(lambda b, h, q, kv: visible(g[b, q], g[b, kv], p[b, q], p[b, kv], q, kv), R, None, L, L,
                              device=g.device)
-
-
-def uses_flex_attention(model) -> bool:
-    """Whether a transformers model attends through FlexAttention (attn_implementation="flex_attention")."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "flex_attention"
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -167,6 +174,7 @@ def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence
     source = torch.zeros((B, K, A), dtype=torch.long)
     target = torch.full((B, K, A), pad_id, dtype=torch.long)
     target_mask = torch.zeros((B, K, A), dtype=torch.long)
+    spans = []  # (flattened start of the prompt, its length, flattened start of the answer, its length), per answer
     for r, members in enumerate(bins):
         start = 0
         for i in members:
@@ -178,9 +186,11 @@ def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence
             ids[r, start : start + P], pos[r, start : start + P] = torch.tensor(list(prompt)), torch.arange(P)
             group[r, start : start + lengths[i]] = i
             last_prompt = start + P - 1
+            prompt_at = base + start
             start += P
             for k, answer in enumerate(answers):
                 n = len(answer)
+                spans.append((prompt_at, P, base + start, n))
                 ids[r, start : start + n] = torch.tensor(list(answer))
                 pos[r, start : start + n] = torch.arange(P, P + n)
                 part[r, start : start + n] = 1 + k
@@ -191,7 +201,25 @@ def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence
                 source[i, k, 1:n] = base + torch.arange(start, start + n - 1)
                 target[i, k, :n], target_mask[i, k, :n] = torch.tensor(list(answer)), 1
                 start += n
-    return SharedPrefixBatch(ids, pos, group, part, answer_last, source, target, target_mask)
+    segments, owner = segment_layout(spans, R * L) if pack is True or not pack else (None, None)  # a fixed width: the mask
+    return SharedPrefixBatch(ids, pos, group, part, answer_last, source, target, target_mask, segments, owner)
+
+
+def segment_layout(spans: Sequence[tuple[int, int, int, int]], positions: int) -> tuple[Tensor, Tensor]:
+    """The answers' own sequences prompt ++ answer as (segments [N, S], owner [positions]) from their spans
+    (prompt start, prompt length, answer start, answer length; starts are flattened positions). A prompt's
+    positions take their output from its first answer's sequence; padding from slot 0 (never read)."""
+    S = max(P + n for _, P, _, n in spans)
+    segments = torch.zeros((len(spans), S), dtype=torch.long)
+    owner = torch.zeros(positions, dtype=torch.long)
+    first = {}
+    for k, (p0, P, a0, n) in enumerate(spans):
+        segments[k, :P], segments[k, P : P + n] = torch.arange(p0, p0 + P), torch.arange(a0, a0 + n)
+        owner[a0 : a0 + n] = k * S + torch.arange(P, P + n)
+        if p0 not in first:
+            first[p0] = k
+            owner[p0 : p0 + P] = k * S + torch.arange(P)
+    return segments, owner
 
 
 def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int, pack: bool | int = False) -> SharedPrefixBatch:
@@ -216,22 +244,74 @@ def pair_count(groups: Sequence[PromptGroup] | None, indices: Sequence[int]) -> 
     return sum(len(groups[i].pairs) for i in indices) if groups is not None else len(indices)
 
 
-def attention_mask_for(model, batch: SharedPrefixBatch):
-    """The mask a model reads a shared-prefix batch with: a BlockMask for FlexAttention, the dense 4D mask for the
-    others. torch has no FlexAttention backward on a CPU: training there needs another attention."""
-    if not uses_flex_attention(model):
-        return batch.attention_mask
-    if torch.is_grad_enabled() and batch.input_ids.device.type == "cpu":
-        raise ValueError("FlexAttention cannot train on a CPU (torch has no backward for it there): load the model "
-                         "with attn_implementation 'sdpa' or 'eager'")
-    return block_mask(batch)
+SEGMENTS = "alignflow_sdpa"  # the attention implementation that reads segments: SDPA's own, when it is given none
+
+
+def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, alignflow_segments=None, **kwargs):
+    """transformers' SDPA attention (query [R, H, L, D], key/value [R, Hkv, L, D] -> [R, L, H, D]); given
+    alignflow_segments (a batch's segments and owner), each answer's prompt ++ answer is attended as a causal
+    sequence of its own and every position takes its own answer's output (see the module docstring)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if alignflow_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    segments, owner, seen = alignflow_segments
+    seen.append(module)  # the model did call us: the forward that passed the segments checks it
+    R, H, L, D = query.shape
+    N, S = segments.shape
+
+    def gather(t: Tensor) -> Tensor:  # [R, h, L, D] -> [N, h, S, D]
+        return t.transpose(1, 2).reshape(R * L, t.shape[1], D).index_select(0, segments.view(-1)).view(N, S, -1, D).transpose(1, 2)
+
+    kwargs.pop("is_causal", None)
+    out, _ = sdpa_attention_forward(module, gather(query), gather(key), gather(value), None, is_causal=True, **kwargs)
+    return out.reshape(N * S, H, D).index_select(0, owner).view(R, L, H, D), None  # [N, S, H, D] -> [R, L, H, D]
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SEGMENTS, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENTS, sdpa_mask)  # calls without segments get SDPA's masks, as before
+
+
+_register_segment_attention()
+
+
+def uses_flex_attention(model) -> bool:
+    """Whether a transformers model attends through FlexAttention (attn_implementation="flex_attention")."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "flex_attention"
+
+
+def reads_segments(model) -> bool:
+    """Whether a shared-prefix forward of `model` goes as segments: a model set to SEGMENTS, not found to drop them."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return implementation == SEGMENTS and not model.__dict__.get("_alignflow_no_segments")
+
+
+def prefix_forward(model, batch: SharedPrefixBatch, inner=None):
+    """model(input_ids, position_ids, attention as the model reads it: see the module docstring). inner: the
+    transformers model inside a wrapper (a LoRA model), whose attention decides."""
+    ids = dict(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    inner = model if inner is None else inner
+    if uses_flex_attention(inner):
+        if torch.is_grad_enabled() and batch.input_ids.device.type == "cpu":
+            raise ValueError("FlexAttention cannot train on a CPU (torch has no backward for it there): load the model "
+                             "with attn_implementation 'sdpa' or 'eager'")
+        return model(attention_mask=block_mask(batch), **ids)
+    if batch.segments is not None and reads_segments(inner):
+        seen = []
+        out = model(attention_mask=torch.ones_like(batch.input_ids), alignflow_segments=(batch.segments, batch.owner, seen), **ids)
+        if seen:
+            return out
+        inner.__dict__["_alignflow_no_segments"] = True  # its attention never saw them: it reads the mask from now on
+    return model(attention_mask=batch.attention_mask, **ids)
 
 
 def shared_prefix_hidden(backbone, batch: SharedPrefixBatch) -> Tensor:
     """Last hidden states [R, L, H] of a transformers base model on a shared-prefix batch."""
-    return backbone(
-        input_ids=batch.input_ids, attention_mask=attention_mask_for(backbone, batch), position_ids=batch.position_ids
-    ).last_hidden_state
+    return prefix_forward(backbone, batch).last_hidden_state
 
 
 def shared_prefix_logps(model, batch: SharedPrefixBatch) -> Tensor:
@@ -256,9 +336,7 @@ def shared_prefix_logps(model, batch: SharedPrefixBatch) -> Tensor:
         else:
             flat = selective_log_softmax(head(picked).unsqueeze(0), target.unsqueeze(0)).squeeze(0)  # [n]
     else:
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=attention_mask_for(inner, batch), position_ids=batch.position_ids
-        ).logits  # [R, L, V]
+        logits = prefix_forward(model, batch, inner).logits  # [R, L, V]
         flat = selective_log_softmax(logits.reshape(-1, logits.shape[-1])[source].unsqueeze(0), target.unsqueeze(0)).squeeze(0)
     token_logps = flat.new_zeros(B * K * A).masked_scatter(real, flat)  # 0 on the empty slots
     return token_logps.view(B, K, A).sum(-1)  # [B, K]

@@ -5,8 +5,9 @@ one report that merges them into gpu_check.json and a RESULTS.md section.
     python benchmarks/gpu_check.py report DIR [--into benchmarks/RESULTS.md]
 
 Parts: DPO and reward-model training against TRL in the same process (Qwen2-0.5B shapes, random weights in bf16
-for both: TRL as its users run it, alignflow with its defaults), our DPO with FlexAttention block masks instead of
-the dense shared-prefix mask and under the least token budget (micro_batch_tokens), a Qwen2-1.5B-shaped DPO row,
+for both: TRL as its users run it, alignflow with its defaults), our DPO with FlexAttention block masks or with
+segments (alignment/prefix.py) instead of the dense shared-prefix mask, and under the least token budget
+(micro_batch_tokens), a Qwen2-1.5B-shaped DPO row,
 a Qwen2-7B-shaped LoRA DPO row for memory; rollouts (our default on CUDA, a static cache with a compiled step)
 against transformers' `generate` with a static cache, plus our dynamic cache; one GRPO step against TRL's GRPOTrainer; the sandbox quickstart's SFT, reward-model, DPO
 and PPO training through the core library (benchmarks/sandbox_chain.py; dry runs only, where the GPU's minutes
@@ -102,6 +103,7 @@ def part_dpo(dry: bool) -> dict:
         ("trl", lambda: peer(bench_dpo.trl, w, device())),
         ("trl_precomputed", lambda: peer(bench_dpo.trl, w, device(), True)),
         ("ours_budget", lambda: peer(bench_dpo.ours, w, device(), True, True, None, False, budget)),
+        ("ours_segments", lambda: peer(bench_dpo.ours, w, device(), True, True, "alignflow_sdpa")),
         ("ours_flex", lambda: on_gpu_only(bench_dpo.ours, w, device(), True, True, "flex_attention")),
     ], dpo_ratios)
 
@@ -286,6 +288,7 @@ def _trainer_lines(name: str, p: dict) -> list[str]:
         labels.append(("ours_ref_every_step", "alignflow (reference every step)"))
     if name == "dpo":
         labels += [("ours_flex", "alignflow (reference precomputed, FlexAttention block mask)"),
+                   ("ours_segments", "alignflow (reference precomputed, segments: each prompt ++ answer causal, no mask)"),
                    ("ours_budget", f"alignflow (reference precomputed, micro_batch_tokens "
                                    f"{2 * (w['prompt_tokens'] + w['answer_tokens'])}: a pair a row)")]
     labels.append(("trl", "TRL (defaults)"))

@@ -34,11 +34,11 @@ if [ -n "$DRY" ]; then  # tiny shapes: every part in one process (a process star
   part "env dpo dpo_1_5b lora_7b reward rollout grpo sandbox" 400
 else  # the sandbox part (the quickstart's training on a GPU) is left out: its minutes go to issue 29's rows
   part env 20
-  part dpo 130
-  part dpo_1_5b 80
+  part dpo 150
+  part dpo_1_5b 70
   part lora_7b 60
   part reward 50
-  part rollout 150
+  part rollout 140
   part grpo 50
 fi
 "$PY" benchmarks/gpu_check.py report "$PARTS" --out "$OUT_DIR" >>"$LOG" 2>&1

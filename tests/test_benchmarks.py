@@ -25,6 +25,7 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     assert dpo["trl_precomputed"]["tokens_per_s"] > 0 and dpo["ratio_ref_every_step"] > 0
     assert dpo["ours_flex"] == {"error": "GPU only: torch has no FlexAttention backward on a CPU"}
     assert dpo["ours_budget"]["tokens_per_s"] > 0 and "micro_batch_tokens 64" in dpo["ours_budget"]["name"]
+    assert dpo["ours_segments"]["tokens_per_s"] > 0 and "alignflow_sdpa" in dpo["ours_segments"]["name"]
     assert result["dpo_1_5b"]["workload"]["kv_heads"] == 2 and result["lora_7b"]["ours"]["peak_mb"] > 0
     assert "LoRA" in result["lora_7b"]["ours"]["name"]
     rollout = result["rollout"]
@@ -42,6 +43,7 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     assert "| TRL (precompute_ref_log_probs) |" in section and "**DPO with LoRA at the Qwen2-7B shape** (memory):" in section
     assert "| alignflow (reference precomputed, FlexAttention block mask) | not run: GPU only" in section
     assert "| alignflow (reference precomputed, micro_batch_tokens 64: a pair a row) | " in section
+    assert "| alignflow (reference precomputed, segments: each prompt ++ answer causal, no mask) | " in section
     # --into puts the section into a RESULTS.md once, and replaces it on the next report
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nearlier text\n")
@@ -110,7 +112,7 @@ def test_a_gpu_check_part_stopped_at_its_time_limit_keeps_the_rows_it_measured(t
         pass
     kept = json.loads((parts / "dpo.json").read_text())
     assert kept["ours"]["tokens_per_s"] == 2000.0 and kept["ours_ref_every_step"]["tokens_per_s"] == 1000.0
-    assert kept["unfinished"] == ["trl", "trl_precomputed", "ours_budget", "ours_flex"]
+    assert kept["unfinished"] == ["trl", "trl_precomputed", "ours_budget", "ours_segments", "ours_flex"]
     assert kept["ratio"] is None and kept["target_met"] is False and "part_s" not in kept
     (parts / "env.json").write_text(json.dumps({"dry_run": True}))
     gpu_check.report(parts, tmp_path, None)

@@ -376,3 +376,67 @@ def test_a_flex_attention_model_reads_shared_prefix_and_packed_rows_through_a_bl
     assert dense[0][0].abs().min() > 0.1  # real log-probs: the comparison is not of zeros
     with pytest.raises(ValueError, match="FlexAttention cannot train on a CPU"):
         shared_prefix_logps(model, batches[0])
+
+
+@pytest.mark.parametrize("family", sorted(LMS))
+def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_numbers_and_gradients(family):
+    """A model set to SEGMENTS attends each prompt ++ answer as a causal sequence of its own: no [R, 1, L, L] mask is
+    formed, and the log-probs, rewards and gradients equal the dense-mask path's, for pairs and for packed groups
+    of several answers (Qwen2: grouped key/value heads)."""
+    import dataclasses
+
+    from alignment.prefix import SEGMENTS, collate_answers_shared
+
+    rows = [((1, 5, 6), ((7, 8, 2), (9, 2))), ((1, 10), ((11, 2),)), ((1, 3, 4, 5, 6, 7, 8, 9, 10), ((8, 2), (8, 9, 2), (4, 2))),
+            ((1, 4), ((5, 2), (6, 2)))]
+    torch.manual_seed(0)
+    model, rm = LMS[family]().eval(), RewardModel(CLASSIFIERS[family]()).eval()  # eval: no dropout (GPT-2's), still gradients
+    for net in (model, rm.model):
+        net.set_attn_implementation(SEGMENTS)
+    for batch in (collate_shared_prefix(PAIRS, pad_id=0), collate_answers_shared(rows, pad_id=0, pack=True)):
+        dense = dataclasses.replace(batch, segments=None, owner=None)  # the same batch without its segments: the mask
+        # (a call without segments is plain SDPA, so the same model gives the mask path's numbers)
+        results = []
+        for b in (batch, dense):
+            logps, rewards = shared_prefix_logps(model, b), rm(shared=b)
+            (logps.sum() + rewards.sum()).backward()
+            results.append((logps.detach(), rewards.detach(), [p.grad.clone() for net in (model, rm) for p in net.parameters()]))
+            model.zero_grad(), rm.zero_grad()
+        assert "attention_mask" not in batch.__dict__ and "attention_mask" in dense.__dict__  # segments built no mask
+        assert model.config._attn_implementation == SEGMENTS == rm.model.config._attn_implementation
+        (logps, rewards, grads), (dense_logps, dense_rewards, dense_grads) = results
+        assert torch.allclose(logps, dense_logps, atol=1e-5) and torch.allclose(rewards, dense_rewards, atol=1e-5)
+        assert all(torch.allclose(g, d, atol=1e-5) for g, d in zip(grads, dense_grads))
+        real = batch.target_mask.sum(-1) > 0  # [B, K] the answers a group has
+        assert dense_logps[real].abs().min() > 0.1 and max(g.abs().max() for g in dense_grads) > 1e-3  # not zeros
+
+
+def test_a_model_whose_attention_never_sees_the_segments_reads_the_mask():
+    """A model that takes the segments and drops them (as one whose attention does not go through transformers'
+    attention functions would) would attend across answers: the forward notices its attention never saw them,
+    computes again with the dense mask, and reads the mask from then on."""
+    from alignment.prefix import shared_prefix_hidden
+
+    from alignment.prefix import SEGMENTS
+
+    torch.manual_seed(0)
+    lm = LMS["llama"]().eval()
+    lm.set_attn_implementation(SEGMENTS)
+
+    class Drops(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = lm.config
+
+        def forward(self, alignflow_segments=None, **inputs):
+            return lm.model(**inputs)
+
+    drops, batch = Drops(), collate_shared_prefix(PAIRS, pad_id=0)
+    with torch.no_grad():
+        hidden = shared_prefix_hidden(drops, batch)
+        expected = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids).last_hidden_state
+        real = batch.group >= 0
+        assert torch.allclose(hidden[real], expected[real], atol=1e-6) and drops.__dict__["_alignflow_no_segments"]
+        unmasked = lm.model(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
+        assert not torch.allclose(unmasked[real], expected[real], atol=1e-3)  # what the dropped segments would have given
