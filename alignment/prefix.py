@@ -18,7 +18,7 @@ How a model reads that rule (prefix_forward):
   mask (transformers' Llama, Qwen2, Mistral, GPT-2, ...).
 - A model loaded with attn_implementation="flex_attention" reads it as a FlexAttention BlockMask (`block_mask`):
   blocks nobody sees are skipped.
-- A model set to attn_implementation="alignflow_sdpa" (SEGMENTS; `model.set_attn_implementation(SEGMENTS)`) reads
+- A model set to attn_implementation="alignflow_sdpa" (SEGMENTS, by `use_segments(model)`) reads
   it as segments, with no mask: each prompt ++ answer_k is gathered into a sequence of its own and attended
   causally (`is_causal`: SDPA may skip the scores above the diagonal and take its flash kernels on a GPU), then
   every position takes its own answer's output (a prompt's from its first answer). The linear layers still read
@@ -30,6 +30,7 @@ How a model reads that rule (prefix_forward):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
@@ -268,7 +269,9 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     return out.reshape(N * S, H, D).index_select(0, owner).view(R, L, H, D), None  # [N, S, H, D] -> [R, L, H, D]
 
 
-def _register_segment_attention() -> None:
+@functools.cache
+def register_segment_attention() -> None:
+    """Make SEGMENTS a name transformers knows (on first use: importing its attention registry costs seconds)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -276,7 +279,10 @@ def _register_segment_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENTS, sdpa_mask)  # calls without segments get SDPA's masks, as before
 
 
-_register_segment_attention()
+def use_segments(model) -> None:
+    """Set a transformers model to read shared-prefix batches as segments (see the module docstring)."""
+    register_segment_attention()
+    model.set_attn_implementation(SEGMENTS)
 
 
 def uses_flex_attention(model) -> bool:

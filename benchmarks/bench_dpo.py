@@ -24,9 +24,9 @@ from common import StepTimer, alternating, trl_timing_callback, Workload, causal
 def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True, attention: str | None = None,
          lora: bool = False, budget: int = 0) -> dict:
     """alignflow's DPOTrainer. attention: the model's attn_implementation ("flex_attention": shared-prefix rows
-    through a block mask instead of a dense one); lora: LoRA adapters (r 16 on every linear layer, the reference
-    is the base model); budget: micro_batch_tokens (packing under a token budget, one row of that many tokens a
-    micro-batch)."""
+    through a block mask instead of a dense one; "alignflow_sdpa": as segments, alignment.prefix); lora: LoRA
+    adapters (r 16 on every linear layer, the reference is the base model); budget: micro_batch_tokens (packing
+    under a token budget, one row of that many tokens a micro-batch)."""
     from alignment.config import LoRAConfig
     from alignment.data import tokenize_pairs
     from alignment.lora import add_lora
@@ -40,6 +40,9 @@ def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True,
                               w.prompt_tokens + w.answer_tokens)
     model = causal_lm(w, device, checkpoint_dtype(device))  # as our dpo stage loads a checkpoint (dtype auto)
     if attention:
+        from alignment.prefix import register_segment_attention
+
+        register_segment_attention()  # "alignflow_sdpa": shared-prefix rows as segments
         model.set_attn_implementation(attention)
     if lora:
         model = add_lora(model, LoRAConfig())

@@ -385,14 +385,14 @@ def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_num
     of several answers (Qwen2: grouped key/value heads)."""
     import dataclasses
 
-    from alignment.prefix import SEGMENTS, collate_answers_shared
+    from alignment.prefix import SEGMENTS, collate_answers_shared, use_segments
 
     rows = [((1, 5, 6), ((7, 8, 2), (9, 2))), ((1, 10), ((11, 2),)), ((1, 3, 4, 5, 6, 7, 8, 9, 10), ((8, 2), (8, 9, 2), (4, 2))),
             ((1, 4), ((5, 2), (6, 2)))]
     torch.manual_seed(0)
     model, rm = LMS[family]().eval(), RewardModel(CLASSIFIERS[family]()).eval()  # eval: no dropout (GPT-2's), still gradients
     for net in (model, rm.model):
-        net.set_attn_implementation(SEGMENTS)
+        use_segments(net)
     for batch in (collate_shared_prefix(PAIRS, pad_id=0), collate_answers_shared(rows, pad_id=0, pack=True)):
         dense = dataclasses.replace(batch, segments=None, owner=None)  # the same batch without its segments: the mask
         # (a call without segments is plain SDPA, so the same model gives the mask path's numbers)
@@ -417,11 +417,11 @@ def test_a_model_whose_attention_never_sees_the_segments_reads_the_mask():
     computes again with the dense mask, and reads the mask from then on."""
     from alignment.prefix import shared_prefix_hidden
 
-    from alignment.prefix import SEGMENTS
+    from alignment.prefix import use_segments
 
     torch.manual_seed(0)
     lm = LMS["llama"]().eval()
-    lm.set_attn_implementation(SEGMENTS)
+    use_segments(lm)
 
     class Drops(torch.nn.Module):
         def __init__(self):
