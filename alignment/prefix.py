@@ -30,9 +30,8 @@ How a model reads that rule (prefix_forward):
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Sequence
 
 import torch
@@ -100,7 +99,8 @@ class SharedPrefixBatch:
     owner: Tensor | None = None  # [R * L] the flattened [N, S] slot whose attention output a position takes
 
     def to(self, device) -> "SharedPrefixBatch":
-        return SharedPrefixBatch(*(None if (t := getattr(self, f)) is None else t.to(device) for f in self.__dataclass_fields__))
+        fields = (getattr(self, f) for f in self.__dataclass_fields__)
+        return SharedPrefixBatch(*(None if t is None else t.to(device) for t in fields))
 
     @cached_property
     def attention_mask(self) -> Tensor:
@@ -262,14 +262,15 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     N, S = segments.shape
 
     def gather(t: Tensor) -> Tensor:  # [R, h, L, D] -> [N, h, S, D]
-        return t.transpose(1, 2).reshape(R * L, t.shape[1], D).index_select(0, segments.view(-1)).view(N, S, -1, D).transpose(1, 2)
+        flat = t.transpose(1, 2).reshape(R * L, t.shape[1], D)  # one row per position
+        return flat.index_select(0, segments.view(-1)).view(N, S, -1, D).transpose(1, 2)
 
     kwargs.pop("is_causal", None)
     out, _ = sdpa_attention_forward(module, gather(query), gather(key), gather(value), None, is_causal=True, **kwargs)
     return out.reshape(N * S, H, D).index_select(0, owner).view(R, L, H, D), None  # [N, S, H, D] -> [R, L, H, D]
 
 
-@functools.cache
+@cache
 def register_segment_attention() -> None:
     """Make SEGMENTS a name transformers knows (on first use: importing its attention registry costs seconds)."""
     from transformers import AttentionInterface
@@ -307,8 +308,9 @@ def prefix_forward(model, batch: SharedPrefixBatch, inner=None):
                              "with attn_implementation 'sdpa' or 'eager'")
         return model(attention_mask=block_mask(batch), **ids)
     if batch.segments is not None and reads_segments(inner):
-        seen = []
-        out = model(attention_mask=torch.ones_like(batch.input_ids), alignflow_segments=(batch.segments, batch.owner, seen), **ids)
+        seen = []  # the attention modules that read the segments
+        out = model(attention_mask=torch.ones_like(batch.input_ids), alignflow_segments=(batch.segments, batch.owner, seen),
+                    **ids)
         if seen:
             return out
         inner.__dict__["_alignflow_no_segments"] = True  # its attention never saw them: it reads the mask from now on
