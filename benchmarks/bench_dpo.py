@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import StepTimer, alternating, trl_timing_callback, Workload, causal_lm, checkpoint_dtype, report, reset_peak, texts, tokenizer
+from common import StepTimer, alternating, rounds_label, trl_timing_callback, Workload, causal_lm, checkpoint_dtype, report, reset_peak, texts, tokenizer
 
 
 def ours(w: Workload, device: str, precompute: bool, shared_prefix: bool = True, attention: str | None = None,
@@ -110,7 +110,7 @@ def main() -> None:
         runs["trl"] = lambda: trl(w, args.device)
     med = alternating(runs, args.rounds)
     if args.peer == "trl":
-        print(f"ratio alignflow / TRL tokens/s ({'median of ' + str(args.rounds) + ' alternating rounds' if args.rounds > 1 else 'one round'}): "
+        print(f"ratio alignflow / TRL tokens/s ({rounds_label(args.rounds)}): "
               f"{med['pre']['tokens_per_s'] / med['trl']['tokens_per_s']:.2f}x (ref precomputed), "
               f"{med['fly']['tokens_per_s'] / med['trl']['tokens_per_s']:.2f}x (ref every step)")
 

@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from common import StepTimer, alternating, trl_timing_callback, Workload, checkpoint_dtype, report, reset_peak, seq_classifier, texts, tokenizer
+from common import StepTimer, alternating, rounds_label, trl_timing_callback, Workload, checkpoint_dtype, report, reset_peak, seq_classifier, texts, tokenizer
 
 
 def ours(w: Workload, device: str, shared_prefix: bool = True) -> dict:
@@ -83,8 +83,9 @@ def main() -> None:
         runs["trl"] = lambda: trl(w, args.device)
     med = alternating(runs, args.rounds)
     if args.peer == "trl":
-        print(f"ratio alignflow / TRL tokens/s ({'median of ' + str(args.rounds) + ' alternating rounds' if args.rounds > 1 else 'one round'}): "
+        print(f"ratio alignflow / TRL tokens/s ({rounds_label(args.rounds)}): "
               f"{med['ours']['tokens_per_s'] / med['trl']['tokens_per_s']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -168,6 +168,10 @@ def alternating(runs: dict[str, Callable[[], dict]], rounds: int) -> dict[str, d
     return {name: sorted(recs, key=lambda rec: rec["tokens_per_s"])[(len(recs) - 1) // 2] for name, recs in records.items()}
 
 
+def rounds_label(rounds: int) -> str:
+    return f"median of {rounds} alternating rounds" if rounds > 1 else "one round"
+
+
 def trl_timing_callback(timer: StepTimer):
     """A transformers TrainerCallback that times each optimizer step of a TRL trainer."""
     from transformers import TrainerCallback
