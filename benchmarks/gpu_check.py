@@ -91,8 +91,9 @@ def on_gpu_only(fn, *args) -> dict:
 
 
 def part_dpo(dry: bool) -> dict:
-    """The rows most wanted first (ours and TRL's in both reference modes), the token budget and FlexAttention (which
-    compiles) last; each row is kept as it is measured, so a part stopped by its time limit keeps the rows before."""
+    """The rows most wanted first (ours and TRL's in both reference modes), then the token budget and segments, and
+    FlexAttention (which compiles) last; each row is kept as it is measured, so a part stopped by its time limit
+    keeps the rows before."""
     import bench_dpo
 
     w = workload(dry)
