@@ -95,12 +95,18 @@ class SharedPrefixBatch:
     source: Tensor  # [B, K, A] flattened position whose logits predict answer token a (0 where padded)
     target: Tensor  # [B, K, A] answer token ids
     target_mask: Tensor  # [B, K, A] 1 on real answer tokens
-    segments: Tensor | None = None  # [N, S] per answer of the batch, the flattened positions of prompt ++ answer (0 after)
-    owner: Tensor | None = None  # [R * L] the flattened [N, S] slot whose attention output a position takes
+    # per answer (flattened start of its prompt, the prompt's length, flattened start of the answer, its length);
+    # None for rows of a fixed width (a token budget: compiled static shapes), which read the mask
+    spans: tuple[tuple[int, int, int, int], ...] | None = None
 
     def to(self, device) -> "SharedPrefixBatch":
         fields = (getattr(self, f) for f in self.__dataclass_fields__)
-        return SharedPrefixBatch(*(None if t is None else t.to(device) for t in fields))
+        return SharedPrefixBatch(*(t.to(device) if isinstance(t, Tensor) else t for t in fields))
+
+    @cached_property
+    def segments(self) -> tuple[Tensor, Tensor]:
+        """(segments [N, S], owner [R * L]) of segment_layout, built on demand: only a model set to SEGMENTS reads them."""
+        return tuple(t.to(self.group.device) for t in segment_layout(self.spans, self.group.numel()))
 
     @cached_property
     def attention_mask(self) -> Tensor:
@@ -202,8 +208,8 @@ def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence
                 source[i, k, 1:n] = base + torch.arange(start, start + n - 1)
                 target[i, k, :n], target_mask[i, k, :n] = torch.tensor(list(answer)), 1
                 start += n
-    segments, owner = segment_layout(spans, R * L) if pack is True or not pack else (None, None)  # a fixed width: the mask
-    return SharedPrefixBatch(ids, pos, group, part, answer_last, source, target, target_mask, segments, owner)
+    return SharedPrefixBatch(ids, pos, group, part, answer_last, source, target, target_mask,
+                             tuple(spans) if pack is True or not pack else None)  # a fixed width reads the mask
 
 
 def segment_layout(spans: Sequence[tuple[int, int, int, int]], positions: int) -> tuple[Tensor, Tensor]:
@@ -307,10 +313,9 @@ def prefix_forward(model, batch: SharedPrefixBatch, inner=None):
             raise ValueError("FlexAttention cannot train on a CPU (torch has no backward for it there): load the model "
                              "with attn_implementation 'sdpa' or 'eager'")
         return model(attention_mask=block_mask(batch), **ids)
-    if batch.segments is not None and reads_segments(inner):
+    if batch.spans is not None and reads_segments(inner):
         seen = []  # the attention modules that read the segments
-        out = model(attention_mask=torch.ones_like(batch.input_ids), alignflow_segments=(batch.segments, batch.owner, seen),
-                    **ids)
+        out = model(attention_mask=torch.ones_like(batch.input_ids), alignflow_segments=(*batch.segments, seen), **ids)
         if seen:
             return out
         inner.__dict__["_alignflow_no_segments"] = True  # its attention never saw them: it reads the mask from now on

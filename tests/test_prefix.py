@@ -394,7 +394,7 @@ def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_num
     for net in (model, rm.model):
         use_segments(net)
     for batch in (collate_shared_prefix(PAIRS, pad_id=0), collate_answers_shared(rows, pad_id=0, pack=True)):
-        dense = dataclasses.replace(batch, segments=None, owner=None)  # the same batch without its segments: the mask
+        dense = dataclasses.replace(batch, spans=None)  # the same batch without its segments: the mask
         # (a call without segments is plain SDPA, so the same model gives the mask path's numbers)
         results = []
         for b in (batch, dense):
@@ -403,12 +403,29 @@ def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_num
             results.append((logps.detach(), rewards.detach(), [p.grad.clone() for net in (model, rm) for p in net.parameters()]))
             model.zero_grad(), rm.zero_grad()
         assert "attention_mask" not in batch.__dict__ and "attention_mask" in dense.__dict__  # segments built no mask
+        assert "segments" in batch.__dict__ and "segments" not in dense.__dict__  # and the mask path no segments
         assert model.config._attn_implementation == SEGMENTS == rm.model.config._attn_implementation
         (logps, rewards, grads), (dense_logps, dense_rewards, dense_grads) = results
         assert torch.allclose(logps, dense_logps, atol=1e-5) and torch.allclose(rewards, dense_rewards, atol=1e-5)
         assert all(torch.allclose(g, d, atol=1e-5) for g, d in zip(grads, dense_grads))
         real = batch.target_mask.sum(-1) > 0  # [B, K] the answers a group has
         assert dense_logps[real].abs().min() > 0.1 and max(g.abs().max() for g in dense_grads) > 1e-3  # not zeros
+
+
+def test_segment_layout_by_hand():
+    """Three groups packed in rows as long as the longest (6): prompt (1, 5) with answers (7, 2) and (9, 2) fills
+    row 0; prompt (1,) with answer (4, 2) and prompt (3,) with answer (8,) share row 1 (flattened 6-11), one pad
+    last. Each answer's sequence is its prompt's positions then its own; a prompt's positions take their output
+    from its first answer's sequence, an answer's from its own, the pad from slot 0."""
+    from alignment.prefix import collate_answers_shared
+
+    batch = collate_answers_shared([((1, 5), ((7, 2), (9, 2))), ((1,), ((4, 2),)), ((3,), ((8,),))], pad_id=0, pack=True)
+    assert batch.input_ids.tolist() == [[1, 5, 7, 2, 9, 2], [1, 4, 2, 3, 8, 0]]
+    assert batch.spans == ((0, 2, 2, 2), (0, 2, 4, 2), (6, 1, 7, 2), (9, 1, 10, 1))
+    segments, owner = batch.segments
+    assert segments.tolist() == [[0, 1, 2, 3], [0, 1, 4, 5], [6, 7, 8, 0], [9, 10, 0, 0]]  # S = 4
+    assert owner.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 12, 13, 0]  # slot k * 4 + t
+    assert collate_answers_shared([((1, 5), ((7, 2),))], pad_id=0, pack=8).spans is None  # a fixed width: the mask
 
 
 def test_a_model_whose_attention_never_sees_the_segments_reads_the_mask():
