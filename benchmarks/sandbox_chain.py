@@ -78,7 +78,13 @@ class Clock:
 
 
 def run(tiny: bool = False) -> dict:
-    """The chain on the device accelerate picks (CUDA when there is one); returns times and figures."""
+    """The chain on the device accelerate picks (CUDA when there is one); returns times and figures. Its
+    checkpoints go to a temporary folder that goes with it."""
+    with tempfile.TemporaryDirectory(prefix="sandbox-chain-") as work:
+        return chain(tiny, Path(work))
+
+
+def chain(tiny: bool, work: Path) -> dict:
     from alignment.config import DPOConfig, PPOConfig, RewardConfig, SamplingParams, SFTConfig
     from alignment.data import tokenize_demonstrations, tokenize_pairs
     from alignment.evaluation import evaluate_policy, generate_answers, reward_scores
@@ -96,7 +102,6 @@ def run(tiny: bool = False) -> dict:
     device = str(PartialState().device)
     p = quickstart_params(tiny)
     clock, out = Clock(device), {}
-    work = Path(tempfile.mkdtemp(prefix="sandbox-chain-"))
     print(f"sandbox chain on {device} ({'tiny' if tiny else 'the quickstart'}), torch {torch.__version__}", flush=True)
 
     w = p["world"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ class ServerError(RuntimeError):
 class TemporaryServer:
     def __init__(self, process: subprocess.Popen, url: str, log: Path):
         self.process, self.url, self.log = process, url, log
+        self.failed = False  # did not answer in time: its log is kept for the error message
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Block until the API answers; a ServerError says why it did not, and where its output is."""
@@ -46,6 +48,7 @@ class TemporaryServer:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 why = f"exited with code {self.process.returncode}" if self.process.poll() is not None else f"did not answer in {timeout:.0f} s"
+                self.failed = True
                 self.stop()
                 raise ServerError(f"the temporary Prefect server {why} (its output: {self.log}); start one with "
                                   f"`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
@@ -53,15 +56,20 @@ class TemporaryServer:
 
     def stop(self, wait: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `wait` seconds. At exit the command waits 1 s only: the server finishes
-        closing its connections (this process's) once the process is gone, 2-4 s later."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                if wait >= 10:
-                    self.process.kill()
-                    self.process.wait()
+        closing its connections (this process's) once the process is gone, 2-4 s later.
+        The server's log folder goes with it, unless the server had stopped by itself or did not start
+        (an error message names that log)."""
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            if wait >= 10:
+                self.process.kill()
+                self.process.wait()
+        if not self.failed:
+            shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
 def start() -> TemporaryServer | None:

@@ -1,5 +1,6 @@
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,19 +32,20 @@ def pytest_configure(config):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    home = tempfile.mkdtemp(prefix="prefect-home-")
+    home = tempfile.mkdtemp(prefix="prefect-home-")  # removed at exit with the server (14 MB a session)
     env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     _PREFECT_SERVER = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                                         "--port", str(port)], env=env, start_new_session=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     # at exit, after Prefect's own exit handlers (registered later, so run earlier) have sent their last logs
-    atexit.register(_stop_prefect_server)
+    atexit.register(_stop_prefect_server, home)
 
 
-def _stop_prefect_server() -> None:
+def _stop_prefect_server(home: str) -> None:
     os.killpg(_PREFECT_SERVER.pid, signal.SIGKILL)  # a throwaway server: nothing to shut down gracefully
     _PREFECT_SERVER.wait()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -819,6 +819,8 @@ def test_without_a_prefect_server_the_cli_starts_a_temporary_one_and_stops_it(tm
     path = write_config(tmp_path, {"settings": dict(TINY["settings"]), "pipelines": {"tiny": {"stages": stages}}})
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # a fresh Prefect database, as on a new machine
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the server's log folder goes, and must not stay
+    (tmp_path / "tmp").mkdir()
     command = [ALIGNFLOW, "run", "tiny", "-c", str(path)]
     started = re.compile(r"Starting a temporary Prefect server on http://127\.0\.0\.1:(\d+)")
 
@@ -836,6 +838,7 @@ def test_without_a_prefect_server_the_cli_starts_a_temporary_one_and_stops_it(tm
     assert result.returncode == 0, out[-3000:]
     assert len(started.findall(out)) == 1 and "Beginning flow run" in out and "pipeline run " in out, out[-3000:]
     assert stopped(started.search(out).group(1))
+    assert not list((tmp_path / "tmp").glob("alignflow-prefect-*")), "the stopped server's log folder was left behind"
 
     long_sft = json.loads(json.dumps(stages))
     long_sft[1]["params"]["sft"]["train"]["max_steps"] = 100_000
@@ -856,6 +859,7 @@ def test_without_a_prefect_server_the_cli_starts_a_temporary_one_and_stops_it(tm
     out = "".join(lines) + rest
     assert proc.returncode == 130 and "interrupted: the running stage was marked KILLED" in out, out[-3000:]
     assert stopped(started.search(out).group(1))
+    assert not list((tmp_path / "tmp").glob("alignflow-prefect-*")), "the stopped server's log folder was left behind"
 
     bad_prompts = tmp_path / "prompts.jsonl"
     bad_prompts.write_text('{"prompt": "how do i fix a flat tire ?"}\n{"question": "no prompt here"}\n')
