@@ -2,12 +2,24 @@
 Small models are built around their real tokenizers: a random tiny Llama with the tokenizer's vocabulary."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-REALWORLD = Path(__file__).resolve().parents[2] / "shared" / "realworld"
+
+def _corpus() -> Path:
+    """$ALIGNFLOW_REALWORLD, else shared/realworld beside the checkout or beside any folder above it (a
+    checkout in a folder of its own, e.g. CI's, still finds the corpus next to that folder)."""
+    if os.environ.get("ALIGNFLOW_REALWORLD"):
+        return Path(os.environ["ALIGNFLOW_REALWORLD"])
+    here = Path(__file__).resolve()
+    found = (folder / "shared" / "realworld" for folder in here.parents[1:])
+    return next((f for f in found if f.is_dir()), here.parents[2] / "shared" / "realworld")
+
+
+REALWORLD = _corpus()
 
 
 def real(relative: str) -> str:
