@@ -19,12 +19,13 @@ How a model reads that rule (prefix_forward):
 - A model loaded with attn_implementation="flex_attention" reads it as a FlexAttention BlockMask (`block_mask`):
   blocks nobody sees are skipped.
 - A model set to attn_implementation="alignflow_sdpa" (SEGMENTS, by `use_segments(model)`) reads
-  it as segments, with no mask: each prompt ++ answer_k is gathered into a sequence of its own and attended
-  causally (`is_causal`: SDPA may skip the scores above the diagonal and take its flash kernels on a GPU), then
-  every position takes its own answer's output (a prompt's from its first answer). The linear layers still read
-  each prompt once; only the attention reads it once per answer. Any call without segments is plain SDPA. Exact
-  (tests/test_prefix.py); on a CPU 4% slower than the mask at the benchmark's pairs (the CPU's flash kernel skips
-  little above the diagonal at these lengths), so not the default; benchmarks/gpu_check.py measures it on a GPU.
+  it as segments, with no [R, 1, L, L] mask (segment_layout): each group's prompt ++ first answer (its head) is
+  attended causally (`is_causal`: on a GPU SDPA's flash kernels; a row that holds one group from its start is read
+  in place, no gather), and each later answer (a tail) with its queries against its prompt ++ itself (a mask of
+  answer x (prompt + answer), not row x row); every position then takes its own output. The linear layers and the
+  attention's queries read each prompt once. Any call without segments is plain SDPA. Exact (tests/test_prefix.py).
+  On a CPU it takes as long as the mask at the benchmark's 255-token rows and is 1.23x (reward model) and 1.26x
+  (DPO) faster at rows of 1,280 tokens (256 + 2 x 512).
   A batch of a fixed width (a token budget, for compiled static shapes) has no segments and reads the mask.
 """
 
@@ -104,9 +105,9 @@ class SharedPrefixBatch:
         return SharedPrefixBatch(*(t.to(device) if isinstance(t, Tensor) else t for t in fields))
 
     @cached_property
-    def segments(self) -> tuple[Tensor, Tensor]:
-        """(segments [N, S], owner [R * L]) of segment_layout, built on demand: only a model set to SEGMENTS reads them."""
-        return tuple(t.to(self.group.device) for t in segment_layout(self.spans, self.group.numel()))
+    def segments(self) -> "SegmentLayout":
+        """The batch's segment_layout, built on demand: only a model set to SEGMENTS reads it."""
+        return segment_layout(self.spans, *self.group.shape).to(self.group.device)
 
     @cached_property
     def attention_mask(self) -> Tensor:
@@ -212,21 +213,59 @@ def collate_answers_shared(rows: Sequence[tuple[Sequence[int], Sequence[Sequence
                              tuple(spans) if pack is True or not pack else None)  # a fixed width reads the mask
 
 
-def segment_layout(spans: Sequence[tuple[int, int, int, int]], positions: int) -> tuple[Tensor, Tensor]:
-    """The answers' own sequences prompt ++ answer as (segments [N, S], owner [positions]) from their spans
-    (prompt start, prompt length, answer start, answer length; starts are flattened positions). A prompt's
-    positions take their output from its first answer's sequence; padding from slot 0 (never read)."""
-    S = max(P + n for _, P, _, n in spans)
-    segments = torch.zeros((len(spans), S), dtype=torch.long)
-    owner = torch.zeros(positions, dtype=torch.long)
-    first = {}
-    for k, (p0, P, a0, n) in enumerate(spans):
-        segments[k, :P], segments[k, P : P + n] = torch.arange(p0, p0 + P), torch.arange(a0, a0 + n)
-        owner[a0 : a0 + n] = k * S + torch.arange(P, P + n)
-        if p0 not in first:
-            first[p0] = k
-            owner[p0 : p0 + P] = k * S + torch.arange(P)
-    return segments, owner
+@dataclass(frozen=True)
+class SegmentLayout:
+    """Where segment_attention reads and writes (segment_layout). Heads: each group's prompt ++ first answer, a
+    causal sequence of head_width positions; head_index [G, head_width] gathers them, or None when every row holds
+    one group from its first position (unpacked rows): the heads are then the rows' first head_width positions, read
+    in place. Tails: each later answer's queries (tail_q [T, Q]) against its prompt ++ itself (tail_kv [T, Kv]), with
+    tail_mask [T, 1, Q, Kv]. owner [R * L]: each position's output among the heads' outputs then the tails'."""
+
+    head_width: int
+    head_index: Tensor | None
+    tail_q: Tensor
+    tail_kv: Tensor
+    tail_mask: Tensor
+    owner: Tensor
+
+    def to(self, device) -> "SegmentLayout":
+        moved = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return SegmentLayout(**{f: v.to(device) if isinstance(v, Tensor) else v for f, v in moved.items()})
+
+
+def segment_layout(spans: Sequence[tuple[int, int, int, int]], rows: int, width: int) -> SegmentLayout:
+    """The SegmentLayout of a batch of rows x width positions from its answers' spans (prompt start, prompt length,
+    answer start, answer length; starts are flattened positions; a group's first answer follows its prompt).
+    Padding positions take slot 0 (their output is never read by a real position)."""
+    groups: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # prompt start -> (its length, its answers' spans)
+    for p0, P, a0, n in spans:
+        groups.setdefault(p0, (P, []))[1].append((a0, n))
+    owner = torch.zeros(rows * width, dtype=torch.long)
+    in_place = len(groups) == rows and all(p0 % width == 0 for p0 in groups)
+    S = max(P + answers[0][1] for P, answers in groups.values())
+    head_index = None if in_place else torch.zeros((len(groups), S), dtype=torch.long)
+    tails = []
+    for g, (p0, (P, answers)) in enumerate(groups.items()):
+        (a0, n), rest = answers[0], answers[1:]
+        assert a0 == p0 + P, "a group's first answer follows its prompt"
+        slot = (p0 // width if in_place else g) * S  # the head's first output slot
+        owner[p0 : p0 + P + n] = slot + torch.arange(P + n)
+        if head_index is not None:
+            head_index[g, : P + n] = torch.arange(p0, p0 + P + n)
+        tails += [(p0, P, a, m) for a, m in rest]
+    heads = (rows if in_place else len(groups)) * S
+    Q, Kv = max((m for *_, m in tails), default=0), max((P + m for _, P, _, m in tails), default=0)
+    tail_q = torch.zeros((len(tails), Q), dtype=torch.long)
+    tail_kv = torch.zeros((len(tails), Kv), dtype=torch.long)
+    prompt_len = torch.zeros(len(tails), dtype=torch.long)
+    for t, (p0, P, a0, m) in enumerate(tails):
+        tail_q[t, :m] = torch.arange(a0, a0 + m)
+        tail_kv[t, :P], tail_kv[t, P : P + m] = torch.arange(p0, p0 + P), torch.arange(a0, a0 + m)
+        prompt_len[t] = P
+        owner[a0 : a0 + m] = heads + t * Q + torch.arange(m)
+    # answer token j sees its prompt and its own tokens up to j (a padded query sees what token j would: unread)
+    tail_mask = torch.arange(Kv)[None, None, :] <= prompt_len[:, None, None] + torch.arange(Q)[None, :, None]
+    return SegmentLayout(S, head_index, tail_q, tail_kv, tail_mask.unsqueeze(1), owner)
 
 
 def collate_shared_prefix(examples: Sequence[PairExample], pad_id: int, pack: bool | int = False) -> SharedPrefixBatch:
@@ -256,24 +295,33 @@ SEGMENTS = "alignflow_sdpa"  # the attention implementation that reads segments:
 
 def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, alignflow_segments=None, **kwargs):
     """transformers' SDPA attention (query [R, H, L, D], key/value [R, Hkv, L, D] -> [R, L, H, D]); given
-    alignflow_segments (a batch's segments and owner), each answer's prompt ++ answer is attended as a causal
-    sequence of its own and every position takes its own answer's output (see the module docstring)."""
+    alignflow_segments (a batch's SegmentLayout and the list of modules that read it), each group's prompt ++ first
+    answer is attended causally (is_causal: no mask) and each later answer against its prompt ++ itself, and every
+    position takes its own output (see the module docstring)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if alignflow_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    segments, owner, seen = alignflow_segments
+    layout, seen = alignflow_segments
     seen.append(module)  # the model did call us: the forward that passed the segments checks it
     R, H, L, D = query.shape
-    N, S = segments.shape
-
-    def gather(t: Tensor) -> Tensor:  # [R, h, L, D] -> [N, h, S, D]
-        flat = t.transpose(1, 2).reshape(R * L, t.shape[1], D)  # one row per position
-        return flat.index_select(0, segments.view(-1)).view(N, S, -1, D).transpose(1, 2)
-
     kwargs.pop("is_causal", None)
-    out, _ = sdpa_attention_forward(module, gather(query), gather(key), gather(value), None, is_causal=True, **kwargs)
-    return out.reshape(N * S, H, D).index_select(0, owner).view(R, L, H, D), None  # [N, S, H, D] -> [R, L, H, D]
+
+    def gather(t: Tensor, index: Tensor) -> Tensor:  # [R, h, L, D] -> [N, h, S, D] at index [N, S]
+        flat = t.transpose(1, 2).reshape(R * L, t.shape[1], D)  # one row per position
+        return flat.index_select(0, index.view(-1)).view(*index.shape, -1, D).transpose(1, 2)
+
+    if layout.head_index is None:  # every row is one group from position 0: its head is the row's beginning
+        heads = [t[:, :, : layout.head_width] for t in (query, key, value)]
+    else:
+        heads = [gather(t, layout.head_index) for t in (query, key, value)]
+    out, _ = sdpa_attention_forward(module, *heads, None, is_causal=True, **kwargs)  # [N, S, H, D]
+    outs = [out.reshape(-1, H, D)]
+    if layout.tail_q.numel():
+        tail, _ = sdpa_attention_forward(module, gather(query, layout.tail_q), gather(key, layout.tail_kv),
+                                         gather(value, layout.tail_kv), layout.tail_mask, is_causal=False, **kwargs)
+        outs.append(tail.reshape(-1, H, D))
+    return torch.cat(outs).index_select(0, layout.owner).view(R, L, H, D), None
 
 
 @cache
@@ -315,7 +363,7 @@ def prefix_forward(model, batch: SharedPrefixBatch, inner=None):
         return model(attention_mask=block_mask(batch), **ids)
     if batch.spans is not None and reads_segments(inner):
         seen = []  # the attention modules that read the segments
-        out = model(attention_mask=torch.ones_like(batch.input_ids), alignflow_segments=(*batch.segments, seen), **ids)
+        out = model(attention_mask=torch.ones_like(batch.input_ids), alignflow_segments=(batch.segments, seen), **ids)
         if seen:
             return out
         inner.__dict__["_alignflow_no_segments"] = True  # its attention never saw them: it reads the mask from now on

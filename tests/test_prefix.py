@@ -380,9 +380,9 @@ def test_a_flex_attention_model_reads_shared_prefix_and_packed_rows_through_a_bl
 
 @pytest.mark.parametrize("family", sorted(LMS))
 def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_numbers_and_gradients(family):
-    """A model set to SEGMENTS attends each prompt ++ answer as a causal sequence of its own: no [R, 1, L, L] mask is
-    formed, and the log-probs, rewards and gradients equal the dense-mask path's, for pairs and for packed groups
-    of several answers (Qwen2: grouped key/value heads)."""
+    """A model set to SEGMENTS attends each prompt ++ first answer causally and each later answer against its prompt
+    and itself: no [R, 1, L, L] mask is formed, and the log-probs, rewards and gradients equal the dense-mask path's,
+    for pairs, for groups of one to three answers a row, and for such groups packed (Qwen2: grouped key/value heads)."""
     import dataclasses
 
     from alignment.prefix import SEGMENTS, collate_answers_shared, use_segments
@@ -393,7 +393,9 @@ def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_num
     model, rm = LMS[family]().eval(), RewardModel(CLASSIFIERS[family]()).eval()  # eval: no dropout (GPT-2's), still gradients
     for net in (model, rm.model):
         use_segments(net)
-    for batch in (collate_shared_prefix(PAIRS, pad_id=0), collate_answers_shared(rows, pad_id=0, pack=True)):
+    batches = (collate_shared_prefix(PAIRS, pad_id=0), collate_answers_shared(rows, pad_id=0),  # heads read in place
+               collate_answers_shared(rows, pad_id=0, pack=True))  # heads gathered
+    for batch in batches:
         dense = dataclasses.replace(batch, spans=None)  # the same batch without its segments: the mask
         # (a call without segments is plain SDPA, so the same model gives the mask path's numbers)
         results = []
@@ -413,18 +415,31 @@ def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_num
 
 
 def test_segment_layout_by_hand():
-    """Three groups packed in rows as long as the longest (6): prompt (1, 5) with answers (7, 2) and (9, 2) fills
+    """Packed: three groups in rows as long as the longest (6): prompt (1, 5) with answers (7, 2) and (9, 2) fills
     row 0; prompt (1,) with answer (4, 2) and prompt (3,) with answer (8,) share row 1 (flattened 6-11), one pad
-    last. Each answer's sequence is its prompt's positions then its own; a prompt's positions take their output
-    from its first answer's sequence, an answer's from its own, the pad from slot 0."""
+    last. Each group's head (prompt ++ first answer) is gathered into a sequence of 4; the one later answer, (9, 2),
+    is a tail: its 2 queries against its prompt and itself, token j seeing 2 + j keys. Outputs: the heads' 3 x 4
+    slots, then the tail's 2; the pad reads slot 0.
+    Unpacked: each row is one group from its first position, so the heads are the rows' first 4 positions, read in
+    place (no index), and the two rejected answers are the tails."""
     from alignment.prefix import collate_answers_shared
 
     batch = collate_answers_shared([((1, 5), ((7, 2), (9, 2))), ((1,), ((4, 2),)), ((3,), ((8,),))], pad_id=0, pack=True)
     assert batch.input_ids.tolist() == [[1, 5, 7, 2, 9, 2], [1, 4, 2, 3, 8, 0]]
     assert batch.spans == ((0, 2, 2, 2), (0, 2, 4, 2), (6, 1, 7, 2), (9, 1, 10, 1))
-    segments, owner = batch.segments
-    assert segments.tolist() == [[0, 1, 2, 3], [0, 1, 4, 5], [6, 7, 8, 0], [9, 10, 0, 0]]  # S = 4
-    assert owner.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 12, 13, 0]  # slot k * 4 + t
+    layout = batch.segments
+    assert layout.head_width == 4 and layout.head_index.tolist() == [[0, 1, 2, 3], [6, 7, 8, 0], [9, 10, 0, 0]]
+    assert layout.tail_q.tolist() == [[4, 5]] and layout.tail_kv.tolist() == [[0, 1, 4, 5]]
+    assert layout.tail_mask.tolist() == [[[[True, True, True, False], [True, True, True, True]]]]
+    assert layout.owner.tolist() == [0, 1, 2, 3, 12, 13, 4, 5, 6, 8, 9, 0]
+
+    batch = collate_answers_shared([((1, 5), ((7, 2), (9,))), ((3,), ((8, 2), (4, 2)))], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 5, 7, 2, 9], [3, 8, 2, 4, 2]]
+    layout = batch.segments
+    assert layout.head_width == 4 and layout.head_index is None
+    assert layout.tail_q.tolist() == [[4, 0], [8, 9]] and layout.tail_kv.tolist() == [[0, 1, 4], [5, 8, 9]]
+    assert layout.tail_mask.squeeze(1).tolist() == [[[True] * 3, [True] * 3], [[True, True, False], [True] * 3]]
+    assert layout.owner.tolist() == [0, 1, 2, 3, 8, 4, 5, 6, 10, 11]
     assert collate_answers_shared([((1, 5), ((7, 2),))], pad_id=0, pack=8).spans is None  # a fixed width: the mask
 
 
