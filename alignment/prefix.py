@@ -14,8 +14,9 @@ row of 8 answers instead of 28 rows of 2.
 
 Rows are right-padded; a pad token attends only to itself (so no attention row is empty).
 How a model reads that rule (prefix_forward):
-- By default (SDPA, eager) as the dense [R, 1, L, L] mask: it needs a model whose attention accepts a custom 4D
-  mask (transformers' Llama, Qwen2, Mistral, GPT-2, ...).
+- As the dense [R, 1, L, L] mask (SDPA, eager; on an accelerator the trainers' default): it needs a model whose
+  attention accepts a custom 4D mask (transformers' Llama, Qwen2, Mistral, GPT-2, ...), boolean for SDPA and
+  additive for eager (dense_mask). Flash-attention implementations take no 4D mask and are refused.
 - A model loaded with attn_implementation="flex_attention" reads it as a FlexAttention BlockMask (`block_mask`):
   blocks nobody sees are skipped.
 - A model set to attn_implementation="alignflow_sdpa" (SEGMENTS, by `use_segments(model)`) reads
@@ -25,7 +26,8 @@ How a model reads that rule (prefix_forward):
   answer x (prompt + answer), not row x row); every position then takes its own output. The linear layers and the
   attention's queries read each prompt once. Any call without segments is plain SDPA. Exact (tests/test_prefix.py).
   On a CPU it takes as long as the mask at the benchmark's 255-token rows and is 1.23x (reward model) and 1.26x
-  (DPO) faster at rows of 1,280 tokens (256 + 2 x 512).
+  (DPO) faster at rows of 1,280 tokens (256 + 2 x 512), so the DPO and reward-model trainers set an SDPA model to
+  it there (segments_on_cpu); on a GPU, benchmarks/gpu_check.py measures it against the mask and flex.
   A batch of a fixed width (a token budget, for compiled static shapes) has no segments and reads the mask.
 """
 
@@ -340,6 +342,16 @@ def use_segments(model) -> None:
     model.set_attn_implementation(SEGMENTS)
 
 
+def segments_on_cpu(model, device) -> None:
+    """How shared-prefix training reads its rows by default: on a CPU, a model that attends with transformers' SDPA
+    (its default) is set to SEGMENTS, which is level with the dense mask at short rows and faster at long ones (the
+    module docstring). On an accelerator the mask stays until benchmarks/gpu_check.py has measured the two there.
+    A model set to another attention (eager, flex_attention) keeps it. `model`: a transformers model or a PEFT one."""
+    inner = unwrapped(model)
+    if torch.device(device).type == "cpu" and getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa":
+        use_segments(inner)
+
+
 def uses_flex_attention(model) -> bool:
     """Whether a transformers model attends through FlexAttention (attn_implementation="flex_attention")."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == "flex_attention"
@@ -367,7 +379,22 @@ def prefix_forward(model, batch: SharedPrefixBatch, inner=None):
         if seen:
             return out
         inner.__dict__["_alignflow_no_segments"] = True  # its attention never saw them: it reads the mask from now on
-    return model(attention_mask=batch.attention_mask, **ids)
+    return model(attention_mask=dense_mask(inner, batch), **ids)
+
+
+def dense_mask(model, batch: SharedPrefixBatch) -> Tensor:
+    """The batch's [R, 1, L, L] mask in the form `model`'s attention reads it (transformers passes a 4D mask on as it
+    is): SDPA's boolean (True: may attend), or the additive float mask (0 or the dtype's least value) that eager
+    attention and the others add to their scores; a boolean one added there would mask nothing."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if implementation in ("sdpa", SEGMENTS):
+        return batch.attention_mask
+    if "flash" in implementation:
+        raise ValueError(f"attention {implementation!r} takes no 4D mask, so it cannot read shared-prefix rows: load the "
+                         f"model with attn_implementation 'sdpa' (or set shared_prefix: false)")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    allowed = batch.attention_mask
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def shared_prefix_hidden(backbone, batch: SharedPrefixBatch) -> Tensor:

@@ -48,10 +48,12 @@ def alone_reward(rm, prompt, answer) -> float:
     return float(rm(ids, torch.ones_like(ids)))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager adds its mask: a boolean one would mask nothing
 @pytest.mark.parametrize("family", sorted(LMS))
-def test_shared_prefix_logps_equal_separate_rows(family):
+def test_shared_prefix_logps_equal_separate_rows(family, attention):
     torch.manual_seed(0)
     model = LMS[family]().eval()
+    model.set_attn_implementation(attention)
     with torch.no_grad():
         chosen, rejected = shared_prefix_logps(model, collate_shared_prefix(PAIRS, pad_id=0)).unbind(-1)
         for i, e in enumerate(PAIRS):
@@ -61,10 +63,12 @@ def test_shared_prefix_logps_equal_separate_rows(family):
     assert abs(chosen[0] - rejected[0]) > 1e-3
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", sorted(CLASSIFIERS))
-def test_shared_prefix_rewards_equal_separate_rows(family):
+def test_shared_prefix_rewards_equal_separate_rows(family, attention):
     torch.manual_seed(0)
     rm = RewardModel(CLASSIFIERS[family]()).eval()
+    rm.model.set_attn_implementation(attention)
     with torch.no_grad():
         chosen, rejected = rm(shared=collate_shared_prefix(PAIRS, pad_id=0)).unbind(-1)
         for i, e in enumerate(PAIRS):
@@ -412,6 +416,38 @@ def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_num
         assert all(torch.allclose(g, d, atol=1e-5) for g, d in zip(grads, dense_grads))
         real = batch.target_mask.sum(-1) > 0  # [B, K] the answers a group has
         assert dense_logps[real].abs().min() > 0.1 and max(g.abs().max() for g in dense_grads) > 1e-3  # not zeros
+
+
+@pytest.mark.parametrize("group_by_prompt", [False, True])
+def test_on_a_cpu_the_dpo_and_reward_trainers_read_segments_and_train_as_the_mask_does(group_by_prompt):
+    """On a CPU the DPO and reward-model trainers set an SDPA model to segments (segments_on_cpu), and a model set to
+    eager attention keeps it and reads the dense mask: the two give the same losses and weights, step by step."""
+    from alignment.prefix import SEGMENTS
+    from alignment.trainers.common import TrainConfig
+    from alignment.trainers.dpo import DPOConfig, DPOTrainer
+    from alignment.trainers.reward import RewardConfig, RewardTrainer
+
+    pairs = [PairExample([1, 5 + i % 3, 6][: 2 + i % 2], [10 + i % 4, 12, 2], [11, 12 + i % 3, 13, 2]) for i in range(8)]
+    pairs += [PairExample([1, 5], [10, 12, 2], [14, 2]), PairExample([1, 5], [14, 2], [11, 2])]  # prompt (1, 5): 3 answers
+    train = TrainConfig(max_steps=3, batch_size=4, lr=1e-2)
+    runs = {}
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        policy, rm = LlamaForCausalLM(tiny_llama_config()), RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1)))
+        for net in (policy, rm.model):
+            net.set_attn_implementation(attention)
+        start = [p.detach().clone() for net in (policy, rm) for p in net.parameters()]
+        dpo = DPOTrainer(policy, pairs, 0, DPOConfig(train, beta=0.5, group_by_prompt=group_by_prompt))
+        reward = RewardTrainer(rm, pairs, 0, RewardConfig(train, group_by_prompt=group_by_prompt))
+        losses = [m["loss"] for m in dpo.train() + reward.train()]
+        weights = [p.detach().clone() for net in (policy, rm) for p in net.parameters()]
+        assert max((w - w0).abs().max() for w, w0 in zip(weights, start)) > 1e-3  # they trained
+        runs[attention] = (losses, weights, policy.config._attn_implementation, rm.model.config._attn_implementation)
+    (losses, weights, *impl), (mask_losses, mask_weights, *mask_impl) = runs["sdpa"], runs["eager"]
+    assert impl == [SEGMENTS, SEGMENTS] and mask_impl == ["eager", "eager"]
+    assert losses == pytest.approx(mask_losses, abs=1e-5) and len(losses) == 6
+    # (Adam divides by each gradient's own size: float-rounding differences of tiny gradients grow to 1e-5)
+    assert all(torch.allclose(w, m, atol=1e-4) for w, m in zip(weights, mask_weights))
 
 
 def test_segment_layout_by_hand():

@@ -14,7 +14,8 @@ from alignment.logprobs import answer_logprobs
 from alignment.losses import dpo_loss
 from alignment.lora import has_adapters, reference_mode
 from alignment.models import frozen_copy
-from alignment.prefix import PromptGroup, collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values, shared_prefix_logps
+from alignment.prefix import (PromptGroup, collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values,
+                              segments_on_cpu, shared_prefix_logps)
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -81,6 +82,10 @@ class DPOTrainer:
                                 cfg.micro_batch_tokens)
         if self.ref_model is not None:
             self.ref_model.to(self.opt.device)
+        if cfg.shared_prefix or cfg.group_by_prompt:
+            for m in (model, self.ref_model):
+                if m is not None:
+                    segments_on_cpu(m, self.opt.device)
         self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
         self.sampler = self.opt.sampler(len(units), [u.tokens for u in units], "pair" if self.groups is None else "prompt group")

@@ -11,7 +11,7 @@ from alignment.config import RewardConfig  # noqa: F401 - re-exported
 from alignment.data import PairExample, collate_pairs
 from alignment.losses import reward_model_loss
 from alignment.models import RewardModel
-from alignment.prefix import PromptGroup, collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values
+from alignment.prefix import PromptGroup, collate_groups, collate_shared_prefix, group_by_prompt, pair_count, pair_values, segments_on_cpu
 from alignment.trainers.common import (
     Checkpointer,
     MetricsCallback,
@@ -36,6 +36,8 @@ class RewardTrainer:
     ):
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
         self.opt = Optimization(model, cfg.train, cfg.micro_batch_tokens)
+        if cfg.shared_prefix or cfg.group_by_prompt:
+            segments_on_cpu(model.model, self.opt.device)
         self.layout = cfg.micro_batch_tokens or cfg.packing  # collate_answers_shared's pack: a row width, or a flag
         self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
