@@ -289,7 +289,7 @@ def _trainer_lines(name: str, p: dict) -> list[str]:
         labels.append(("ours_ref_every_step", "alignflow (reference every step)"))
     if name == "dpo":
         labels += [("ours_flex", "alignflow (reference precomputed, FlexAttention block mask)"),
-                   ("ours_segments", "alignflow (reference precomputed, segments: each prompt ++ answer causal, no mask)"),
+                   ("ours_segments", "alignflow (reference precomputed, segments: prompt ++ chosen causal, rejected against its prompt, no row mask)"),
                    ("ours_budget", f"alignflow (reference precomputed, micro_batch_tokens "
                                    f"{2 * (w['prompt_tokens'] + w['answer_tokens'])}: a pair a row)")]
     labels.append(("trl", "TRL (defaults)"))

@@ -43,7 +43,7 @@ def test_gpu_check_dry_run_measures_every_part_and_writes_its_results_section(tm
     assert "| TRL (precompute_ref_log_probs) |" in section and "**DPO with LoRA at the Qwen2-7B shape** (memory):" in section
     assert "| alignflow (reference precomputed, FlexAttention block mask) | not run: GPU only" in section
     assert "| alignflow (reference precomputed, micro_batch_tokens 64: a pair a row) | " in section
-    assert "| alignflow (reference precomputed, segments: each prompt ++ answer causal, no mask) | " in section
+    assert "| alignflow (reference precomputed, segments: prompt ++ chosen causal, rejected against its prompt, no row mask) | " in section
     # --into puts the section into a RESULTS.md once, and replaces it on the next report
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nearlier text\n")
