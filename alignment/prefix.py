@@ -342,13 +342,16 @@ def use_segments(model) -> None:
     model.set_attn_implementation(SEGMENTS)
 
 
-def segments_on_cpu(model, device) -> None:
+def segments_on_cpu(model, device, compiled: bool = False) -> None:
     """How shared-prefix training reads its rows by default: on a CPU, a model that attends with transformers' SDPA
     (its default) is set to SEGMENTS, which is level with the dense mask at short rows and faster at long ones (the
-    module docstring). On an accelerator the mask stays until benchmarks/gpu_check.py has measured the two there.
-    A model set to another attention (eager, flex_attention) keeps it. `model`: a transformers model or a PEFT one."""
+    module docstring). On an accelerator the mask stays until benchmarks/gpu_check.py has measured the two there;
+    so does a model that will be compiled (torch 2.13's inductor fails on the heads' strided slices under dynamic
+    shapes). A model set to another attention (eager, flex_attention) keeps it. `model`: a transformers model or a
+    PEFT one."""
     inner = unwrapped(model)
-    if torch.device(device).type == "cpu" and getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa":
+    if (torch.device(device).type == "cpu" and not compiled
+            and getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa"):
         use_segments(inner)
 
 

@@ -421,7 +421,8 @@ def test_models_set_to_segments_read_shared_prefix_rows_with_the_dense_masks_num
 @pytest.mark.parametrize("group_by_prompt", [False, True])
 def test_on_a_cpu_the_dpo_and_reward_trainers_read_segments_and_train_as_the_mask_does(group_by_prompt):
     """On a CPU the DPO and reward-model trainers set an SDPA model to segments (segments_on_cpu), and a model set to
-    eager attention keeps it and reads the dense mask: the two give the same losses and weights, step by step."""
+    eager attention keeps it and reads the dense mask: the two give the same losses and weights, step by step. A
+    model to be compiled keeps SDPA's mask."""
     from alignment.prefix import SEGMENTS
     from alignment.trainers.common import TrainConfig
     from alignment.trainers.dpo import DPOConfig, DPOTrainer
@@ -448,6 +449,12 @@ def test_on_a_cpu_the_dpo_and_reward_trainers_read_segments_and_train_as_the_mas
     assert losses == pytest.approx(mask_losses, abs=1e-5) and len(losses) == 6
     # (Adam divides by each gradient's own size: float-rounding differences of tiny gradients grow to 1e-5)
     assert all(torch.allclose(w, m, atol=1e-4) for w, m in zip(weights, mask_weights))
+    # a model to be compiled keeps the mask (inductor fails on the heads' strided slices); nothing is compiled yet
+    compiled = TrainConfig(max_steps=1, batch_size=4, compile=True)
+    policy, rm = LlamaForCausalLM(tiny_llama_config()), RewardModel(LlamaForSequenceClassification(tiny_llama_config(num_labels=1)))
+    DPOTrainer(policy, pairs, 0, DPOConfig(compiled, group_by_prompt=group_by_prompt))
+    RewardTrainer(rm, pairs, 0, RewardConfig(compiled, group_by_prompt=group_by_prompt))
+    assert policy.config._attn_implementation == rm.model.config._attn_implementation == "sdpa"
 
 
 def test_segment_layout_by_hand():

@@ -85,7 +85,7 @@ class DPOTrainer:
         if cfg.shared_prefix or cfg.group_by_prompt:
             for m in (model, self.ref_model):
                 if m is not None:
-                    segments_on_cpu(m, self.opt.device)
+                    segments_on_cpu(m, self.opt.device, cfg.train.compile)
         self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
         self.sampler = self.opt.sampler(len(units), [u.tokens for u in units], "pair" if self.groups is None else "prompt group")

@@ -37,7 +37,7 @@ class RewardTrainer:
         self.cfg, self.examples, self.pad_token_id, self.callback = cfg, list(examples), pad_token_id, callback
         self.opt = Optimization(model, cfg.train, cfg.micro_batch_tokens)
         if cfg.shared_prefix or cfg.group_by_prompt:
-            segments_on_cpu(model.model, self.opt.device)
+            segments_on_cpu(model.model, self.opt.device, cfg.train.compile)
         self.layout = cfg.micro_batch_tokens or cfg.packing  # collate_answers_shared's pack: a row width, or a flag
         self.groups = group_by_prompt(self.examples, max_tokens=cfg.micro_batch_tokens or None) if cfg.group_by_prompt else None
         units = self.groups if cfg.group_by_prompt else self.examples
