@@ -342,6 +342,11 @@ def use_segments(model) -> None:
     model.set_attn_implementation(SEGMENTS)
 
 
+def attention_of(model) -> str | None:
+    """A transformers model's attention implementation ("sdpa", "eager", "flex_attention", SEGMENTS, ...)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def segments_on_cpu(model, device, compiled: bool = False) -> None:
     """How shared-prefix training reads its rows by default: on a CPU, a model that attends with transformers' SDPA
     (its default) is set to SEGMENTS, which is level with the dense mask at short rows and faster at long ones (the
@@ -350,20 +355,18 @@ def segments_on_cpu(model, device, compiled: bool = False) -> None:
     shapes). A model set to another attention (eager, flex_attention) keeps it. `model`: a transformers model or a
     PEFT one."""
     inner = unwrapped(model)
-    if (torch.device(device).type == "cpu" and not compiled
-            and getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa"):
+    if torch.device(device).type == "cpu" and not compiled and attention_of(inner) == "sdpa":
         use_segments(inner)
 
 
 def uses_flex_attention(model) -> bool:
     """Whether a transformers model attends through FlexAttention (attn_implementation="flex_attention")."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "flex_attention"
+    return attention_of(model) == "flex_attention"
 
 
 def reads_segments(model) -> bool:
     """Whether a shared-prefix forward of `model` goes as segments: a model set to SEGMENTS, not found to drop them."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return implementation == SEGMENTS and not model.__dict__.get("_alignflow_no_segments")
+    return attention_of(model) == SEGMENTS and not model.__dict__.get("_alignflow_no_segments")
 
 
 def prefix_forward(model, batch: SharedPrefixBatch, inner=None):
@@ -389,7 +392,7 @@ def dense_mask(model, batch: SharedPrefixBatch) -> Tensor:
     """The batch's [R, 1, L, L] mask in the form `model`'s attention reads it (transformers passes a 4D mask on as it
     is): SDPA's boolean (True: may attend), or the additive float mask (0 or the dtype's least value) that eager
     attention and the others add to their scores; a boolean one added there would mask nothing."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    implementation = attention_of(model) or "sdpa"
     if implementation in ("sdpa", SEGMENTS):
         return batch.attention_mask
     if "flash" in implementation:

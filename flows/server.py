@@ -35,7 +35,6 @@ class ServerError(RuntimeError):
 class TemporaryServer:
     def __init__(self, process: subprocess.Popen, url: str, log: Path):
         self.process, self.url, self.log = process, url, log
-        self.failed = False  # did not answer in time: its log is kept for the error message
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Block until the API answers; a ServerError says why it did not, and where its output is."""
@@ -48,17 +47,16 @@ class TemporaryServer:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 why = f"exited with code {self.process.returncode}" if self.process.poll() is not None else f"did not answer in {timeout:.0f} s"
-                self.failed = True
-                self.stop()
+                self.stop(keep_log=True)  # the error names it
                 raise ServerError(f"the temporary Prefect server {why} (its output: {self.log}); start one with "
                                   f"`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
             time.sleep(0.1)
 
-    def stop(self, wait: float = 10.0) -> None:
+    def stop(self, wait: float = 10.0, keep_log: bool = False) -> None:
         """SIGTERM, then SIGKILL after `wait` seconds. At exit the command waits 1 s only: the server finishes
         closing its connections (this process's) once the process is gone, 2-4 s later.
-        The server's log folder goes with it, unless the server had stopped by itself or did not start
-        (an error message names that log)."""
+        The server's log folder goes with it, unless keep_log or the server had stopped by itself (its log
+        then says why)."""
         if self.process.poll() is not None:
             return
         self.process.terminate()
@@ -68,7 +66,7 @@ class TemporaryServer:
             if wait >= 10:
                 self.process.kill()
                 self.process.wait()
-        if not self.failed:
+        if not keep_log:
             shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
